@@ -1,0 +1,654 @@
+//! The part plan and the readers that turn a file into checksummed parts.
+//!
+//! Promises:
+//! - the plan covers the file exactly, with at most `max_parts` parts, each within
+//!   the store's size limits (all but the last have the same size);
+//! - a [`Part`] is built only here, by a reader, with the CRC32C of its bytes computed
+//!   while they are hot in cache; the whole-file CRC32C is the combination of the
+//!   part CRCs ([`combine`]), never a second pass over the data;
+//! - a part's bytes are a [`Bytes`] that every destination shares without a copy,
+//!   and they hold a share of the [`Budget`] until the last destination lets go, so
+//!   the bytes of all parts in memory never exceed the budget.
+//!
+//! Design choice: the budget is a semaphore counted in 4 KiB pages whose permit
+//! lives *inside* the part's `Bytes` owner (`Bytes::from_owner`). Memory is returned
+//! exactly when the last clone drops, wherever that happens, with no bookkeeping
+//! by the destinations.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+const MIB: u64 = 1024 * 1024;
+const PAGE: u64 = 4096;
+
+/// Why a file cannot be a source. Each is a refusal of this file, never retryable.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{path}: no such file")]
+    Missing { path: String },
+    #[error(
+        "{path}: is a symbolic link; ferry reads regular files only, give the file it points to"
+    )]
+    Symlink { path: String },
+    #[error("{path}: is a {kind}, not a regular file")]
+    NotRegular { path: String, kind: &'static str },
+    #[error("{path}: is empty; there is nothing to upload")]
+    Empty { path: String },
+    #[error("{path}: its name is not valid UTF-8; rename it before uploading")]
+    BadName { path: String },
+    #[error("{path}: cannot open: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An open source file, identified by device, inode, size and mtime.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: std::path::PathBuf,
+    pub name: String,
+    pub file: Arc<File>,
+    pub size_bytes: u64,
+    pub dev: u64,
+    pub ino: u64,
+    pub mtime_ns: i128,
+}
+
+impl Source {
+    /// Opens a regular, non-empty file without following a symlink and without
+    /// blocking on a FIFO.
+    pub fn open(path: &std::path::Path) -> Result<Source, SourceError> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+        let shown = path.display().to_string();
+        let lmeta = std::fs::symlink_metadata(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                SourceError::Missing {
+                    path: shown.clone(),
+                }
+            } else {
+                SourceError::Open {
+                    path: shown.clone(),
+                    source,
+                }
+            }
+        })?;
+        let ft = lmeta.file_type();
+        let kind = if ft.is_symlink() {
+            return Err(SourceError::Symlink { path: shown });
+        } else if ft.is_dir() {
+            Some("directory")
+        } else if ft.is_fifo() {
+            Some("FIFO")
+        } else if ft.is_socket() {
+            Some("socket")
+        } else if ft.is_block_device() || ft.is_char_device() {
+            Some("device")
+        } else {
+            None
+        };
+        if let Some(kind) = kind {
+            return Err(SourceError::NotRegular { path: shown, kind });
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| SourceError::Open {
+                path: shown.clone(),
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| SourceError::Open {
+            path: shown.clone(),
+            source,
+        })?;
+        if !meta.file_type().is_file() {
+            return Err(SourceError::NotRegular {
+                path: shown,
+                kind: "special file",
+            });
+        }
+        if meta.len() == 0 {
+            return Err(SourceError::Empty { path: shown });
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| SourceError::BadName {
+                path: shown.clone(),
+            })?
+            .to_string();
+        Ok(Source {
+            path: path.to_path_buf(),
+            name,
+            file: Arc::new(file),
+            size_bytes: meta.len(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        })
+    }
+
+    /// True when the file on disk is no longer the one that was opened or it
+    /// changed size or mtime.
+    pub fn changed(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match self.file.metadata() {
+            Ok(m) => {
+                m.len() != self.size_bytes
+                    || i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
+                        != self.mtime_ns
+            }
+            Err(_) => true,
+        }
+    }
+}
+
+/// Limits of a store's multipart upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartLimits {
+    pub min_part_bytes: u64,
+    pub max_part_bytes: u64,
+    pub max_parts: u64,
+}
+
+impl PartLimits {
+    /// S3 and OCI Object Storage: 5 MiB .. 5 GiB, 10,000 parts.
+    pub const S3: PartLimits = PartLimits {
+        min_part_bytes: 5 * MIB,
+        max_part_bytes: 5 * 1024 * MIB,
+        max_parts: 10_000,
+    };
+
+    /// The largest file these limits can carry.
+    pub fn max_file_bytes(&self) -> u64 {
+        self.max_part_bytes.saturating_mul(self.max_parts)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error(
+        "file of {file_bytes} bytes is larger than the {max_bytes} bytes a multipart upload can hold (10,000 parts of at most 5 GiB)"
+    )]
+    TooLarge { file_bytes: u64, max_bytes: u64 },
+}
+
+/// How a file is cut into parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartPlan {
+    pub file_bytes: u64,
+    pub part_bytes: u64,
+    pub count: u32,
+}
+
+impl PartPlan {
+    /// The requested part size, raised to fit `max_parts`, kept within the limits and
+    /// rounded up to a whole MiB (so mmap offsets stay page aligned).
+    pub fn new(
+        file_bytes: u64,
+        requested_part_bytes: u64,
+        limits: PartLimits,
+    ) -> Result<PartPlan, PlanError> {
+        if file_bytes > limits.max_file_bytes() {
+            return Err(PlanError::TooLarge {
+                file_bytes,
+                max_bytes: limits.max_file_bytes(),
+            });
+        }
+        let mut part = requested_part_bytes.clamp(limits.min_part_bytes, limits.max_part_bytes);
+        let needed = file_bytes.div_ceil(limits.max_parts);
+        if part < needed {
+            part = needed;
+        }
+        part = part.div_ceil(MIB) * MIB;
+        if part > limits.max_part_bytes {
+            part = limits.max_part_bytes;
+        }
+        let count = file_bytes.div_ceil(part).max(1);
+        Ok(PartPlan {
+            file_bytes,
+            part_bytes: part,
+            count: u32::try_from(count).expect("count <= max_parts fits u32"),
+        })
+    }
+
+    pub fn offset(&self, index: u32) -> u64 {
+        u64::from(index) * self.part_bytes
+    }
+
+    pub fn len(&self, index: u32) -> u64 {
+        let start = self.offset(index);
+        self.part_bytes.min(self.file_bytes.saturating_sub(start))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.file_bytes == 0
+    }
+}
+
+/// Combines per-part CRCs, in order, into the CRC32C of the whole.
+pub fn combine(parts: impl IntoIterator<Item = (u32, u64)>) -> u32 {
+    let mut crc = 0u32;
+    for (part_crc, len) in parts {
+        crc = crc32c::crc32c_combine(crc, part_crc, len as usize);
+    }
+    crc
+}
+
+/// A piece of the file: its place, its bytes and their CRC32C.
+#[derive(Clone)]
+pub struct Part {
+    index: u32,
+    offset: u64,
+    bytes: Bytes,
+    crc32c: u32,
+}
+
+impl std::fmt::Debug for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Part")
+            .field("index", &self.index)
+            .field("offset", &self.offset)
+            .field("len", &self.bytes.len())
+            .field("crc32c", &format_args!("{:08x}", self.crc32c))
+            .finish()
+    }
+}
+
+impl Part {
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+    pub fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+    pub fn crc32c(&self) -> u32 {
+        self.crc32c
+    }
+}
+
+/// The memory all part buffers may use, shared by every job and destination.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    sem: Arc<Semaphore>,
+    limit_bytes: u64,
+}
+
+impl Budget {
+    pub fn new(limit_bytes: u64) -> Budget {
+        let pages = (limit_bytes / PAGE).max(1);
+        Budget {
+            sem: Arc::new(Semaphore::new(pages as usize)),
+            limit_bytes: pages * PAGE,
+        }
+    }
+
+    pub fn limit_bytes(&self) -> u64 {
+        self.limit_bytes
+    }
+
+    /// Bytes currently held by parts.
+    pub fn in_use_bytes(&self) -> u64 {
+        self.limit_bytes - self.sem.available_permits() as u64 * PAGE
+    }
+
+    /// Waits until `bytes` fit. Callers never ask for more than the whole budget
+    /// (the plan is checked against it before a job starts).
+    pub async fn acquire(&self, bytes: u64) -> OwnedSemaphorePermit {
+        let pages = bytes.div_ceil(PAGE).clamp(1, self.limit_bytes / PAGE);
+        let pages = u32::try_from(pages).unwrap_or(u32::MAX);
+        self.sem
+            .clone()
+            .acquire_many_owned(pages)
+            .await
+            .expect("the budget semaphore is never closed")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("reading part {index} at offset {offset}: {source}")]
+pub struct ReadError {
+    pub index: u32,
+    pub offset: u64,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// A share of the budget for one part, possibly with a buffer to reuse.
+pub struct Lease {
+    permit: OwnedSemaphorePermit,
+    buf: Option<Vec<u8>>,
+}
+
+/// Turns part indexes into [`Part`]s. `read` blocks: call it from a blocking thread.
+pub trait Reader: Send + Sync {
+    /// A pooled buffer with the budget it already holds, if one is idle.
+    fn pooled(&self) -> Option<Lease> {
+        None
+    }
+    /// Notified when a buffer returns to the pool.
+    fn returned(&self) -> Option<&Notify> {
+        None
+    }
+    fn read(&self, index: u32, lease: Lease) -> Result<Part, ReadError>;
+    fn plan(&self) -> &PartPlan;
+}
+
+/// Waits for the memory of part `index`: an idle pooled buffer, or new budget.
+///
+/// Idle pooled buffers hold budget, so waiting only on the budget could wait
+/// forever while every permit sits in the pool: wait on both.
+pub async fn lease(reader: &dyn Reader, budget: &Budget, index: u32) -> Lease {
+    let bytes = reader.plan().part_bytes.max(reader.plan().len(index));
+    let Some(returned) = reader.returned() else {
+        return Lease {
+            permit: budget.acquire(bytes).await,
+            buf: None,
+        };
+    };
+    loop {
+        let mut notified = std::pin::pin!(returned.notified());
+        notified.as_mut().enable();
+        if let Some(l) = reader.pooled() {
+            return l;
+        }
+        tokio::select! {
+            permit = budget.acquire(bytes) => return Lease { permit, buf: None },
+            _ = notified => continue,
+        }
+    }
+}
+
+/// Reads part `index` on a blocking thread.
+pub async fn read(reader: Arc<dyn Reader>, budget: &Budget, index: u32) -> Result<Part, ReadError> {
+    let lease = lease(&*reader, budget, index).await;
+    let offset = reader.plan().offset(index);
+    tokio::task::spawn_blocking(move || reader.read(index, lease))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ReadError {
+                index,
+                offset,
+                source: std::io::Error::other(e),
+            })
+        })
+}
+
+/// Builds the configured reader over an open file.
+pub fn reader(kind: crate::config::ReaderKind, file: Arc<File>, plan: PartPlan) -> Arc<dyn Reader> {
+    match kind {
+        crate::config::ReaderKind::Pread => Arc::new(PreadReader::new(file, plan)),
+        crate::config::ReaderKind::Mmap => Arc::new(MmapReader { file, plan }),
+    }
+}
+
+#[derive(Default)]
+struct PoolInner {
+    idle: Mutex<Vec<(Vec<u8>, OwnedSemaphorePermit)>>,
+    returned: Notify,
+}
+
+type Pool = Arc<PoolInner>;
+
+/// `pread` into buffers that are reused once every destination is done with them.
+pub struct PreadReader {
+    file: Arc<File>,
+    plan: PartPlan,
+    pool: Pool,
+}
+
+/// Idle buffers kept for reuse, each still holding its share of the budget (so
+/// the budget bounds idle and busy buffers together). Reuse saves the page faults
+/// and zeroing of fresh memory; the pool is dropped with the reader.
+const POOL_IDLE_MAX: usize = 4;
+
+impl PreadReader {
+    pub fn new(file: Arc<File>, plan: PartPlan) -> PreadReader {
+        PreadReader {
+            file,
+            plan,
+            pool: Arc::default(),
+        }
+    }
+}
+
+struct PooledBuf {
+    buf: Vec<u8>,
+    len: usize,
+    pool: Pool,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl AsRef<[u8]> for PooledBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        if let (Some(permit), Ok(mut idle)) = (self.permit.take(), self.pool.idle.lock())
+            && idle.len() < POOL_IDLE_MAX
+        {
+            idle.push((buf, permit));
+        }
+        self.pool.returned.notify_waiters();
+    }
+}
+
+impl Reader for PreadReader {
+    fn plan(&self) -> &PartPlan {
+        &self.plan
+    }
+
+    fn returned(&self) -> Option<&Notify> {
+        Some(&self.pool.returned)
+    }
+
+    fn pooled(&self) -> Option<Lease> {
+        let (buf, permit) = self.pool.idle.lock().ok()?.pop()?;
+        Some(Lease {
+            permit,
+            buf: Some(buf),
+        })
+    }
+
+    fn read(&self, index: u32, lease: Lease) -> Result<Part, ReadError> {
+        let offset = self.plan.offset(index);
+        let len = self.plan.len(index) as usize;
+        let mut buf = lease.buf.unwrap_or_default();
+        if buf.len() < len {
+            buf = vec![0u8; self.plan.part_bytes.max(len as u64) as usize];
+        }
+        self.file
+            .read_exact_at(&mut buf[..len], offset)
+            .map_err(|source| ReadError {
+                index,
+                offset,
+                source,
+            })?;
+        let crc32c = crc32c::crc32c(&buf[..len]);
+        let owner = PooledBuf {
+            buf,
+            len,
+            pool: self.pool.clone(),
+            permit: Some(lease.permit),
+        };
+        Ok(Part {
+            index,
+            offset,
+            bytes: Bytes::from_owner(owner),
+            crc32c,
+        })
+    }
+}
+
+/// One read-only, pre-faulted mapping per part, unmapped when the part drops.
+pub struct MmapReader {
+    file: Arc<File>,
+    plan: PartPlan,
+}
+
+struct MappedPart {
+    map: memmap2::Mmap,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for MappedPart {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Reader for MmapReader {
+    fn plan(&self) -> &PartPlan {
+        &self.plan
+    }
+
+    fn read(&self, index: u32, lease: Lease) -> Result<Part, ReadError> {
+        let permit = lease.permit;
+        let offset = self.plan.offset(index);
+        let len = self.plan.len(index) as usize;
+        let err = |source| ReadError {
+            index,
+            offset,
+            source,
+        };
+        if len == 0 {
+            return Ok(Part {
+                index,
+                offset,
+                bytes: Bytes::new(),
+                crc32c: 0,
+            });
+        }
+        // SAFETY: the mapping is read-only and private to this part. A concurrent
+        // truncation of the file would raise SIGBUS; ferry only maps files it has
+        // claimed, and the spool contract says producers are done with them.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(len)
+                .populate()
+                .map(&*self.file)
+        }
+        .map_err(err)?;
+        if map.len() != len {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file is shorter than planned",
+            )));
+        }
+        let crc32c = crc32c::crc32c(&map);
+        Ok(Part {
+            index,
+            offset,
+            bytes: Bytes::from_owner(MappedPart {
+                map,
+                _permit: permit,
+            }),
+            crc32c,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Write;
+
+    const TIB: u64 = 1024 * 1024 * MIB;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn plan_fits_the_limits(file in 0u64..=50 * TIB, requested in 1u64..=8 * 1024 * MIB) {
+            let limits = PartLimits::S3;
+            match PartPlan::new(file, requested, limits) {
+                Err(PlanError::TooLarge { .. }) => prop_assert!(file > limits.max_file_bytes()),
+                Ok(plan) => {
+                    prop_assert!(file <= limits.max_file_bytes());
+                    prop_assert!(u64::from(plan.count) <= limits.max_parts);
+                    prop_assert!(plan.part_bytes >= limits.min_part_bytes);
+                    prop_assert!(plan.part_bytes <= limits.max_part_bytes);
+                    // covers the file exactly
+                    prop_assert!(u64::from(plan.count) * plan.part_bytes >= file);
+                    if file > 0 {
+                        prop_assert!(u64::from(plan.count - 1) * plan.part_bytes < file);
+                    }
+                    let last = plan.count - 1;
+                    prop_assert_eq!(plan.offset(last) + plan.len(last), file);
+                    // never below what was asked, unless the limits say so
+                    prop_assert!(plan.part_bytes >= requested.min(limits.max_part_bytes));
+                }
+            }
+        }
+
+        #[test]
+        fn combined_crc_equals_whole_crc(data in proptest::collection::vec(any::<u8>(), 0..4096), cuts in proptest::collection::vec(0usize..4096, 0..8)) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
+            cuts.push(0);
+            cuts.push(data.len());
+            cuts.sort();
+            let pieces = cuts.windows(2).map(|w| {
+                let s = &data[w[0]..w[1]];
+                (crc32c::crc32c(s), s.len() as u64)
+            });
+            prop_assert_eq!(combine(pieces), crc32c::crc32c(&data));
+        }
+    }
+
+    #[test]
+    fn small_part_size_is_raised_to_the_minimum() {
+        let p = PartPlan::new(100 * MIB, 1, PartLimits::S3).unwrap();
+        assert_eq!(p.part_bytes, 5 * MIB);
+        assert_eq!(p.count, 20);
+    }
+
+    #[tokio::test]
+    async fn both_readers_give_the_same_parts_and_release_the_budget() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..(13 * MIB as usize))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        f.write_all(&data).unwrap();
+        let file = Arc::new(File::open(f.path()).unwrap());
+        let plan = PartPlan::new(data.len() as u64, 5 * MIB, PartLimits::S3).unwrap();
+        assert_eq!(plan.count, 3);
+        let budget = Budget::new(64 * MIB);
+        for kind in [
+            crate::config::ReaderKind::Pread,
+            crate::config::ReaderKind::Mmap,
+        ] {
+            let r = reader(kind, file.clone(), plan);
+            let mut crcs = Vec::new();
+            for i in 0..plan.count {
+                let part = read(r.clone(), &budget, i).await.unwrap();
+                let start = part.offset() as usize;
+                assert_eq!(&part.bytes()[..], &data[start..start + part.len() as usize]);
+                assert!(budget.in_use_bytes() >= part.len());
+                crcs.push((part.crc32c(), part.len()));
+            }
+            assert_eq!(combine(crcs), crc32c::crc32c(&data));
+            drop(r);
+            assert_eq!(budget.in_use_bytes(), 0, "{kind:?} leaked budget");
+        }
+    }
+}

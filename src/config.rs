@@ -1,0 +1,286 @@
+//! The configuration: one TOML file, parsed with serde, checked before anything runs.
+//!
+//! Promises: every key has a default that works on a laptop (the shipped
+//! `config/ferry.toml` is compiled in and is the default), and an unknown key is an
+//! error naming the key, so a typo never silently falls back to a default.
+//!
+//! Design choice: the shipped file *is* the embedded default (`include_str!`), so the
+//! documented file and the behaviour without `--config` can never drift apart.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+/// The annotated default configuration shipped in `config/ferry.toml`.
+pub const EMBEDDED: &str = include_str!("../config/ferry.toml");
+
+/// Errors while loading or checking a configuration. All of them are fatal: ferry
+/// does not start on a configuration it does not understand.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("config {origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub spool_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub transfer: TransferConfig,
+    pub destinations: BTreeMap<String, DestinationConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            spool_dir: PathBuf::from("./spool"),
+            state_dir: PathBuf::from("./var/state"),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9465)),
+            transfer: TransferConfig::default(),
+            destinations: BTreeMap::new(),
+        }
+    }
+}
+
+/// How a finished object is checked before it is reported verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    /// Size and part count from the store's metadata; each part was checked on arrival.
+    #[default]
+    Head,
+    /// Read the whole object back and compare its CRC32C.
+    Readback,
+}
+
+impl std::str::FromStr for VerifyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "head" => Ok(VerifyMode::Head),
+            "readback" => Ok(VerifyMode::Readback),
+            other => Err(format!(
+                "unknown verify mode {other:?}: use \"head\" or \"readback\""
+            )),
+        }
+    }
+}
+
+/// Which reader turns the file into parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReaderKind {
+    /// `pread` into pooled buffers.
+    #[default]
+    Pread,
+    /// One read-only mapping per part.
+    Mmap,
+}
+
+impl ReaderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReaderKind::Pread => "pread",
+            ReaderKind::Mmap => "mmap",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransferConfig {
+    pub part_size: ByteSize,
+    pub memory_limit: ByteSize,
+    pub parallel_parts: usize,
+    pub verify: VerifyMode,
+    pub reader: ReaderKind,
+    pub max_retries: u32,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    pub connect_timeout_secs: u64,
+    pub min_throughput_kib: u64,
+}
+
+impl Default for TransferConfig {
+    fn default() -> Self {
+        TransferConfig {
+            part_size: ByteSize::mib(64),
+            memory_limit: ByteSize::mib(512),
+            parallel_parts: 8,
+            verify: VerifyMode::Head,
+            reader: ReaderKind::Pread,
+            max_retries: 10,
+            retry_base_ms: 200,
+            retry_max_ms: 30_000,
+            connect_timeout_secs: 10,
+            min_throughput_kib: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    pub url: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub allow_http: Option<bool>,
+    /// Overrides `transfer.parallel_parts` for this destination.
+    pub parallel_parts: Option<usize>,
+}
+
+impl Config {
+    /// The compiled-in default (the shipped `config/ferry.toml`).
+    pub fn embedded() -> Result<Config, ConfigError> {
+        Config::parse(EMBEDDED, "(embedded default)")
+    }
+
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Loads `path` when given, the embedded default otherwise.
+    pub fn load_or_embedded(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(p) => Config::load(p),
+            None => Config::embedded(),
+        }
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            // toml's message names the key and the line; keep it on one line.
+            message: e.message().trim().to_string()
+                + &e.span()
+                    .map(|s| format!(" (at line {})", line_of(text, s.start)))
+                    .unwrap_or_default(),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            message,
+        };
+        let t = &self.transfer;
+        if t.parallel_parts == 0 || t.parallel_parts > 256 {
+            return Err(invalid(format!(
+                "transfer.parallel_parts = {} is out of range: use 1..=256",
+                t.parallel_parts
+            )));
+        }
+        if t.memory_limit.as_u64() < 16 * 1024 * 1024 {
+            return Err(invalid(format!(
+                "transfer.memory_limit = {} is too small: use at least 16MiB",
+                t.memory_limit
+            )));
+        }
+        if t.part_size.as_u64() == 0 {
+            return Err(invalid("transfer.part_size must be above 0".into()));
+        }
+        if t.retry_base_ms == 0 || t.retry_max_ms < t.retry_base_ms {
+            return Err(invalid(
+                "transfer.retry_base_ms must be above 0 and at most retry_max_ms".into(),
+            ));
+        }
+        if t.min_throughput_kib == 0 {
+            return Err(invalid(
+                "transfer.min_throughput_kib must be above 0".into(),
+            ));
+        }
+        for (name, d) in &self.destinations {
+            if !valid_destination_name(name) {
+                return Err(invalid(format!(
+                    "destination name {name:?} must be 1..=64 characters of a-z, 0-9, '-' and '_'"
+                )));
+            }
+            if let Some(0) = d.parallel_parts {
+                return Err(invalid(format!(
+                    "destinations.{name}.parallel_parts must be above 0"
+                )));
+            }
+            crate::store::DestinationUrl::parse(&d.url)
+                .map_err(|e| invalid(format!("destinations.{name}.url: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// Destination names become metric labels and log fields: keep them tame.
+pub fn valid_destination_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn line_of(text: &str, byte: usize) -> usize {
+    text.as_bytes()[..byte.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_with_two_file_destinations() {
+        let c = Config::embedded().unwrap();
+        assert_eq!(c.destinations.len(), 2);
+        for d in c.destinations.values() {
+            assert!(d.url.starts_with("file://./var/regions/"), "{}", d.url);
+        }
+        assert_eq!(c.transfer.part_size.as_u64(), 64 << 20);
+        assert_eq!(c.transfer.memory_limit.as_u64(), 512 << 20);
+        assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9465");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = Config::parse("[transfer]\npart_sise = \"8MiB\"\n", "t").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("part_sise"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(Config::parse("[transfer]\nparallel_parts = 0\n", "t").is_err());
+        assert!(Config::parse("[transfer]\nmemory_limit = \"1MiB\"\n", "t").is_err());
+        assert!(Config::parse("[transfer]\nverify = \"maybe\"\n", "t").is_err());
+        assert!(Config::parse("[destinations.x]\nurl = \"ftp://a/b\"\n", "t").is_err());
+        assert!(Config::parse("[destinations.X]\nurl = \"file:///tmp/a/\"\n", "t").is_err());
+    }
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        let c = Config::parse("[transfer]\npart_size = \"8MiB\"\n", "t").unwrap();
+        assert_eq!(c.transfer.part_size.as_u64(), 8 << 20);
+    }
+}

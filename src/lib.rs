@@ -1,0 +1,16 @@
+//! ferry moves virtual-machine disk images out of a spool directory into object
+//! storage, in every region at once, reading each image once and checking every
+//! byte with CRC32C. See `README.md` for the operator's view and
+//! `../shared/DESIGN.md` for the design.
+//!
+//! The library holds everything; `main.rs` only parses arguments and calls it.
+
+pub mod chunk;
+pub mod config;
+pub mod manifest;
+pub mod progress;
+pub mod store;
+pub mod transfer;
+
+/// ferry's version, as written into manifests and metrics.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

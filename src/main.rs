@@ -1,0 +1,149 @@
+//! The `ferry` command: argument parsing and exit codes only; the work is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ferry::config::{Config, VerifyMode};
+use ferry::transfer::{self, PushOptions};
+
+/// Exit status when every destination verified.
+const EXIT_OK: u8 = 0;
+/// Exit status when at least one destination failed.
+const EXIT_FAILED: u8 = 1;
+/// Exit status when the input was refused before a byte was sent.
+const EXIT_REFUSED: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Move VM disk images into object storage, to every region at once, every byte checked.",
+    long_about = "ferry reads a disk image once and streams it as parallel multipart uploads to every \
+destination (OCI Object Storage or any S3-compatible store, or a local directory) at the same time. \
+Each part carries a CRC32C computed as it is read; each object is verified after completion, and an \
+import manifest (<name>.manifest.json) is written beside it.\n\n\
+Without --config, ferry uses its embedded default (config/ferry.toml in the source): a spool in \
+./spool and two file:// destinations under ./var/regions/.",
+    after_help = "EXIT STATUS:\n  0  every destination verified\n  1  at least one destination failed (one line each on stderr)\n  2  refused before sending: bad arguments, config, file or destination\n\n\
+ENVIRONMENT:\n  FERRY_LOG              log filter (default: info), e.g. FERRY_LOG=debug\n  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL\n                         credentials and endpoint for s3:// destinations not set in the config"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Upload one image to every destination at once and verify it.
+    #[command(
+        long_about = "Upload IMAGE to every destination in the config, or to those given with --to, \
+all at the same time. The object key is IMAGE's base name under each destination's prefix; \
+<name>.manifest.json is written beside it once the object verified.",
+        after_help = "EXAMPLES:\n  ferry push disk.qcow2\n  ferry push disk.qcow2 --to phoenix --to s3://images-fra/exports/\n  AWS_ENDPOINT_URL=http://127.0.0.1:8333 ferry push disk.vmdk --to s3://bucket/ --verify readback"
+    )]
+    Push {
+        /// The image file (a regular file; symlinks are refused).
+        image: PathBuf,
+        /// Config file (TOML). Default: the embedded config/ferry.toml.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// A destination name from the config, or a URL: file:///dir/, s3://bucket/prefix/,
+        /// memory://name/. Repeat for several. Default: every configured destination.
+        #[arg(long, value_name = "NAME|URL")]
+        to: Vec<String>,
+        /// Part size, e.g. 64MiB (raised to fit 10,000 parts, kept within 5 MiB..5 GiB).
+        #[arg(long, value_name = "SIZE")]
+        part_size: Option<bytesize::ByteSize>,
+        /// head: check size and part count; readback: re-read each object and compare CRC32C.
+        #[arg(long, value_name = "head|readback")]
+        verify: Option<VerifyMode>,
+        /// Seconds between progress lines when stderr is not a terminal.
+        #[arg(long, value_name = "SECS", default_value_t = 5)]
+        progress_secs: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ferry: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    ExitCode::from(runtime.block_on(run(cli)))
+}
+
+async fn run(cli: Cli) -> u8 {
+    match cli.command {
+        Command::Push {
+            image,
+            config,
+            to,
+            part_size,
+            verify,
+            progress_secs,
+        } => {
+            let config = match Config::load_or_embedded(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("ferry: {e}");
+                    return EXIT_REFUSED;
+                }
+            };
+            let opts = PushOptions {
+                to,
+                part_size_bytes: part_size.map(|p| p.as_u64()),
+                verify,
+                image: Default::default(),
+            };
+            let outcomes = match transfer::push(
+                &config,
+                &image,
+                opts,
+                Arc::new(transfer::NoObserver),
+                Duration::from_secs(progress_secs.max(1)),
+            )
+            .await
+            {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("ferry: {e}");
+                    return EXIT_REFUSED;
+                }
+            };
+            let mut failed = false;
+            for o in &outcomes {
+                match &o.result {
+                    Ok(m) => println!(
+                        "verified {} ({} bytes, crc32c {}) at {} [{}]",
+                        o.key, m.file_size_bytes, m.crc32c, o.destination, m.verify
+                    ),
+                    Err(e) => {
+                        failed = true;
+                        eprintln!(
+                            "ferry: FAILED {}: {} ({}): {e}",
+                            o.destination, o.key, o.url
+                        );
+                    }
+                }
+            }
+            if failed { EXIT_FAILED } else { EXIT_OK }
+        }
+    }
+}

@@ -1,0 +1,853 @@
+//! Destinations: where parts go, as an upload that can be resumed by its id.
+//!
+//! Promises: every destination offers the same four steps, addressed by index so
+//! parts can be sent concurrently, in any order, retried and resumed after a crash:
+//! `begin` -> `put_part(index)` ... -> `complete(receipts)`, or `abort`. Then
+//! `head` / `readback` for verification and `put_small` for the manifest.
+//!
+//! - `s3://BUCKET/PREFIX/` and `memory://NAME/PREFIX/` use object_store's
+//!   `MultipartStore` (create_multipart / put_part / complete_multipart).
+//! - `file://PATH/` is written here: object_store's `LocalFileSystem` has no
+//!   `MultipartStore` (its uploads are positional and cannot be resumed), so ferry
+//!   writes each part with `pwrite` at its own offset into a staging file beside
+//!   the object, then fsyncs and renames it into place. That makes file
+//!   destinations resumable by the same journal as S3.
+//!
+//! Design choice: object_store's own retries are turned off. ferry retries every
+//! request itself (`transfer`), so each retry is counted, logged and bounded in
+//! one place, with backoff and jitter.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::memory::InMemory;
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path as ObjPath;
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+
+use crate::chunk::{Part, PartLimits};
+use crate::config::{DestinationConfig, TransferConfig};
+
+/// A parsed destination URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestinationUrl {
+    /// A directory; relative paths are relative to the working directory.
+    File {
+        dir: PathBuf,
+    },
+    /// An in-process store, for benchmarks and tests: data is gone when ferry exits.
+    Memory {
+        name: String,
+        prefix: String,
+    },
+    S3 {
+        bucket: String,
+        prefix: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UrlError {
+    #[error(
+        "{0:?} is not a destination URL: use file://PATH/, s3://BUCKET/PREFIX/ or memory://NAME/"
+    )]
+    Scheme(String),
+    #[error("{0:?} has no bucket name: use s3://BUCKET/PREFIX/")]
+    NoBucket(String),
+    #[error("{0:?}: bucket names are 3..=63 characters of a-z, 0-9, '.' and '-'")]
+    BadBucket(String),
+    #[error("{0:?} has no path: use file:///absolute/dir/ or file://./relative/dir/")]
+    NoPath(String),
+    #[error("{0:?}: the prefix may not contain empty, '.' or '..' segments")]
+    BadPrefix(String),
+}
+
+impl DestinationUrl {
+    pub fn parse(url: &str) -> Result<DestinationUrl, UrlError> {
+        if let Some(rest) = url.strip_prefix("file://") {
+            if rest.is_empty() {
+                return Err(UrlError::NoPath(url.into()));
+            }
+            return Ok(DestinationUrl::File {
+                dir: PathBuf::from(rest),
+            });
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(UrlError::NoBucket(url.into()));
+            }
+            if bucket.len() < 3
+                || bucket.len() > 63
+                || !bucket
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+            {
+                return Err(UrlError::BadBucket(url.into()));
+            }
+            return Ok(DestinationUrl::S3 {
+                bucket: bucket.into(),
+                prefix: clean_prefix(url, prefix)?,
+            });
+        }
+        if let Some(rest) = url.strip_prefix("memory://") {
+            let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            return Ok(DestinationUrl::Memory {
+                name: name.into(),
+                prefix: clean_prefix(url, prefix)?,
+            });
+        }
+        Err(UrlError::Scheme(url.into()))
+    }
+}
+
+/// A prefix of `/`-separated segments without empty, `.` or `..` ones; kept with a
+/// trailing `/` so `prefix + name` is the key.
+fn clean_prefix(url: &str, prefix: &str) -> Result<String, UrlError> {
+    let trimmed = prefix.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Ok(String::new());
+    }
+    if trimmed
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return Err(UrlError::BadPrefix(url.into()));
+    }
+    Ok(format!("{trimmed}/"))
+}
+
+/// Picks the destinations for a push: every configured one when `to` is empty,
+/// otherwise each `--to` value as a configured name or a URL.
+pub fn resolve(
+    configured: &std::collections::BTreeMap<String, DestinationConfig>,
+    to: &[String],
+) -> Result<Vec<(String, DestinationConfig)>, String> {
+    if to.is_empty() {
+        if configured.is_empty() {
+            return Err(
+                "no destinations: add a [destinations.NAME] table to the config or pass --to URL"
+                    .into(),
+            );
+        }
+        return Ok(configured
+            .iter()
+            .map(|(n, d)| (n.clone(), d.clone()))
+            .collect());
+    }
+    let mut out: Vec<(String, DestinationConfig)> = Vec::new();
+    for t in to {
+        let (name, cfg) = if let Some(d) = configured.get(t) {
+            (t.clone(), d.clone())
+        } else if t.contains("://") {
+            let url = DestinationUrl::parse(t).map_err(|e| e.to_string())?;
+            let base = match &url {
+                DestinationUrl::File { dir } => format!(
+                    "file-{}",
+                    dir.components()
+                        .next_back()
+                        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                ),
+                DestinationUrl::Memory { name, .. } => format!("memory-{name}"),
+                DestinationUrl::S3 { bucket, .. } => format!("s3-{bucket}"),
+            };
+            let mut base: String = base
+                .to_ascii_lowercase()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .take(56)
+                .collect();
+            if base.is_empty() {
+                base = "dest".into();
+            }
+            let mut name = base.clone();
+            let mut n = 2;
+            while out.iter().any(|(o, _)| *o == name) || configured.contains_key(&name) {
+                name = format!("{base}-{n}");
+                n += 1;
+            }
+            (
+                name,
+                DestinationConfig {
+                    url: t.clone(),
+                    ..DestinationConfig::default()
+                },
+            )
+        } else {
+            let known: Vec<&str> = configured.keys().map(String::as_str).collect();
+            return Err(format!(
+                "unknown destination {t:?}: the config names {}; or give a URL (file://, s3://, memory://)",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ));
+        };
+        if out.iter().any(|(_, c)| c.url == cfg.url) {
+            return Err(format!("destination {} is given twice", cfg.url));
+        }
+        out.push((name, cfg));
+    }
+    Ok(out)
+}
+
+/// What went wrong talking to a destination.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {key}: {source}")]
+    Io {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op} {key}: {source}")]
+    Remote {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("{op} {key}: {message}")]
+    Check {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("cannot set up destination: {0}")]
+    Setup(String),
+}
+
+impl StoreError {
+    /// Worth another try after a pause: network trouble, timeouts, 5xx, throttling.
+    pub fn retryable(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => !matches!(
+                source.kind(),
+                std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+                    | std::io::ErrorKind::InvalidInput
+            ),
+            StoreError::Remote { source, .. } => match source {
+                object_store::Error::Generic { .. } => {
+                    let m = source.to_string();
+                    !(m.contains("403")
+                        || m.contains("Forbidden")
+                        || m.contains("InvalidAccessKeyId")
+                        || m.contains("SignatureDoesNotMatch")
+                        || m.contains("NoSuchBucket")
+                        || m.contains("NoSuchUpload"))
+                }
+                object_store::Error::JoinError { .. } => true,
+                _ => false,
+            },
+            StoreError::Check { .. } => true,
+            StoreError::Setup(_) => false,
+        }
+    }
+
+    /// A low-cardinality reason for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        let m = self.to_string().to_ascii_lowercase();
+        if matches!(self, StoreError::Check { .. })
+            || m.contains("baddigest")
+            || m.contains("checksum")
+        {
+            "checksum"
+        } else if m.contains("slowdown") || m.contains("slow down") || m.contains("503") {
+            "slow_down"
+        } else if m.contains("timed out") || m.contains("timeout") {
+            "timeout"
+        } else if m.contains("reset") || m.contains("broken pipe") || m.contains("connection") {
+            "reset"
+        } else if m.contains("500")
+            || m.contains("502")
+            || m.contains("504")
+            || m.contains("server error")
+        {
+            "server_error"
+        } else {
+            "other"
+        }
+    }
+}
+
+/// One finished part as the store knows it (an ETag for S3, nothing for files).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartReceipt {
+    pub index: u32,
+    pub part_id: String,
+    pub size_bytes: u64,
+    pub crc32c: u32,
+}
+
+/// What `head` found.
+#[derive(Debug, Clone)]
+pub struct ObjectInfo {
+    pub size_bytes: u64,
+    /// Part count from an S3 multipart ETag (`"...-N"`), when the store says.
+    pub parts: Option<u32>,
+}
+
+enum Backend {
+    File {
+        dir: PathBuf,
+    },
+    Multipart {
+        store: Arc<dyn ObjectStore>,
+        multipart: Arc<dyn MultipartStore>,
+        prefix: String,
+    },
+}
+
+/// A configured destination, ready to take uploads.
+pub struct Destination {
+    name: String,
+    url: String,
+    backend: Backend,
+    parallel_parts: usize,
+    limits: PartLimits,
+}
+
+impl std::fmt::Debug for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Destination")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+static MEMORY_STORES: LazyLock<Mutex<HashMap<String, Arc<InMemory>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+impl Destination {
+    /// Builds a destination from its config. Credentials come from the config or the
+    /// usual `AWS_*` environment variables; they are never logged.
+    pub fn new(
+        name: &str,
+        cfg: &DestinationConfig,
+        transfer: &TransferConfig,
+        part_bytes_hint: u64,
+    ) -> Result<Destination, StoreError> {
+        let url = DestinationUrl::parse(&cfg.url).map_err(|e| StoreError::Setup(e.to_string()))?;
+        let parallel_parts = cfg.parallel_parts.unwrap_or(transfer.parallel_parts);
+        let backend = match url {
+            DestinationUrl::File { dir } => Backend::File { dir },
+            DestinationUrl::Memory { name: m, prefix } => {
+                let store = MEMORY_STORES
+                    .lock()
+                    .map_err(|_| StoreError::Setup("memory store registry poisoned".into()))?
+                    .entry(m)
+                    .or_insert_with(|| Arc::new(InMemory::new()))
+                    .clone();
+                Backend::Multipart {
+                    store: store.clone(),
+                    multipart: store,
+                    prefix,
+                }
+            }
+            DestinationUrl::S3 { bucket, prefix } => {
+                let s3 = build_s3(&bucket, cfg, transfer, part_bytes_hint)?;
+                Backend::Multipart {
+                    store: s3.clone(),
+                    multipart: s3,
+                    prefix,
+                }
+            }
+        };
+        Ok(Destination {
+            name: name.to_string(),
+            url: cfg.url.clone(),
+            backend,
+            parallel_parts,
+            limits: PartLimits::S3,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+    pub fn parallel_parts(&self) -> usize {
+        self.parallel_parts
+    }
+    pub fn limits(&self) -> PartLimits {
+        self.limits
+    }
+
+    /// The key of `name` as a person reads it (prefix + name).
+    pub fn key(&self, name: &str) -> String {
+        match &self.backend {
+            Backend::File { dir } => dir.join(name).display().to_string(),
+            Backend::Multipart { prefix, .. } => format!("{prefix}{name}"),
+        }
+    }
+
+    fn obj_path(prefix: &str, name: &str) -> ObjPath {
+        ObjPath::from_iter(prefix.split('/').filter(|s| !s.is_empty()).chain([name]))
+    }
+
+    fn file_paths(dir: &FsPath, name: &str, upload_id: &str) -> (PathBuf, PathBuf) {
+        (
+            dir.join(name),
+            dir.join(format!(".ferry-upload.{upload_id}.{name}")),
+        )
+    }
+
+    /// Starts an upload of `name`; returns its id, to be journaled.
+    pub async fn begin(&self, name: &str) -> Result<String, StoreError> {
+        match &self.backend {
+            Backend::File { dir } => {
+                let id = format!("{:016x}", rand::random::<u64>());
+                let (_, staging) = Self::file_paths(dir, name, &id);
+                let dir = dir.clone();
+                let key = self.key(name);
+                blocking(move || {
+                    std::fs::create_dir_all(&dir)?;
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&staging)
+                        .map(drop)
+                })
+                .await
+                .map_err(|source| StoreError::Io {
+                    op: "begin upload",
+                    key,
+                    source,
+                })?;
+                Ok(id)
+            }
+            Backend::Multipart {
+                multipart, prefix, ..
+            } => multipart
+                .create_multipart(&Self::obj_path(prefix, name))
+                .await
+                .map_err(|source| StoreError::Remote {
+                    op: "begin upload",
+                    key: self.key(name),
+                    source,
+                }),
+        }
+    }
+
+    /// Sends one part. Safe to repeat: a part sent twice replaces itself.
+    pub async fn put_part(
+        &self,
+        name: &str,
+        upload_id: &str,
+        part: &Part,
+    ) -> Result<PartReceipt, StoreError> {
+        let receipt = |part_id: String| PartReceipt {
+            index: part.index(),
+            part_id,
+            size_bytes: part.len(),
+            crc32c: part.crc32c(),
+        };
+        match &self.backend {
+            Backend::File { dir } => {
+                let (_, staging) = Self::file_paths(dir, name, upload_id);
+                let bytes: Bytes = part.bytes().clone();
+                let offset = part.offset();
+                blocking(move || {
+                    let f = std::fs::OpenOptions::new().write(true).open(&staging)?;
+                    f.write_all_at(&bytes, offset)
+                })
+                .await
+                .map_err(|source| StoreError::Io {
+                    op: "write part",
+                    key: self.key(name),
+                    source,
+                })?;
+                Ok(receipt(String::new()))
+            }
+            Backend::Multipart {
+                multipart, prefix, ..
+            } => {
+                let id = multipart
+                    .put_part(
+                        &Self::obj_path(prefix, name),
+                        &upload_id.to_string(),
+                        part.index() as usize,
+                        PutPayload::from_bytes(part.bytes().clone()),
+                    )
+                    .await
+                    .map_err(|source| StoreError::Remote {
+                        op: "upload part",
+                        key: self.key(name),
+                        source,
+                    })?;
+                Ok(receipt(id.content_id))
+            }
+        }
+    }
+
+    /// Finishes an upload from its receipts, in part order.
+    pub async fn complete(
+        &self,
+        name: &str,
+        upload_id: &str,
+        receipts: &[PartReceipt],
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::File { dir } => {
+                let (final_path, staging) = Self::file_paths(dir, name, upload_id);
+                let dir = dir.clone();
+                let size: u64 = receipts.iter().map(|r| r.size_bytes).sum();
+                blocking(move || {
+                    let f = std::fs::OpenOptions::new().write(true).open(&staging)?;
+                    // A resumed staging file may be longer than a smaller new plan.
+                    f.set_len(size)?;
+                    f.sync_all()?;
+                    std::fs::rename(&staging, &final_path)?;
+                    std::fs::File::open(&dir)?.sync_all()
+                })
+                .await
+                .map_err(|source| StoreError::Io {
+                    op: "complete upload",
+                    key: self.key(name),
+                    source,
+                })
+            }
+            Backend::Multipart {
+                multipart, prefix, ..
+            } => {
+                let parts = receipts
+                    .iter()
+                    .map(|r| PartId {
+                        content_id: r.part_id.clone(),
+                    })
+                    .collect();
+                multipart
+                    .complete_multipart(
+                        &Self::obj_path(prefix, name),
+                        &upload_id.to_string(),
+                        parts,
+                    )
+                    .await
+                    .map(drop)
+                    .map_err(|source| StoreError::Remote {
+                        op: "complete upload",
+                        key: self.key(name),
+                        source,
+                    })
+            }
+        }
+    }
+
+    /// Abandons an upload and frees what the store kept of it.
+    pub async fn abort(&self, name: &str, upload_id: &str) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::File { dir } => {
+                let (_, staging) = Self::file_paths(dir, name, upload_id);
+                blocking(move || match std::fs::remove_file(&staging) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    other => other,
+                })
+                .await
+                .map_err(|source| StoreError::Io {
+                    op: "abort upload",
+                    key: self.key(name),
+                    source,
+                })
+            }
+            Backend::Multipart {
+                multipart, prefix, ..
+            } => multipart
+                .abort_multipart(&Self::obj_path(prefix, name), &upload_id.to_string())
+                .await
+                .map_err(|source| StoreError::Remote {
+                    op: "abort upload",
+                    key: self.key(name),
+                    source,
+                }),
+        }
+    }
+
+    /// Size (and part count where the store tells) of a finished object.
+    pub async fn head(&self, name: &str) -> Result<ObjectInfo, StoreError> {
+        match &self.backend {
+            Backend::File { dir } => {
+                let path = dir.join(name);
+                let meta = tokio::fs::metadata(&path)
+                    .await
+                    .map_err(|source| StoreError::Io {
+                        op: "head",
+                        key: self.key(name),
+                        source,
+                    })?;
+                Ok(ObjectInfo {
+                    size_bytes: meta.len(),
+                    parts: None,
+                })
+            }
+            Backend::Multipart { store, prefix, .. } => {
+                let meta = store
+                    .head(&Self::obj_path(prefix, name))
+                    .await
+                    .map_err(|source| StoreError::Remote {
+                        op: "head",
+                        key: self.key(name),
+                        source,
+                    })?;
+                let parts = meta
+                    .e_tag
+                    .as_deref()
+                    .map(|t| t.trim_matches('"'))
+                    .and_then(|t| t.rsplit_once('-'))
+                    .and_then(|(_, n)| n.parse().ok());
+                Ok(ObjectInfo {
+                    size_bytes: meta.size,
+                    parts,
+                })
+            }
+        }
+    }
+
+    /// Reads the whole object back; returns its size and CRC32C.
+    pub async fn readback(&self, name: &str) -> Result<(u64, u32), StoreError> {
+        match &self.backend {
+            Backend::File { dir } => {
+                let path = dir.join(name);
+                blocking(move || {
+                    let f = std::fs::File::open(&path)?;
+                    let mut buf = vec![0u8; 8 << 20];
+                    let (mut crc, mut size) = (0u32, 0u64);
+                    loop {
+                        let n = f.read_at(&mut buf, size)?;
+                        if n == 0 {
+                            return Ok((size, crc));
+                        }
+                        crc = crc32c::crc32c_append(crc, &buf[..n]);
+                        size += n as u64;
+                    }
+                })
+                .await
+                .map_err(|source| StoreError::Io {
+                    op: "read back",
+                    key: self.key(name),
+                    source,
+                })
+            }
+            Backend::Multipart { store, prefix, .. } => {
+                let remote = |source| StoreError::Remote {
+                    op: "read back",
+                    key: self.key(name),
+                    source,
+                };
+                let mut stream = store
+                    .get(&Self::obj_path(prefix, name))
+                    .await
+                    .map_err(remote)?
+                    .into_stream();
+                let (mut crc, mut size) = (0u32, 0u64);
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(remote)?;
+                    crc = crc32c::crc32c_append(crc, &chunk);
+                    size += chunk.len() as u64;
+                }
+                Ok((size, crc))
+            }
+        }
+    }
+
+    /// Writes a small object (the manifest) in one request, replacing any old one.
+    pub async fn put_small(&self, name: &str, body: Bytes) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::File { dir } => {
+                let dir = dir.clone();
+                let name = name.to_string();
+                let key = self.key(&name);
+                blocking(move || {
+                    std::fs::create_dir_all(&dir)?;
+                    let tmp = dir.join(format!(".ferry-tmp.{name}"));
+                    std::fs::write(&tmp, &body)?;
+                    std::fs::File::open(&tmp)?.sync_all()?;
+                    std::fs::rename(&tmp, dir.join(&name))?;
+                    std::fs::File::open(&dir)?.sync_all()
+                })
+                .await
+                .map_err(|source| StoreError::Io {
+                    op: "write",
+                    key,
+                    source,
+                })
+            }
+            Backend::Multipart { store, prefix, .. } => store
+                .put(&Self::obj_path(prefix, name), PutPayload::from_bytes(body))
+                .await
+                .map(drop)
+                .map_err(|source| StoreError::Remote {
+                    op: "write",
+                    key: self.key(name),
+                    source,
+                }),
+        }
+    }
+
+    /// Reads a small object whole (a manifest, a test).
+    pub async fn get_small(&self, name: &str) -> Result<Bytes, StoreError> {
+        match &self.backend {
+            Backend::File { dir } => tokio::fs::read(dir.join(name))
+                .await
+                .map(Bytes::from)
+                .map_err(|source| StoreError::Io {
+                    op: "read",
+                    key: self.key(name),
+                    source,
+                }),
+            Backend::Multipart { store, prefix, .. } => {
+                let remote = |source| StoreError::Remote {
+                    op: "read",
+                    key: self.key(name),
+                    source,
+                };
+                store
+                    .get(&Self::obj_path(prefix, name))
+                    .await
+                    .map_err(remote)?
+                    .bytes()
+                    .await
+                    .map_err(remote)
+            }
+        }
+    }
+}
+
+fn build_s3(
+    bucket: &str,
+    cfg: &DestinationConfig,
+    transfer: &TransferConfig,
+    part_bytes_hint: u64,
+) -> Result<Arc<AmazonS3>, StoreError> {
+    // object_store's whole-request timeout defaults to 30 s, which a large part on a
+    // slow link exceeds: allow part_size at min_throughput, and never under 60 s.
+    let secs = (part_bytes_hint / (transfer.min_throughput_kib * 1024)).max(60);
+    let options = ClientOptions::new()
+        .with_timeout(Duration::from_secs(secs))
+        .with_connect_timeout(Duration::from_secs(transfer.connect_timeout_secs))
+        .with_pool_idle_timeout(Duration::from_secs(30));
+    let endpoint = cfg
+        .endpoint
+        .clone()
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+        .or_else(|| std::env::var("AWS_ENDPOINT").ok());
+    let loopback = endpoint.as_deref().is_some_and(is_loopback_http);
+    let allow_http = cfg.allow_http.unwrap_or(loopback);
+    // Client options first: they replace the whole option set, allow_http included.
+    let mut b = AmazonS3Builder::from_env()
+        .with_client_options(options)
+        .with_allow_http(allow_http)
+        .with_bucket_name(bucket)
+        .with_retry(RetryConfig {
+            max_retries: 0,
+            ..RetryConfig::default()
+        })
+        .with_virtual_hosted_style_request(false);
+    if let Some(e) = endpoint {
+        b = b.with_endpoint(e);
+    }
+    let region = cfg
+        .region
+        .clone()
+        .or_else(|| std::env::var("AWS_REGION").ok())
+        .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+        .unwrap_or_else(|| "us-east-1".to_string());
+    b = b.with_region(region);
+    if let Some(k) = &cfg.access_key_id {
+        b = b.with_access_key_id(k);
+    }
+    if let Some(s) = &cfg.secret_access_key {
+        b = b.with_secret_access_key(s);
+    }
+    b.build()
+        .map(Arc::new)
+        .map_err(|e| StoreError::Setup(format!("s3://{bucket}: {e}")))
+}
+
+fn is_loopback_http(endpoint: &str) -> bool {
+    url::Url::parse(endpoint).is_ok_and(|u| {
+        u.scheme() == "http"
+            && match u.host() {
+                Some(url::Host::Domain(d)) => d == "localhost",
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                None => false,
+            }
+    })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse() {
+        assert_eq!(
+            DestinationUrl::parse("s3://images-fra/exports/").unwrap(),
+            DestinationUrl::S3 {
+                bucket: "images-fra".into(),
+                prefix: "exports/".into()
+            }
+        );
+        assert_eq!(
+            DestinationUrl::parse("s3://bkt").unwrap(),
+            DestinationUrl::S3 {
+                bucket: "bkt".into(),
+                prefix: "".into()
+            }
+        );
+        assert_eq!(
+            DestinationUrl::parse("file://./var/x/").unwrap(),
+            DestinationUrl::File {
+                dir: "./var/x/".into()
+            }
+        );
+        assert!(DestinationUrl::parse("s3:///x").is_err());
+        assert!(DestinationUrl::parse("s3://B/x").is_err());
+        assert!(DestinationUrl::parse("s3://bkt/a/../b").is_err());
+        assert!(DestinationUrl::parse("http://x/").is_err());
+        assert!(DestinationUrl::parse("file://").is_err());
+    }
+
+    #[test]
+    fn loopback_endpoints_allow_http() {
+        assert!(is_loopback_http("http://127.0.0.1:8333"));
+        assert!(is_loopback_http("http://localhost:8333"));
+        assert!(!is_loopback_http("http://10.0.0.1:8333"));
+        assert!(!is_loopback_http("https://127.0.0.1"));
+    }
+
+    #[test]
+    fn keys_never_leave_the_prefix() {
+        let p = Destination::obj_path("exports/", "../../etc");
+        assert!(p.as_ref().starts_with("exports/"), "{p}");
+        assert_eq!(p.parts().count(), 2);
+    }
+}

@@ -1,0 +1,793 @@
+//! One job: a file read once and uploaded to every destination at the same time.
+//!
+//! Promises:
+//! - each part is read from disk once and handed to every destination as the same
+//!   `Bytes` (no copy); the memory of all parts in flight stays within the budget;
+//! - each destination uploads with its own concurrency and its own retries; a slow
+//!   or failing destination never stalls the others;
+//! - a destination reports success only after its object verified (size and part
+//!   count, or a full read-back and CRC32C) and its manifest was written;
+//! - every request is retried a bounded number of times with exponential backoff
+//!   and full jitter.
+//!
+//! Design choice: no lockstep. The reader runs ahead for the fastest destination.
+//! A destination whose queue of unsent parts grows past its share of the budget is
+//! *detached*: the reader stops feeding it and it reads the rest of its parts
+//! itself (from the page cache, usually). The fast destinations keep the single
+//! read; the laggard costs a second read instead of costing everyone time.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::chunk::{self, Budget, Part, PartPlan};
+use crate::config::{ReaderKind, TransferConfig, VerifyMode};
+use crate::manifest::{self, DestinationEntry, Manifest, PartEntry};
+use crate::progress::{Phase, Progress};
+use crate::store::{Destination, PartReceipt, StoreError};
+
+/// How requests are retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_retries: u32,
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    pub fn from_config(t: &TransferConfig) -> RetryPolicy {
+        RetryPolicy {
+            max_retries: t.max_retries,
+            base: Duration::from_millis(t.retry_base_ms),
+            max: Duration::from_millis(t.retry_max_ms),
+        }
+    }
+
+    /// Full jitter: a random pause up to `min(max, base * 2^attempt)`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let cap = self
+            .base
+            .saturating_mul(1u32 << attempt.min(20))
+            .min(self.max);
+        cap.mul_f64(rand::random::<f64>())
+    }
+}
+
+/// Why a destination did not verify.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("reading the source failed: {0}")]
+    Read(String),
+    #[error("verification failed: {0}")]
+    Verify(String),
+    #[error("stopped before finishing; the upload is kept for resume")]
+    Cancelled,
+}
+
+/// Hooks for whoever keeps state or counts (the journal, metrics).
+pub trait Observer: Send + Sync {
+    fn upload_started(&self, _destination: &str, _upload_id: &str) {}
+    fn part_done(&self, _destination: &str, _receipt: &PartReceipt) {}
+    fn retried(&self, _destination: &str, _reason: &'static str) {}
+    fn read_bytes(&self, _bytes: u64) {}
+}
+
+/// An observer that keeps nothing.
+pub struct NoObserver;
+impl Observer for NoObserver {}
+
+/// Where a destination's upload stood when the job was interrupted.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub upload_id: String,
+    pub receipts: Vec<PartReceipt>,
+}
+
+/// What to upload.
+pub struct Job {
+    /// The object's name under each destination's prefix.
+    pub name: String,
+    pub file: Arc<File>,
+    pub plan: PartPlan,
+    pub reader: ReaderKind,
+    pub verify: VerifyMode,
+    pub retry: RetryPolicy,
+    /// Extra manifest fields from image inspection.
+    pub image: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The result for one destination.
+#[derive(Debug)]
+pub struct Outcome {
+    pub destination: String,
+    pub url: String,
+    pub key: String,
+    pub result: Result<Manifest, TransferError>,
+}
+
+enum Msg {
+    Part(Part),
+    Detached,
+}
+
+struct Feed {
+    tx: mpsc::UnboundedSender<Msg>,
+    queued_bytes: Arc<AtomicU64>,
+    skip: Arc<HashSet<u32>>,
+    live: bool,
+}
+
+/// Runs one job to every destination and returns one outcome per destination.
+pub async fn run(
+    job: Arc<Job>,
+    destinations: Vec<Arc<Destination>>,
+    budget: Budget,
+    progress: Arc<Progress>,
+    mut resume: HashMap<String, Resume>,
+    observer: Arc<dyn Observer>,
+    cancel: watch::Receiver<bool>,
+) -> Vec<Outcome> {
+    let file = job.file.clone();
+    let reader = chunk::reader(job.reader, file, job.plan);
+    let read_error: Arc<Mutex<Option<String>>> = Arc::default();
+    // One laggard may hold at most its share of the budget in unsent parts.
+    let lag_limit = if destinations.len() <= 1 {
+        u64::MAX
+    } else {
+        (budget.limit_bytes() / (destinations.len() as u64 + 1)).max(job.plan.part_bytes)
+    };
+
+    let mut feeds = Vec::new();
+    let mut workers = JoinSet::new();
+    for (slot, dest) in destinations.iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicU64::new(0));
+        let resumed = resume.remove(dest.name());
+        let skip: HashSet<u32> = resumed
+            .as_ref()
+            .map(|r| r.receipts.iter().map(|p| p.index).collect())
+            .unwrap_or_default();
+        let skip = Arc::new(skip);
+        feeds.push(Feed {
+            tx,
+            queued_bytes: queued.clone(),
+            skip: skip.clone(),
+            live: true,
+        });
+        let ctx = Worker {
+            job: job.clone(),
+            dest: dest.clone(),
+            reader: reader.clone(),
+            budget: budget.clone(),
+            progress: progress.clone(),
+            observer: observer.clone(),
+            read_error: read_error.clone(),
+            queued,
+            cancel: cancel.clone(),
+        };
+        workers.spawn(async move {
+            let result = ctx.upload(rx, resumed).await;
+            (slot, result)
+        });
+    }
+
+    let fan_out = tokio::spawn(fan_out(
+        reader, budget, feeds, lag_limit, read_error, observer, cancel,
+    ));
+
+    let mut results: Vec<Option<Result<Manifest, TransferError>>> =
+        destinations.iter().map(|_| None).collect();
+    while let Some(joined) = workers.join_next().await {
+        match joined {
+            Ok((slot, r)) => results[slot] = Some(r),
+            Err(e) => warn!("a destination task ended abnormally: {e}"),
+        }
+    }
+    let _ = fan_out.await;
+    destinations
+        .iter()
+        .zip(results)
+        .map(|(d, r)| Outcome {
+            destination: d.name().to_string(),
+            url: d.url().to_string(),
+            key: d.key(&job.name),
+            result: r.unwrap_or_else(|| {
+                Err(TransferError::Read(
+                    "the destination task ended abnormally".into(),
+                ))
+            }),
+        })
+        .collect()
+}
+
+/// Reads each part once, in order, and hands it to every destination that wants it.
+async fn fan_out(
+    reader: Arc<dyn chunk::Reader>,
+    budget: Budget,
+    mut feeds: Vec<Feed>,
+    lag_limit: u64,
+    read_error: Arc<Mutex<Option<String>>>,
+    observer: Arc<dyn Observer>,
+    cancel: watch::Receiver<bool>,
+) {
+    let plan = *reader.plan();
+    for index in 0..plan.count {
+        if *cancel.borrow() {
+            return;
+        }
+        let len = plan.len(index);
+        let mut wanted = Vec::new();
+        for (i, f) in feeds.iter_mut().enumerate() {
+            if !f.live || f.skip.contains(&index) {
+                continue;
+            }
+            if f.queued_bytes.load(Ordering::Relaxed) + len > lag_limit {
+                // Falls behind: it reads its own parts from here on.
+                let _ = f.tx.send(Msg::Detached);
+                f.live = false;
+                continue;
+            }
+            wanted.push(i);
+        }
+        if feeds.iter().all(|f| !f.live) {
+            return;
+        }
+        if wanted.is_empty() {
+            continue;
+        }
+        let part = match chunk::read(reader.clone(), &budget, index).await {
+            Ok(p) => p,
+            Err(e) => {
+                if let Ok(mut slot) = read_error.lock() {
+                    *slot = Some(e.to_string());
+                }
+                return;
+            }
+        };
+        observer.read_bytes(len);
+        for i in wanted {
+            let f = &mut feeds[i];
+            f.queued_bytes.fetch_add(len, Ordering::Relaxed);
+            if f.tx.send(Msg::Part(part.clone())).is_err() {
+                f.live = false;
+            }
+        }
+    }
+}
+
+struct Worker {
+    job: Arc<Job>,
+    dest: Arc<Destination>,
+    reader: Arc<dyn chunk::Reader>,
+    budget: Budget,
+    progress: Arc<Progress>,
+    observer: Arc<dyn Observer>,
+    read_error: Arc<Mutex<Option<String>>>,
+    queued: Arc<AtomicU64>,
+    cancel: watch::Receiver<bool>,
+}
+
+impl Worker {
+    async fn upload(
+        &self,
+        rx: mpsc::UnboundedReceiver<Msg>,
+        resumed: Option<Resume>,
+    ) -> Result<Manifest, TransferError> {
+        let started = SystemTime::now();
+        let dp = self.progress.get(self.dest.name());
+        let name = self.job.name.clone();
+        let (upload_id, mut receipts) = match resumed {
+            Some(r) => {
+                info!(
+                    destination = self.dest.name(),
+                    "resuming upload of {name}: {} of {} parts already sent",
+                    r.receipts.len(),
+                    self.job.plan.count
+                );
+                let done: BTreeMap<u32, PartReceipt> =
+                    r.receipts.into_iter().map(|p| (p.index, p)).collect();
+                (r.upload_id, done)
+            }
+            None => {
+                let id = retry(&self.job.retry, self.dest.name(), &*self.observer, || {
+                    self.dest.begin(&name)
+                })
+                .await?;
+                (id, BTreeMap::new())
+            }
+        };
+        self.observer.upload_started(self.dest.name(), &upload_id);
+        if let Some(dp) = &dp {
+            dp.add(receipts.values().map(|r| r.size_bytes).sum());
+        }
+
+        let sent = self
+            .send_parts(rx, &upload_id, &mut receipts, dp.as_deref())
+            .await;
+        if let Err(e) = sent {
+            if !matches!(e, TransferError::Cancelled) {
+                self.abort(&upload_id).await;
+            }
+            if let Some(dp) = &dp {
+                dp.set_phase(Phase::Failed);
+            }
+            return Err(e);
+        }
+        if let Some(dp) = &dp {
+            dp.set_phase(Phase::Verifying);
+        }
+        let receipts: Vec<PartReceipt> = receipts.into_values().collect();
+        let result = self.finish(&upload_id, &receipts, started).await;
+        if let Some(dp) = &dp {
+            dp.set_phase(if result.is_ok() {
+                Phase::Done
+            } else {
+                Phase::Failed
+            });
+        }
+        result
+    }
+
+    async fn abort(&self, upload_id: &str) {
+        if let Err(e) = self.dest.abort(&self.job.name, upload_id).await {
+            warn!(
+                destination = self.dest.name(),
+                "could not abort the upload of {}: {e}", self.job.name
+            );
+        }
+    }
+
+    async fn send_parts(
+        &self,
+        mut rx: mpsc::UnboundedReceiver<Msg>,
+        upload_id: &str,
+        receipts: &mut BTreeMap<u32, PartReceipt>,
+        dp: Option<&crate::progress::DestinationProgress>,
+    ) -> Result<(), TransferError> {
+        let slots = Arc::new(Semaphore::new(self.dest.parallel_parts()));
+        let mut tasks: JoinSet<Result<PartReceipt, StoreError>> = JoinSet::new();
+        let mut self_read = false;
+        let mut cancel = self.cancel.clone();
+        let plan = self.job.plan;
+        let reap = |r: Result<Result<PartReceipt, StoreError>, tokio::task::JoinError>,
+                    receipts: &mut BTreeMap<u32, PartReceipt>|
+         -> Result<(), TransferError> {
+            match r {
+                Ok(Ok(receipt)) => {
+                    if let Some(dp) = dp {
+                        dp.add(receipt.size_bytes);
+                    }
+                    self.observer.part_done(self.dest.name(), &receipt);
+                    receipts.insert(receipt.index, receipt);
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => Err(TransferError::Read(format!("part task failed: {e}"))),
+            }
+        };
+        for index in 0..plan.count {
+            if receipts.contains_key(&index) {
+                continue;
+            }
+            let slot = tokio::select! {
+                s = slots.clone().acquire_owned() => s.expect("never closed"),
+                _ = cancel.wait_for(|c| *c) => break,
+            };
+            while let Some(r) = tasks.try_join_next() {
+                reap(r, receipts)?;
+            }
+            let part = if self_read {
+                self.read_self(index).await?
+            } else {
+                match rx.recv().await {
+                    Some(Msg::Part(p)) => {
+                        self.queued.fetch_sub(p.len(), Ordering::Relaxed);
+                        p
+                    }
+                    Some(Msg::Detached) => {
+                        info!(
+                            destination = self.dest.name(),
+                            "{} falls behind the others; it reads its own parts from part {index}",
+                            self.dest.name()
+                        );
+                        self_read = true;
+                        // Parts still queued are dropped with the channel.
+                        rx.close();
+                        self.read_self(index).await?
+                    }
+                    None => {
+                        if *cancel.borrow() {
+                            break;
+                        }
+                        let why = self
+                            .read_error
+                            .lock()
+                            .ok()
+                            .and_then(|e| e.clone())
+                            .unwrap_or_else(|| "the reader stopped".into());
+                        return Err(TransferError::Read(why));
+                    }
+                }
+            };
+            debug_assert_eq!(part.index(), index);
+            let dest = self.dest.clone();
+            let name = self.job.name.clone();
+            let id = upload_id.to_string();
+            let policy = self.job.retry;
+            let observer = self.observer.clone();
+            tasks.spawn(async move {
+                let _slot = slot;
+                retry(&policy, dest.name(), &*observer, || {
+                    dest.put_part(&name, &id, &part)
+                })
+                .await
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            reap(r, receipts)?;
+        }
+        if *self.cancel.borrow() && receipts.len() < plan.count as usize {
+            return Err(TransferError::Cancelled);
+        }
+        Ok(())
+    }
+
+    async fn read_self(&self, index: u32) -> Result<Part, TransferError> {
+        let part = chunk::read(self.reader.clone(), &self.budget, index)
+            .await
+            .map_err(|e| TransferError::Read(e.to_string()))?;
+        self.observer.read_bytes(part.len());
+        Ok(part)
+    }
+
+    async fn finish(
+        &self,
+        upload_id: &str,
+        receipts: &[PartReceipt],
+        started: SystemTime,
+    ) -> Result<Manifest, TransferError> {
+        let name = &self.job.name;
+        let plan = self.job.plan;
+        let policy = &self.job.retry;
+        let dn = self.dest.name();
+        let complete = retry(policy, dn, &*self.observer, || {
+            self.dest.complete(name, upload_id, receipts)
+        })
+        .await;
+        if let Err(e) = complete {
+            // A retried complete may fail only because an earlier attempt succeeded
+            // and its answer was lost: let verification decide.
+            warn!(
+                destination = dn,
+                "completing {name} failed ({e}); checking the object"
+            );
+            if self.verify(receipts).await.is_err() {
+                self.abort(upload_id).await;
+                return Err(e.into());
+            }
+        }
+        let crc = self.verify(receipts).await?;
+        let m = Manifest {
+            manifest_version: manifest::FORMAT_VERSION,
+            ferry_version: crate::VERSION.to_string(),
+            file_name: name.clone(),
+            file_size_bytes: plan.file_bytes,
+            part_size_bytes: plan.part_bytes,
+            part_count: plan.count,
+            crc32c: manifest::crc_hex(crc),
+            crc32c_base64: manifest::crc_base64(crc),
+            parts: receipts
+                .iter()
+                .map(|r| PartEntry {
+                    index: r.index,
+                    offset: plan.offset(r.index),
+                    size_bytes: r.size_bytes,
+                    crc32c: manifest::crc_hex(r.crc32c),
+                })
+                .collect(),
+            destination: DestinationEntry {
+                name: dn.to_string(),
+                url: self.dest.url().to_string(),
+                key: self.dest.key(name),
+            },
+            verify: match self.job.verify {
+                VerifyMode::Head => "head".into(),
+                VerifyMode::Readback => "readback".into(),
+            },
+            source_host: manifest::hostname(),
+            started_at: manifest::timestamp(started),
+            finished_at: manifest::timestamp(SystemTime::now()),
+            image: self.job.image.clone(),
+        };
+        let body = bytes::Bytes::from(m.to_json());
+        let mname = format!("{name}{}", manifest::MANIFEST_SUFFIX);
+        retry(policy, dn, &*self.observer, || {
+            self.dest.put_small(&mname, body.clone())
+        })
+        .await?;
+        Ok(m)
+    }
+
+    /// Checks the finished object; returns its CRC32C.
+    async fn verify(&self, receipts: &[PartReceipt]) -> Result<u32, TransferError> {
+        let plan = self.job.plan;
+        let name = &self.job.name;
+        if receipts.len() != plan.count as usize
+            || receipts
+                .iter()
+                .enumerate()
+                .any(|(i, r)| r.index as usize != i)
+        {
+            return Err(TransferError::Verify(format!(
+                "{} of {} parts were sent",
+                receipts.len(),
+                plan.count
+            )));
+        }
+        let crc = chunk::combine(receipts.iter().map(|r| (r.crc32c, r.size_bytes)));
+        let sent: u64 = receipts.iter().map(|r| r.size_bytes).sum();
+        if sent != plan.file_bytes {
+            return Err(TransferError::Verify(format!(
+                "sent {sent} bytes of a {} byte file",
+                plan.file_bytes
+            )));
+        }
+        let dn = self.dest.name();
+        match self.job.verify {
+            VerifyMode::Head => {
+                let info = retry(&self.job.retry, dn, &*self.observer, || {
+                    self.dest.head(name)
+                })
+                .await?;
+                if info.size_bytes != plan.file_bytes {
+                    return Err(TransferError::Verify(format!(
+                        "the stored object has {} bytes, the file {}",
+                        info.size_bytes, plan.file_bytes
+                    )));
+                }
+                if let Some(n) = info.parts
+                    && n != plan.count
+                {
+                    return Err(TransferError::Verify(format!(
+                        "the stored object has {n} parts, {} were sent",
+                        plan.count
+                    )));
+                }
+            }
+            VerifyMode::Readback => {
+                let (size, got) = retry(&self.job.retry, dn, &*self.observer, || {
+                    self.dest.readback(name)
+                })
+                .await?;
+                if size != plan.file_bytes || got != crc {
+                    return Err(TransferError::Verify(format!(
+                        "read back {size} bytes with CRC32C {}, expected {} bytes with {}",
+                        manifest::crc_hex(got),
+                        plan.file_bytes,
+                        manifest::crc_hex(crc)
+                    )));
+                }
+            }
+        }
+        Ok(crc)
+    }
+}
+
+/// What `ferry push` was asked for, beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    /// Destination names or URLs; all configured destinations when empty.
+    pub to: Vec<String>,
+    pub part_size_bytes: Option<u64>,
+    pub verify: Option<VerifyMode>,
+    /// Extra manifest fields (from image inspection).
+    pub image: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Why a push could not start. Nothing was uploaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error(transparent)]
+    Source(#[from] chunk::SourceError),
+    #[error("{0}")]
+    Destination(String),
+    #[error("{path}: {source}")]
+    Plan {
+        path: String,
+        source: chunk::PlanError,
+    },
+    #[error(
+        "part size {part} is larger than transfer.memory_limit {limit}: raise memory_limit or lower part_size"
+    )]
+    Budget { part: String, limit: String },
+}
+
+/// The plan for a file against every destination's limits and the budget.
+pub fn plan_for(
+    source: &chunk::Source,
+    destinations: &[Arc<Destination>],
+    part_size_bytes: u64,
+    budget: &Budget,
+) -> Result<PartPlan, PushError> {
+    let limits = destinations
+        .first()
+        .map(|d| d.limits())
+        .unwrap_or(chunk::PartLimits::S3);
+    let plan = PartPlan::new(source.size_bytes, part_size_bytes, limits).map_err(|source_err| {
+        PushError::Plan {
+            path: source.path.display().to_string(),
+            source: source_err,
+        }
+    })?;
+    if plan.part_bytes > budget.limit_bytes() {
+        return Err(PushError::Budget {
+            part: bytesize::ByteSize(plan.part_bytes)
+                .display()
+                .iec()
+                .to_string(),
+            limit: bytesize::ByteSize(budget.limit_bytes())
+                .display()
+                .iec()
+                .to_string(),
+        });
+    }
+    Ok(plan)
+}
+
+/// Builds the destinations for a push or a job.
+pub fn destinations(
+    config: &crate::config::Config,
+    to: &[String],
+    part_bytes_hint: u64,
+) -> Result<Vec<Arc<Destination>>, PushError> {
+    let chosen = crate::store::resolve(&config.destinations, to).map_err(PushError::Destination)?;
+    chosen
+        .iter()
+        .map(|(name, cfg)| {
+            Destination::new(name, cfg, &config.transfer, part_bytes_hint)
+                .map(Arc::new)
+                .map_err(|e| PushError::Destination(format!("{name}: {e}")))
+        })
+        .collect()
+}
+
+/// `ferry push`: one file to every chosen destination, with progress.
+pub async fn push(
+    config: &crate::config::Config,
+    path: &std::path::Path,
+    opts: PushOptions,
+    observer: Arc<dyn Observer>,
+    progress_every: Duration,
+) -> Result<Vec<Outcome>, PushError> {
+    let source = chunk::Source::open(path)?;
+    let part_size = opts
+        .part_size_bytes
+        .unwrap_or(config.transfer.part_size.as_u64());
+    let budget = Budget::new(config.transfer.memory_limit.as_u64());
+    let hint = PartPlan::new(source.size_bytes, part_size, chunk::PartLimits::S3)
+        .map(|p| p.part_bytes)
+        .unwrap_or(part_size);
+    let dests = destinations(config, &opts.to, hint)?;
+    let plan = plan_for(&source, &dests, part_size, &budget)?;
+    info!(
+        "pushing {} ({} bytes) in {} parts of {} to {}",
+        source.name,
+        plan.file_bytes,
+        plan.count,
+        bytesize::ByteSize(plan.part_bytes).display().iec(),
+        dests
+            .iter()
+            .map(|d| d.name().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let names: Vec<&str> = dests.iter().map(|d| d.name()).collect();
+    let progress = Progress::new(&source.name, plan.file_bytes, &names);
+    let renderer = crate::progress::Renderer::start(progress.clone(), progress_every);
+    let job = Arc::new(Job {
+        name: source.name.clone(),
+        file: source.file.clone(),
+        plan,
+        reader: config.transfer.reader,
+        verify: opts.verify.unwrap_or(config.transfer.verify),
+        retry: RetryPolicy::from_config(&config.transfer),
+        image: opts.image,
+    });
+    let (_cancel_tx, cancel) = watch::channel(false);
+    let outcomes = run(
+        job,
+        dests,
+        budget,
+        progress,
+        HashMap::new(),
+        observer,
+        cancel,
+    )
+    .await;
+    renderer.finish().await;
+    Ok(outcomes)
+}
+
+/// Calls `f` until it succeeds, fails for good, or the retries run out.
+pub async fn retry<T, F, Fut>(
+    policy: &RetryPolicy,
+    destination: &str,
+    observer: &dyn Observer,
+    mut f: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.retryable() && attempt < policy.max_retries => {
+                let pause = policy.backoff(attempt);
+                let reason = e.reason();
+                observer.retried(destination, reason);
+                warn!(
+                    destination,
+                    reason,
+                    "attempt {} failed: {e}; retrying in {} ms",
+                    attempt + 1,
+                    pause.as_millis()
+                );
+                tokio::time::sleep(pause).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded_and_grows() {
+        let p = RetryPolicy {
+            max_retries: 10,
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        for attempt in 0..40 {
+            let d = p.backoff(attempt);
+            assert!(d <= Duration::from_secs(2), "{attempt}: {d:?}");
+            assert!(d <= Duration::from_millis(100) * (1 << attempt.min(20)));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_gives_up_after_max_retries() {
+        let p = RetryPolicy {
+            max_retries: 3,
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+        };
+        let mut calls = 0;
+        let r: Result<(), _> = retry(&p, "t", &NoObserver, || {
+            calls += 1;
+            async {
+                Err(StoreError::Io {
+                    op: "x",
+                    key: "k".into(),
+                    source: std::io::Error::other("boom"),
+                })
+            }
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls, 4);
+    }
+}

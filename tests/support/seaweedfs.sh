@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Start or stop a SeaweedFS S3 server on 127.0.0.1 for ferry's tests and benchmarks.
+#
+#   tests/support/seaweedfs.sh start DIR S3PORT   # prints nothing; waits until S3 answers
+#   tests/support/seaweedfs.sh stop DIR
+#
+# DIR holds the data, the log and the pid. Every gRPC port is its HTTP port + 10000,
+# so the HTTP ports are picked below 55000 (see ../shared/TESTING.md).
+set -euo pipefail
+here="$(cd "$(dirname "$0")/../.." && pwd)"
+weed="${WEED:-$here/.venv-test/bin/weed}"
+cmd="${1:?start|stop}"; dir="${2:?data dir}"
+case "$cmd" in
+start)
+  s3="${3:?s3 port}"
+  base=$((s3 + 1))            # master, volume, filer just above the S3 port
+  mkdir -p "$dir/data"
+  cat > "$dir/s3.json" <<JSON
+{"identities":[{"name":"admin","credentials":[{"accessKey":"${AWS_ACCESS_KEY_ID:-ferrytest}","secretKey":"${AWS_SECRET_ACCESS_KEY:-ferrytestsecret}"}],"actions":["Admin","Read","List","Tagging","Write"]}]}
+JSON
+  "$weed" server -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+    -master.port=$base -master.telemetry=false -master.volumeSizeLimitMB=1024 -volume.max=64 \
+    -volume.port=$((base + 1)) -filer -filer.port=$((base + 2)) \
+    -s3 -s3.port="$s3" -s3.config="$dir/s3.json" -s3.port.iceberg=0 -s3.port.lance=0 \
+    > "$dir/weed.log" 2>&1 &
+  echo $! > "$dir/weed.pid"
+  # Ready when the S3 port answers an HTTP request (bounded: 60 s).
+  for _ in $(seq 1 120); do
+    if curl -s -o /dev/null "http://127.0.0.1:$s3/"; then exit 0; fi
+    if ! kill -0 "$(cat "$dir/weed.pid")" 2>/dev/null; then
+      echo "seaweedfs exited; log follows" >&2; tail -20 "$dir/weed.log" >&2; exit 1
+    fi
+    sleep 0.5
+  done
+  echo "seaweedfs did not answer on 127.0.0.1:$s3 within 60 s" >&2; exit 1 ;;
+stop)
+  if [ -f "$dir/weed.pid" ]; then
+    pid="$(cat "$dir/weed.pid")"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$dir/weed.pid"
+  fi ;;
+*) echo "usage: $0 start DIR S3PORT | stop DIR" >&2; exit 2 ;;
+esac
