@@ -248,6 +248,10 @@ pub struct Part {
     offset: u64,
     bytes: Bytes,
     crc32c: u32,
+    /// For parts whose bytes are the page cache (mmap), the budget is held by the
+    /// part, not by the bytes: a store that keeps the bytes (memory://) keeps a
+    /// mapping of the file, not a buffer of ferry's.
+    budget: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 impl std::fmt::Debug for Part {
@@ -280,6 +284,10 @@ impl Part {
     pub fn crc32c(&self) -> u32 {
         self.crc32c
     }
+    /// True when a store may keep `bytes()` without pinning ferry's memory budget.
+    pub fn bytes_are_shareable(&self) -> bool {
+        self.budget.is_some()
+    }
 }
 
 /// The memory all part buffers may use, shared by every job and destination.
@@ -307,6 +315,13 @@ impl Budget {
         self.limit_bytes - self.sem.available_permits() as u64 * PAGE
     }
 
+    /// Takes `bytes` if they fit now.
+    pub fn try_acquire(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        let pages = bytes.div_ceil(PAGE).clamp(1, self.limit_bytes / PAGE);
+        let pages = u32::try_from(pages).unwrap_or(u32::MAX);
+        self.sem.clone().try_acquire_many_owned(pages).ok()
+    }
+
     /// Waits until `bytes` fit. Callers never ask for more than the whole budget
     /// (the plan is checked against it before a job starts).
     pub async fn acquire(&self, bytes: u64) -> OwnedSemaphorePermit {
@@ -332,7 +347,14 @@ pub struct ReadError {
 /// A share of the budget for one part, possibly with a buffer to reuse.
 pub struct Lease {
     permit: OwnedSemaphorePermit,
-    buf: Option<Vec<u8>>,
+    buf: Option<memmap2::MmapMut>,
+}
+
+/// A zeroed anonymous mapping for a part: returned to the kernel at once when
+/// dropped, whatever the allocator would do. (`MADV_HUGEPAGE` was measured here
+/// and lost: direct compaction on fault cost more than the saved page faults.)
+pub fn buffer(len: usize) -> std::io::Result<memmap2::MmapMut> {
+    memmap2::MmapMut::map_anon(len.max(1))
 }
 
 /// Turns part indexes into [`Part`]s. `read` blocks: call it from a blocking thread.
@@ -377,6 +399,26 @@ pub async fn lease(reader: &dyn Reader, budget: &Budget, index: u32) -> Lease {
 /// Reads part `index` on a blocking thread.
 pub async fn read(reader: Arc<dyn Reader>, budget: &Budget, index: u32) -> Result<Part, ReadError> {
     let lease = lease(&*reader, budget, index).await;
+    read_leased(reader, index, lease).await
+}
+
+/// The memory of part `index` if it is free right now.
+pub fn try_lease(reader: &dyn Reader, budget: &Budget, index: u32) -> Option<Lease> {
+    if let Some(l) = reader.pooled() {
+        return Some(l);
+    }
+    let bytes = reader.plan().part_bytes.max(reader.plan().len(index));
+    budget
+        .try_acquire(bytes)
+        .map(|permit| Lease { permit, buf: None })
+}
+
+/// Reads part `index` into memory already leased, on a blocking thread.
+pub async fn read_leased(
+    reader: Arc<dyn Reader>,
+    index: u32,
+    lease: Lease,
+) -> Result<Part, ReadError> {
     let offset = reader.plan().offset(index);
     tokio::task::spawn_blocking(move || reader.read(index, lease))
         .await
@@ -399,7 +441,7 @@ pub fn reader(kind: crate::config::ReaderKind, file: Arc<File>, plan: PartPlan) 
 
 #[derive(Default)]
 struct PoolInner {
-    idle: Mutex<Vec<(Vec<u8>, OwnedSemaphorePermit)>>,
+    idle: Mutex<Vec<(memmap2::MmapMut, OwnedSemaphorePermit)>>,
     returned: Notify,
 }
 
@@ -413,9 +455,10 @@ pub struct PreadReader {
 }
 
 /// Idle buffers kept for reuse, each still holding its share of the budget (so
-/// the budget bounds idle and busy buffers together). Reuse saves the page faults
-/// and zeroing of fresh memory; the pool is dropped with the reader.
-const POOL_IDLE_MAX: usize = 4;
+/// the budget bounds idle and busy buffers together). Reuse saves the page faults,
+/// zeroing and huge-page compaction of fresh memory; the pool is dropped, and its
+/// budget returned, with the reader at the end of the job.
+const POOL_IDLE_MAX: usize = 16;
 
 impl PreadReader {
     pub fn new(file: Arc<File>, plan: PartPlan) -> PreadReader {
@@ -428,7 +471,7 @@ impl PreadReader {
 }
 
 struct PooledBuf {
-    buf: Vec<u8>,
+    buf: Option<memmap2::MmapMut>,
     len: usize,
     pool: Pool,
     permit: Option<OwnedSemaphorePermit>,
@@ -436,14 +479,14 @@ struct PooledBuf {
 
 impl AsRef<[u8]> for PooledBuf {
     fn as_ref(&self) -> &[u8] {
-        &self.buf[..self.len]
+        self.buf.as_deref().map_or(&[], |b| &b[..self.len])
     }
 }
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.buf);
-        if let (Some(permit), Ok(mut idle)) = (self.permit.take(), self.pool.idle.lock())
+        if let (Some(buf), Some(permit), Ok(mut idle)) =
+            (self.buf.take(), self.permit.take(), self.pool.idle.lock())
             && idle.len() < POOL_IDLE_MAX
         {
             idle.push((buf, permit));
@@ -472,20 +515,21 @@ impl Reader for PreadReader {
     fn read(&self, index: u32, lease: Lease) -> Result<Part, ReadError> {
         let offset = self.plan.offset(index);
         let len = self.plan.len(index) as usize;
-        let mut buf = lease.buf.unwrap_or_default();
-        if buf.len() < len {
-            buf = vec![0u8; self.plan.part_bytes.max(len as u64) as usize];
-        }
+        let err = |source| ReadError {
+            index,
+            offset,
+            source,
+        };
+        let mut buf = match lease.buf {
+            Some(b) if b.len() >= len => b,
+            _ => buffer(self.plan.part_bytes.max(len as u64) as usize).map_err(err)?,
+        };
         self.file
             .read_exact_at(&mut buf[..len], offset)
-            .map_err(|source| ReadError {
-                index,
-                offset,
-                source,
-            })?;
+            .map_err(err)?;
         let crc32c = crc32c::crc32c(&buf[..len]);
         let owner = PooledBuf {
-            buf,
+            buf: Some(buf),
             len,
             pool: self.pool.clone(),
             permit: Some(lease.permit),
@@ -495,6 +539,7 @@ impl Reader for PreadReader {
             offset,
             bytes: Bytes::from_owner(owner),
             crc32c,
+            budget: None,
         })
     }
 }
@@ -505,14 +550,11 @@ pub struct MmapReader {
     plan: PartPlan,
 }
 
-struct MappedPart {
-    map: memmap2::Mmap,
-    _permit: OwnedSemaphorePermit,
-}
+struct MappedPart(memmap2::Mmap);
 
 impl AsRef<[u8]> for MappedPart {
     fn as_ref(&self) -> &[u8] {
-        &self.map
+        &self.0
     }
 }
 
@@ -536,6 +578,7 @@ impl Reader for MmapReader {
                 offset,
                 bytes: Bytes::new(),
                 crc32c: 0,
+                budget: Some(Arc::new(permit)),
             });
         }
         // SAFETY: the mapping is read-only and private to this part. A concurrent
@@ -559,11 +602,9 @@ impl Reader for MmapReader {
         Ok(Part {
             index,
             offset,
-            bytes: Bytes::from_owner(MappedPart {
-                map,
-                _permit: permit,
-            }),
+            bytes: Bytes::from_owner(MappedPart(map)),
             crc32c,
+            budget: Some(Arc::new(permit)),
         })
     }
 }

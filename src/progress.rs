@@ -101,6 +101,7 @@ impl Renderer {
             } else {
                 line_every
             };
+            let mut final_said = vec![false; progress.destinations.len()];
             let mut interval = tokio::time::interval(tick);
             interval.tick().await;
             loop {
@@ -121,8 +122,12 @@ impl Renderer {
                         }
                     }
                     None if !last => {
-                        for d in &progress.destinations {
-                            eprintln!("{}", line(&progress, d));
+                        for (d, said) in progress.destinations.iter().zip(final_said.iter_mut()) {
+                            // A finished destination is reported once, not every tick.
+                            if !*said {
+                                eprintln!("{}", line(&progress, d));
+                            }
+                            *said = matches!(d.phase(), Phase::Done | Phase::Failed);
                         }
                     }
                     None => {}

@@ -5,8 +5,12 @@
 //! `begin` -> `put_part(index)` ... -> `complete(receipts)`, or `abort`. Then
 //! `head` / `readback` for verification and `put_small` for the manifest.
 //!
-//! - `s3://BUCKET/PREFIX/` and `memory://NAME/PREFIX/` use object_store's
-//!   `MultipartStore` (create_multipart / put_part / complete_multipart).
+//! - `s3://BUCKET/PREFIX/` uses object_store's `MultipartStore`
+//!   (create_multipart / put_part / complete_multipart).
+//! - `memory://NAME/PREFIX/` is an in-process store kept here: object_store's
+//!   `InMemory` keeps the caller's part buffers (which would pin ferry's memory
+//!   budget) and concatenates all parts on completion (a second copy of the whole
+//!   object), which would make it measure itself rather than ferry's pipeline.
 //! - `file://PATH/` is written here: object_store's `LocalFileSystem` has no
 //!   `MultipartStore` (its uploads are positional and cannot be resumed), so ferry
 //!   writes each part with `pwrite` at its own offset into a staging file beside
@@ -17,7 +21,7 @@
 //! request itself (`transfer`), so each retry is counted, logged and bounded in
 //! one place, with backoff and jitter.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::FileExt;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -26,7 +30,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
-use object_store::memory::InMemory;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as ObjPath;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
@@ -313,6 +316,38 @@ enum Backend {
         multipart: Arc<dyn MultipartStore>,
         prefix: String,
     },
+    Memory {
+        store: Arc<MemoryStore>,
+        prefix: String,
+    },
+}
+
+/// An in-process object store: objects are kept as their parts.
+#[derive(Default)]
+pub struct MemoryStore {
+    uploads: Mutex<HashMap<String, BTreeMap<u32, Bytes>>>,
+    objects: Mutex<HashMap<String, Arc<Vec<Bytes>>>>,
+}
+
+impl MemoryStore {
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn missing(op: &'static str, key: &str, what: &str) -> StoreError {
+        StoreError::Io {
+            op,
+            key: key.to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, what.to_string()),
+        }
+    }
+
+    fn object(&self, op: &'static str, key: &str) -> Result<Arc<Vec<Bytes>>, StoreError> {
+        Self::lock(&self.objects)
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Self::missing(op, key, "no such object"))
+    }
 }
 
 /// A configured destination, ready to take uploads.
@@ -333,7 +368,7 @@ impl std::fmt::Debug for Destination {
     }
 }
 
-static MEMORY_STORES: LazyLock<Mutex<HashMap<String, Arc<InMemory>>>> =
+static MEMORY_STORES: LazyLock<Mutex<HashMap<String, Arc<MemoryStore>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
 impl Destination {
@@ -354,13 +389,9 @@ impl Destination {
                     .lock()
                     .map_err(|_| StoreError::Setup("memory store registry poisoned".into()))?
                     .entry(m)
-                    .or_insert_with(|| Arc::new(InMemory::new()))
+                    .or_default()
                     .clone();
-                Backend::Multipart {
-                    store: store.clone(),
-                    multipart: store,
-                    prefix,
-                }
+                Backend::Memory { store, prefix }
             }
             DestinationUrl::S3 { bucket, prefix } => {
                 let s3 = build_s3(&bucket, cfg, transfer, part_bytes_hint)?;
@@ -397,7 +428,9 @@ impl Destination {
     pub fn key(&self, name: &str) -> String {
         match &self.backend {
             Backend::File { dir } => dir.join(name).display().to_string(),
-            Backend::Multipart { prefix, .. } => format!("{prefix}{name}"),
+            Backend::Multipart { prefix, .. } | Backend::Memory { prefix, .. } => {
+                format!("{prefix}{name}")
+            }
         }
     }
 
@@ -434,6 +467,11 @@ impl Destination {
                     key,
                     source,
                 })?;
+                Ok(id)
+            }
+            Backend::Memory { store, .. } => {
+                let id = format!("{:016x}", rand::random::<u64>());
+                MemoryStore::lock(&store.uploads).insert(id.clone(), BTreeMap::new());
                 Ok(id)
             }
             Backend::Multipart {
@@ -479,15 +517,39 @@ impl Destination {
                 })?;
                 Ok(receipt(String::new()))
             }
+            Backend::Memory { store, .. } => {
+                // The store keeps what it is given. Pooled buffers are copied, so
+                // their share of the budget comes back when the part is sent, as
+                // with any store; page-cache mappings are kept as they are.
+                let bytes = if part.bytes_are_shareable() {
+                    part.bytes().clone()
+                } else {
+                    let len = part.bytes().len();
+                    let mut copy = crate::chunk::buffer(len).map_err(|source| StoreError::Io {
+                        op: "upload part",
+                        key: self.key(name),
+                        source,
+                    })?;
+                    copy[..len].copy_from_slice(part.bytes());
+                    Bytes::from_owner(copy).slice(..len)
+                };
+                let mut uploads = MemoryStore::lock(&store.uploads);
+                let upload = uploads.get_mut(upload_id).ok_or_else(|| {
+                    MemoryStore::missing("upload part", &self.key(name), "no such upload")
+                })?;
+                upload.insert(part.index(), bytes);
+                Ok(receipt(String::new()))
+            }
             Backend::Multipart {
                 multipart, prefix, ..
             } => {
+                let bytes = part.bytes().clone();
                 let id = multipart
                     .put_part(
                         &Self::obj_path(prefix, name),
                         &upload_id.to_string(),
                         part.index() as usize,
-                        PutPayload::from_bytes(part.bytes().clone()),
+                        PutPayload::from_bytes(bytes),
                     )
                     .await
                     .map_err(|source| StoreError::Remote {
@@ -526,6 +588,21 @@ impl Destination {
                     key: self.key(name),
                     source,
                 })
+            }
+            Backend::Memory { store, .. } => {
+                let key = self.key(name);
+                let mut upload = MemoryStore::lock(&store.uploads)
+                    .remove(upload_id)
+                    .ok_or_else(|| {
+                        MemoryStore::missing("complete upload", &key, "no such upload")
+                    })?;
+                let parts: Option<Vec<Bytes>> =
+                    receipts.iter().map(|r| upload.remove(&r.index)).collect();
+                let parts = parts.ok_or_else(|| {
+                    MemoryStore::missing("complete upload", &key, "a listed part was never sent")
+                })?;
+                MemoryStore::lock(&store.objects).insert(key, Arc::new(parts));
+                Ok(())
             }
             Backend::Multipart {
                 multipart, prefix, ..
@@ -569,6 +646,10 @@ impl Destination {
                     source,
                 })
             }
+            Backend::Memory { store, .. } => {
+                MemoryStore::lock(&store.uploads).remove(upload_id);
+                Ok(())
+            }
             Backend::Multipart {
                 multipart, prefix, ..
             } => multipart
@@ -597,6 +678,13 @@ impl Destination {
                 Ok(ObjectInfo {
                     size_bytes: meta.len(),
                     parts: None,
+                })
+            }
+            Backend::Memory { store, .. } => {
+                let parts = store.object("head", &self.key(name))?;
+                Ok(ObjectInfo {
+                    size_bytes: parts.iter().map(|b| b.len() as u64).sum(),
+                    parts: u32::try_from(parts.len()).ok(),
                 })
             }
             Backend::Multipart { store, prefix, .. } => {
@@ -647,6 +735,12 @@ impl Destination {
                     source,
                 })
             }
+            Backend::Memory { store, .. } => {
+                let parts = store.object("read back", &self.key(name))?;
+                Ok(parts.iter().fold((0u64, 0u32), |(size, crc), b| {
+                    (size + b.len() as u64, crc32c::crc32c_append(crc, b))
+                }))
+            }
             Backend::Multipart { store, prefix, .. } => {
                 let remote = |source| StoreError::Remote {
                     op: "read back",
@@ -691,6 +785,10 @@ impl Destination {
                     source,
                 })
             }
+            Backend::Memory { store, .. } => {
+                MemoryStore::lock(&store.objects).insert(self.key(name), Arc::new(vec![body]));
+                Ok(())
+            }
             Backend::Multipart { store, prefix, .. } => store
                 .put(&Self::obj_path(prefix, name), PutPayload::from_bytes(body))
                 .await
@@ -714,6 +812,10 @@ impl Destination {
                     key: self.key(name),
                     source,
                 }),
+            Backend::Memory { store, .. } => {
+                let parts = store.object("read", &self.key(name))?;
+                Ok(parts.iter().flat_map(|b| b.iter().copied()).collect())
+            }
             Backend::Multipart { store, prefix, .. } => {
                 let remote = |source| StoreError::Remote {
                     op: "read",

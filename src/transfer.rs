@@ -11,14 +11,16 @@
 //!   and full jitter.
 //!
 //! Design choice: no lockstep. The reader runs ahead for the fastest destination.
-//! A destination whose queue of unsent parts grows past its share of the budget is
-//! *detached*: the reader stops feeding it and it reads the rest of its parts
-//! itself (from the page cache, usually). The fast destinations keep the single
-//! read; the laggard costs a second read instead of costing everyone time.
+//! When the budget is full and one destination holds more than its share of it in
+//! unsent parts, that destination is *detached*: its queued parts are dropped, the
+//! reader stops feeding it, and it reads the rest of its parts itself (from the
+//! page cache, usually). The others keep the single read; the laggard costs a
+//! second read instead of costing everyone time. Destinations that merely differ
+//! a little in speed are never detached, because the budget absorbs the difference.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -113,16 +115,17 @@ pub struct Outcome {
     pub result: Result<Manifest, TransferError>,
 }
 
-enum Msg {
-    Part(Part),
-    Detached,
+struct Feed {
+    tx: Option<mpsc::UnboundedSender<Part>>,
+    queued_bytes: Arc<AtomicU64>,
+    detached: Arc<AtomicBool>,
+    skip: Arc<HashSet<u32>>,
 }
 
-struct Feed {
-    tx: mpsc::UnboundedSender<Msg>,
-    queued_bytes: Arc<AtomicU64>,
-    skip: Arc<HashSet<u32>>,
-    live: bool,
+impl Feed {
+    fn live(&self) -> bool {
+        self.tx.is_some()
+    }
 }
 
 /// Runs one job to every destination and returns one outcome per destination.
@@ -142,7 +145,7 @@ pub async fn run(
     let lag_limit = if destinations.len() <= 1 {
         u64::MAX
     } else {
-        (budget.limit_bytes() / (destinations.len() as u64 + 1)).max(job.plan.part_bytes)
+        (budget.limit_bytes() / (destinations.len() as u64 + 1)).max(2 * job.plan.part_bytes)
     };
 
     let mut feeds = Vec::new();
@@ -150,6 +153,7 @@ pub async fn run(
     for (slot, dest) in destinations.iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicU64::new(0));
+        let detached = Arc::new(AtomicBool::new(false));
         let resumed = resume.remove(dest.name());
         let skip: HashSet<u32> = resumed
             .as_ref()
@@ -157,10 +161,10 @@ pub async fn run(
             .unwrap_or_default();
         let skip = Arc::new(skip);
         feeds.push(Feed {
-            tx,
+            tx: Some(tx),
             queued_bytes: queued.clone(),
+            detached: detached.clone(),
             skip: skip.clone(),
-            live: true,
         });
         let ctx = Worker {
             job: job.clone(),
@@ -171,6 +175,7 @@ pub async fn run(
             observer: observer.clone(),
             read_error: read_error.clone(),
             queued,
+            detached,
             cancel: cancel.clone(),
         };
         workers.spawn(async move {
@@ -224,26 +229,30 @@ async fn fan_out(
             return;
         }
         let len = plan.len(index);
-        let mut wanted = Vec::new();
-        for (i, f) in feeds.iter_mut().enumerate() {
-            if !f.live || f.skip.contains(&index) {
-                continue;
-            }
-            if f.queued_bytes.load(Ordering::Relaxed) + len > lag_limit {
-                // Falls behind: it reads its own parts from here on.
-                let _ = f.tx.send(Msg::Detached);
-                f.live = false;
-                continue;
-            }
-            wanted.push(i);
-        }
-        if feeds.iter().all(|f| !f.live) {
+        let wanted: Vec<usize> = feeds
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.live() && !f.skip.contains(&index))
+            .map(|(i, _)| i)
+            .collect();
+        if feeds.iter().all(|f| !f.live()) {
             return;
         }
         if wanted.is_empty() {
             continue;
         }
-        let part = match chunk::read(reader.clone(), &budget, index).await {
+        let lease = loop {
+            if let Some(l) = chunk::try_lease(&*reader, &budget, index) {
+                break l;
+            }
+            detach_laggard(&mut feeds, lag_limit);
+            if let Ok(l) =
+                tokio::time::timeout(LAG_CHECK, chunk::lease(&*reader, &budget, index)).await
+            {
+                break l;
+            }
+        };
+        let part = match chunk::read_leased(reader.clone(), index, lease).await {
             Ok(p) => p,
             Err(e) => {
                 if let Ok(mut slot) = read_error.lock() {
@@ -255,11 +264,32 @@ async fn fan_out(
         observer.read_bytes(len);
         for i in wanted {
             let f = &mut feeds[i];
+            let Some(tx) = &f.tx else { continue };
             f.queued_bytes.fetch_add(len, Ordering::Relaxed);
-            if f.tx.send(Msg::Part(part.clone())).is_err() {
-                f.live = false;
+            if tx.send(part.clone()).is_err() {
+                f.tx = None;
             }
         }
+    }
+}
+
+/// How often a reader waiting for memory looks for a destination to detach.
+const LAG_CHECK: Duration = Duration::from_millis(100);
+
+/// Detaches the destination holding the most unsent parts, if it holds more than
+/// its share of the budget.
+fn detach_laggard(feeds: &mut [Feed], lag_limit: u64) {
+    let worst = feeds
+        .iter_mut()
+        .filter(|f| f.live())
+        .max_by_key(|f| f.queued_bytes.load(Ordering::Relaxed));
+    if let Some(f) = worst
+        && f.queued_bytes.load(Ordering::Relaxed) > lag_limit
+    {
+        f.detached.store(true, Ordering::Release);
+        // Dropping the sender wakes a worker waiting in recv; the worker drops
+        // the parts still queued, which returns their memory.
+        f.tx = None;
     }
 }
 
@@ -272,13 +302,14 @@ struct Worker {
     observer: Arc<dyn Observer>,
     read_error: Arc<Mutex<Option<String>>>,
     queued: Arc<AtomicU64>,
+    detached: Arc<AtomicBool>,
     cancel: watch::Receiver<bool>,
 }
 
 impl Worker {
     async fn upload(
         &self,
-        rx: mpsc::UnboundedReceiver<Msg>,
+        rx: mpsc::UnboundedReceiver<Part>,
         resumed: Option<Resume>,
     ) -> Result<Manifest, TransferError> {
         let started = SystemTime::now();
@@ -347,7 +378,7 @@ impl Worker {
 
     async fn send_parts(
         &self,
-        mut rx: mpsc::UnboundedReceiver<Msg>,
+        mut rx: mpsc::UnboundedReceiver<Part>,
         upload_id: &str,
         receipts: &mut BTreeMap<u32, PartReceipt>,
         dp: Option<&crate::progress::DestinationProgress>,
@@ -384,23 +415,26 @@ impl Worker {
             while let Some(r) = tasks.try_join_next() {
                 reap(r, receipts)?;
             }
+            if !self_read && self.detached.load(Ordering::Acquire) {
+                self_read = true;
+                self.note_detached(index);
+                // Drop what is still queued: that returns its memory to the budget.
+                rx.close();
+                while let Ok(p) = rx.try_recv() {
+                    self.queued.fetch_sub(p.len(), Ordering::Relaxed);
+                }
+            }
             let part = if self_read {
                 self.read_self(index).await?
             } else {
                 match rx.recv().await {
-                    Some(Msg::Part(p)) => {
+                    Some(p) => {
                         self.queued.fetch_sub(p.len(), Ordering::Relaxed);
                         p
                     }
-                    Some(Msg::Detached) => {
-                        info!(
-                            destination = self.dest.name(),
-                            "{} falls behind the others; it reads its own parts from part {index}",
-                            self.dest.name()
-                        );
+                    None if self.detached.load(Ordering::Acquire) => {
                         self_read = true;
-                        // Parts still queued are dropped with the channel.
-                        rx.close();
+                        self.note_detached(index);
                         self.read_self(index).await?
                     }
                     None => {
@@ -438,6 +472,14 @@ impl Worker {
             return Err(TransferError::Cancelled);
         }
         Ok(())
+    }
+
+    fn note_detached(&self, index: u32) {
+        info!(
+            destination = self.dest.name(),
+            "{} falls behind the others; it reads its own parts from part {index}",
+            self.dest.name()
+        );
     }
 
     async fn read_self(&self, index: u32) -> Result<Part, TransferError> {

@@ -2,6 +2,7 @@
 # Start or stop a SeaweedFS S3 server on 127.0.0.1 for ferry's tests and benchmarks.
 #
 #   tests/support/seaweedfs.sh start DIR S3PORT   # prints nothing; waits until S3 answers
+#   tests/support/seaweedfs.sh bucket S3PORT NAME...  # creates buckets (idempotent)
 #   tests/support/seaweedfs.sh stop DIR
 #
 # DIR holds the data, the log and the pid. Every gRPC port is its HTTP port + 10000,
@@ -33,6 +34,19 @@ JSON
     sleep 0.5
   done
   echo "seaweedfs did not answer on 127.0.0.1:$s3 within 60 s" >&2; exit 1 ;;
+bucket)
+  s3="$2"; shift 2
+  for b in "$@"; do
+    ok=""
+    for _ in $(seq 1 40); do   # the filer may need a few seconds after the port opens
+      code="$(curl -s -o /dev/null -w '%{http_code}' -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" \
+        --user "${AWS_ACCESS_KEY_ID:-ferrytest}:${AWS_SECRET_ACCESS_KEY:-ferrytestsecret}" \
+        "http://127.0.0.1:$s3/$b")"
+      if [ "$code" = 200 ] || [ "$code" = 409 ]; then ok=1; break; fi
+      sleep 0.5
+    done
+    [ -n "$ok" ] || { echo "cannot create bucket $b on 127.0.0.1:$s3 (last HTTP status $code)" >&2; exit 1; }
+  done ;;
 stop)
   if [ -f "$dir/weed.pid" ]; then
     pid="$(cat "$dir/weed.pid")"
@@ -41,5 +55,5 @@ stop)
     kill -9 "$pid" 2>/dev/null || true
     rm -f "$dir/weed.pid"
   fi ;;
-*) echo "usage: $0 start DIR S3PORT | stop DIR" >&2; exit 2 ;;
+*) echo "usage: $0 start DIR S3PORT | bucket S3PORT NAME... | stop DIR" >&2; exit 2 ;;
 esac

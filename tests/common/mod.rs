@@ -1,0 +1,249 @@
+//! Helpers shared by the integration tests: temporary spools, random images,
+//! the real `ferry` binary, and the SeaweedFS server that `tests/run.sh` starts.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use object_store::ObjectStoreExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjPath;
+use rand::{RngCore, SeedableRng};
+
+pub fn ferry() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    c.env("FERRY_LOG", "info");
+    c
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("ferry runs");
+    eprintln!(
+        "--- ferry exited {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn tmpdir() -> tempfile::TempDir {
+    match std::env::var_os("FERRY_TEST_TMP") {
+        Some(d) => {
+            std::fs::create_dir_all(&d).unwrap();
+            tempfile::tempdir_in(d).unwrap()
+        }
+        None => tempfile::tempdir().unwrap(),
+    }
+}
+
+/// Writes `size` pseudo-random (incompressible) bytes; returns their CRC32C.
+pub fn random_file(path: &Path, size: u64, seed: u64) -> u32 {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    let mut crc = 0u32;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    f.flush().unwrap();
+    crc
+}
+
+pub fn file_crc(path: &Path) -> u32 {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut crc = 0;
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return crc;
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+    }
+}
+
+/// True when both files hold the same bytes.
+pub fn same_bytes(a: &Path, b: &Path) -> bool {
+    let (mut fa, mut fb) = match (std::fs::File::open(a), std::fs::File::open(b)) {
+        (Ok(fa), Ok(fb)) => (fa, fb),
+        _ => return false,
+    };
+    if fa.metadata().unwrap().len() != fb.metadata().unwrap().len() {
+        return false;
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = read_full(&mut fa, &mut ba);
+        let m = read_full(&mut fb, &mut bb);
+        if n != m || ba[..n] != bb[..m] {
+            return false;
+        }
+        if n == 0 {
+            return true;
+        }
+    }
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = f.read(&mut buf[got..]).unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    got
+}
+
+pub fn manifest(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// The S3 server started by `tests/run.sh`.
+pub struct S3 {
+    pub endpoint: String,
+    pub buckets: Vec<String>,
+}
+
+/// The test S3 server, or `None` (with a note) when run outside `tests/run.sh`.
+/// With `FERRY_REQUIRE_S3=1` (as `tests/run.sh` sets) a missing server fails the test.
+pub fn s3() -> Option<S3> {
+    match std::env::var("FERRY_TEST_S3_ENDPOINT") {
+        Ok(endpoint) => Some(S3 {
+            endpoint,
+            buckets: std::env::var("FERRY_TEST_BUCKETS")
+                .unwrap_or_else(|_| "ferry-phx,ferry-fra,ferry-ash".into())
+                .split(',')
+                .map(String::from)
+                .collect(),
+        }),
+        Err(_) => {
+            assert!(
+                std::env::var_os("FERRY_REQUIRE_S3").is_none(),
+                "FERRY_REQUIRE_S3 is set but FERRY_TEST_S3_ENDPOINT is not"
+            );
+            eprintln!("SKIPPED: no S3 server; run this test through tests/run.sh");
+            None
+        }
+    }
+}
+
+impl S3 {
+    pub fn store(&self, bucket: &str) -> Arc<AmazonS3> {
+        s3_store(&self.endpoint, bucket)
+    }
+
+    /// Adds the endpoint and credentials to a ferry command.
+    pub fn env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        cmd.env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("AWS_ACCESS_KEY_ID", key_id())
+            .env("AWS_SECRET_ACCESS_KEY", secret())
+            .env("AWS_REGION", "us-east-1")
+    }
+}
+
+pub fn key_id() -> String {
+    std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_else(|_| "ferrytest".into())
+}
+pub fn secret() -> String {
+    std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|_| "ferrytestsecret".into())
+}
+
+pub fn s3_store(endpoint: &str, bucket: &str) -> Arc<AmazonS3> {
+    Arc::new(
+        AmazonS3Builder::new()
+            .with_endpoint(endpoint)
+            .with_allow_http(true)
+            .with_bucket_name(bucket)
+            .with_region("us-east-1")
+            .with_access_key_id(key_id())
+            .with_secret_access_key(secret())
+            .build()
+            .unwrap(),
+    )
+}
+
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// True when the object at `key` holds exactly the bytes of `file`.
+pub fn s3_object_equals(store: &AmazonS3, key: &str, file: &Path) -> bool {
+    block_on(async {
+        let Ok(got) = store.get(&ObjPath::from(key)).await else {
+            return false;
+        };
+        let mut f = std::fs::File::open(file).unwrap();
+        if got.meta.size != f.metadata().unwrap().len() {
+            return false;
+        }
+        let mut stream = got.into_stream();
+        let mut buf = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.unwrap();
+            buf.resize(chunk.len(), 0);
+            f.read_exact(&mut buf).unwrap();
+            if buf[..] != chunk[..] {
+                return false;
+            }
+        }
+        true
+    })
+}
+
+/// The part count from an S3 multipart ETag (`"...-N"`).
+pub fn s3_part_count(store: &AmazonS3, key: &str) -> Option<u32> {
+    block_on(async {
+        let meta = store.head(&ObjPath::from(key)).await.ok()?;
+        meta.e_tag?
+            .trim_matches('"')
+            .rsplit_once('-')?
+            .1
+            .parse()
+            .ok()
+    })
+}
+
+pub fn s3_get(store: &AmazonS3, key: &str) -> Option<Vec<u8>> {
+    block_on(async {
+        let got = store.get(&ObjPath::from(key)).await.ok()?;
+        Some(got.bytes().await.ok()?.to_vec())
+    })
+}
+
+/// A unique prefix so tests sharing a bucket never see each other's objects.
+pub fn unique_prefix(test: &str) -> String {
+    format!(
+        "{test}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// Lines of stderr that are not log lines.
+pub fn error_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.starts_with("ferry:"))
+        .map(String::from)
+        .collect()
+}
+
+pub fn write(path: &Path, text: &str) -> PathBuf {
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
+}

