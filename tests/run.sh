@@ -46,5 +46,13 @@ export FERRY_REQUIRE_S3=1   # an S3 test that cannot reach the server fails inst
 export FERRY_TEST_TMP="$run_dir/tmp"; mkdir -p "$FERRY_TEST_TMP"
 
 step "tests"
-cargo test --release -- "$@"
+log="$run_dir/cargo-test.log"
+set +e
+cargo test --release -- "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+passed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^passed/) p += $i } END { print p + 0 }' "$log")
+failed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^failed/) f += $i } END { print f + 0 }' "$log")
 step "done"
+echo "tests: ${passed:-0} passed, ${failed:-0} failed"
+exit "$status"
