@@ -38,8 +38,47 @@ pub struct Config {
     pub spool_dir: PathBuf,
     pub state_dir: PathBuf,
     pub metrics_addr: SocketAddr,
+    pub daemon: DaemonConfig,
     pub transfer: TransferConfig,
     pub destinations: BTreeMap<String, DestinationConfig>,
+}
+
+/// What happens to a spool file once every destination verified it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSuccess {
+    /// Remove it from the spool.
+    Delete,
+    /// Move it to `spool/.ferry/done/`.
+    #[default]
+    Move,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// A file that arrived without a rename or a `.ready` marker is taken once
+    /// its size and mtime have been still this long.
+    pub settle_secs: u64,
+    /// Full rescan of the spool, whatever inotify says.
+    pub rescan_secs: u64,
+    /// Images in flight at once (all share `transfer.memory_limit`).
+    pub max_jobs: usize,
+    pub on_success: OnSuccess,
+    /// After SIGTERM/SIGINT, in-flight parts may finish for this long.
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            settle_secs: 30,
+            rescan_secs: 60,
+            max_jobs: 2,
+            on_success: OnSuccess::Move,
+            shutdown_timeout_secs: 30,
+        }
+    }
 }
 
 impl Default for Config {
@@ -48,6 +87,7 @@ impl Default for Config {
             spool_dir: PathBuf::from("./spool"),
             state_dir: PathBuf::from("./var/state"),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9465)),
+            daemon: DaemonConfig::default(),
             transfer: TransferConfig::default(),
             destinations: BTreeMap::new(),
         }
@@ -184,6 +224,21 @@ impl Config {
             origin: origin.to_string(),
             message,
         };
+        let d = &self.daemon;
+        if d.max_jobs == 0 || d.max_jobs > 64 {
+            return Err(invalid(format!(
+                "daemon.max_jobs = {} is out of range: use 1..=64",
+                d.max_jobs
+            )));
+        }
+        if d.rescan_secs == 0 {
+            return Err(invalid("daemon.rescan_secs must be above 0".into()));
+        }
+        if d.shutdown_timeout_secs == 0 {
+            return Err(invalid(
+                "daemon.shutdown_timeout_secs must be above 0".into(),
+            ));
+        }
         let t = &self.transfer;
         if t.parallel_parts == 0 || t.parallel_parts > 256 {
             return Err(invalid(format!(

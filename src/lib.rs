@@ -7,8 +7,11 @@
 
 pub mod chunk;
 pub mod config;
+pub mod daemon;
+pub mod journal;
 pub mod manifest;
 pub mod progress;
+pub mod spool;
 pub mod store;
 pub mod transfer;
 

@@ -37,6 +37,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Watch the spool and ship every complete image to every destination.
+    #[command(
+        long_about = "Watch spool_dir and ship every complete image to every configured destination, \
+each exactly once, resuming after crashes and restarts.\n\n\
+A producer writes X.partial and renames it to X when complete, or writes X and then creates an \
+empty X.ready; a file that arrives any other way is taken once its size and mtime have been still \
+for settle_secs. X.meta.json beside X is its sidecar. Claimed files move to spool/.ferry/active/, \
+then to .ferry/done/ (or are deleted, on_success = \"delete\") once every destination verified them, \
+or to .ferry/failed/ with X.error.json saying why.",
+        after_help = "SIGNALS:\n  SIGTERM, SIGINT  stop taking files; in-flight parts finish (shutdown_timeout_secs); exit 0.\n                   A second signal exits at once; the journal stays consistent.\n  SIGHUP           reload the config: destinations and limits apply to new jobs.\n\n\
+EXAMPLE:\n  cargo run --release -- daemon          # the embedded default: ./spool -> ./var/regions/*\n  cp disk.qcow2 spool/disk.qcow2.partial && mv spool/disk.qcow2.partial spool/disk.qcow2"
+    )]
+    Daemon {
+        /// Config file (TOML). Default: the embedded config/ferry.toml.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Upload one image to every destination at once and verify it.
     #[command(
         long_about = "Upload IMAGE to every destination in the config, or to those given with --to, \
@@ -92,6 +109,13 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> u8 {
     match cli.command {
+        Command::Daemon { config } => match ferry::daemon::run(config).await {
+            Ok(()) => EXIT_OK,
+            Err(e) => {
+                eprintln!("ferry: {e}");
+                EXIT_REFUSED
+            }
+        },
         Command::Push {
             image,
             config,

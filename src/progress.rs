@@ -35,6 +35,10 @@ impl DestinationProgress {
     pub fn add(&self, bytes: u64) {
         self.done_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
+    pub fn reset(&self) {
+        self.done_bytes.store(0, Ordering::Relaxed);
+        self.set_phase(Phase::Uploading);
+    }
     pub fn done_bytes(&self) -> u64 {
         self.done_bytes.load(Ordering::Relaxed)
     }

@@ -19,7 +19,6 @@
 //! a little in speed are never detached, because the budget absorbs the difference.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -72,6 +71,10 @@ pub enum TransferError {
     Verify(String),
     #[error("stopped before finishing; the upload is kept for resume")]
     Cancelled,
+    #[error(
+        "the file changed while uploading (size or modification time); it was kept, and nothing was completed"
+    )]
+    Changed,
 }
 
 /// Hooks for whoever keeps state or counts (the journal, metrics).
@@ -80,6 +83,37 @@ pub trait Observer: Send + Sync {
     fn part_done(&self, _destination: &str, _receipt: &PartReceipt) {}
     fn retried(&self, _destination: &str, _reason: &'static str) {}
     fn read_bytes(&self, _bytes: u64) {}
+    /// A resumed upload could not be continued; the destination starts over.
+    fn upload_restarted(&self, _destination: &str) {}
+    fn verified(&self, _destination: &str) {}
+    fn part_failed(&self, _destination: &str) {}
+}
+
+/// Several observers as one.
+pub struct Observers(pub Vec<Arc<dyn Observer>>);
+
+impl Observer for Observers {
+    fn upload_started(&self, d: &str, id: &str) {
+        self.0.iter().for_each(|o| o.upload_started(d, id));
+    }
+    fn part_done(&self, d: &str, r: &PartReceipt) {
+        self.0.iter().for_each(|o| o.part_done(d, r));
+    }
+    fn retried(&self, d: &str, reason: &'static str) {
+        self.0.iter().for_each(|o| o.retried(d, reason));
+    }
+    fn read_bytes(&self, b: u64) {
+        self.0.iter().for_each(|o| o.read_bytes(b));
+    }
+    fn upload_restarted(&self, d: &str) {
+        self.0.iter().for_each(|o| o.upload_restarted(d));
+    }
+    fn verified(&self, d: &str) {
+        self.0.iter().for_each(|o| o.verified(d));
+    }
+    fn part_failed(&self, d: &str) {
+        self.0.iter().for_each(|o| o.part_failed(d));
+    }
 }
 
 /// An observer that keeps nothing.
@@ -97,7 +131,8 @@ pub struct Resume {
 pub struct Job {
     /// The object's name under each destination's prefix.
     pub name: String,
-    pub file: Arc<File>,
+    /// The open file, checked for changes before each object is completed.
+    pub source: chunk::Source,
     pub plan: PartPlan,
     pub reader: ReaderKind,
     pub verify: VerifyMode,
@@ -138,8 +173,7 @@ pub async fn run(
     observer: Arc<dyn Observer>,
     cancel: watch::Receiver<bool>,
 ) -> Vec<Outcome> {
-    let file = job.file.clone();
-    let reader = chunk::reader(job.reader, file, job.plan);
+    let reader = chunk::reader(job.reader, job.source.file.clone(), job.plan);
     let read_error: Arc<Mutex<Option<String>>> = Arc::default();
     // One laggard may hold at most its share of the budget in unsent parts.
     let lag_limit = if destinations.len() <= 1 {
@@ -312,8 +346,47 @@ impl Worker {
         rx: mpsc::UnboundedReceiver<Part>,
         resumed: Option<Resume>,
     ) -> Result<Manifest, TransferError> {
-        let started = SystemTime::now();
+        let was_resumed = resumed.is_some();
         let dp = self.progress.get(self.dest.name());
+        let result = self.attempt(Some(rx), resumed, dp.as_deref()).await;
+        let result = match result {
+            Err(TransferError::Store(e)) if was_resumed && !e.retryable() => {
+                // The store no longer knows the upload (expired, aborted by hand,
+                // or a record from before a restart of the store): start over.
+                warn!(
+                    destination = self.dest.name(),
+                    "cannot continue the journaled upload of {} ({e}); starting it over",
+                    self.job.name
+                );
+                self.observer.upload_restarted(self.dest.name());
+                if let Some(dp) = &dp {
+                    dp.reset();
+                }
+                self.attempt(None, None, dp.as_deref()).await
+            }
+            other => other,
+        };
+        if let Some(dp) = &dp {
+            dp.set_phase(if result.is_ok() {
+                Phase::Done
+            } else {
+                Phase::Failed
+            });
+        }
+        if result.is_ok() {
+            self.observer.verified(self.dest.name());
+        }
+        result
+    }
+
+    /// One go at the upload; without `rx` it reads every part itself.
+    async fn attempt(
+        &self,
+        rx: Option<mpsc::UnboundedReceiver<Part>>,
+        resumed: Option<Resume>,
+        dp: Option<&crate::progress::DestinationProgress>,
+    ) -> Result<Manifest, TransferError> {
+        let started = SystemTime::now();
         let name = self.job.name.clone();
         let (upload_id, mut receipts) = match resumed {
             Some(r) => {
@@ -336,35 +409,22 @@ impl Worker {
             }
         };
         self.observer.upload_started(self.dest.name(), &upload_id);
-        if let Some(dp) = &dp {
+        if let Some(dp) = dp {
             dp.add(receipts.values().map(|r| r.size_bytes).sum());
         }
 
-        let sent = self
-            .send_parts(rx, &upload_id, &mut receipts, dp.as_deref())
-            .await;
+        let sent = self.send_parts(rx, &upload_id, &mut receipts, dp).await;
         if let Err(e) = sent {
             if !matches!(e, TransferError::Cancelled) {
                 self.abort(&upload_id).await;
             }
-            if let Some(dp) = &dp {
-                dp.set_phase(Phase::Failed);
-            }
             return Err(e);
         }
-        if let Some(dp) = &dp {
+        if let Some(dp) = dp {
             dp.set_phase(Phase::Verifying);
         }
         let receipts: Vec<PartReceipt> = receipts.into_values().collect();
-        let result = self.finish(&upload_id, &receipts, started).await;
-        if let Some(dp) = &dp {
-            dp.set_phase(if result.is_ok() {
-                Phase::Done
-            } else {
-                Phase::Failed
-            });
-        }
-        result
+        self.finish(&upload_id, &receipts, started).await
     }
 
     async fn abort(&self, upload_id: &str) {
@@ -378,14 +438,15 @@ impl Worker {
 
     async fn send_parts(
         &self,
-        mut rx: mpsc::UnboundedReceiver<Part>,
+        rx: Option<mpsc::UnboundedReceiver<Part>>,
         upload_id: &str,
         receipts: &mut BTreeMap<u32, PartReceipt>,
         dp: Option<&crate::progress::DestinationProgress>,
     ) -> Result<(), TransferError> {
         let slots = Arc::new(Semaphore::new(self.dest.parallel_parts()));
         let mut tasks: JoinSet<Result<PartReceipt, StoreError>> = JoinSet::new();
-        let mut self_read = false;
+        let mut self_read = rx.is_none();
+        let mut rx = rx.unwrap_or_else(|| mpsc::unbounded_channel().1);
         let mut cancel = self.cancel.clone();
         let plan = self.job.plan;
         let reap = |r: Result<Result<PartReceipt, StoreError>, tokio::task::JoinError>,
@@ -400,7 +461,10 @@ impl Worker {
                     receipts.insert(receipt.index, receipt);
                     Ok(())
                 }
-                Ok(Err(e)) => Err(e.into()),
+                Ok(Err(e)) => {
+                    self.observer.part_failed(self.dest.name());
+                    Err(e.into())
+                }
                 Err(e) => Err(TransferError::Read(format!("part task failed: {e}"))),
             }
         };
@@ -500,6 +564,10 @@ impl Worker {
         let plan = self.job.plan;
         let policy = &self.job.retry;
         let dn = self.dest.name();
+        if self.job.source.changed() {
+            self.abort(upload_id).await;
+            return Err(TransferError::Changed);
+        }
         let complete = retry(policy, dn, &*self.observer, || {
             self.dest.complete(name, upload_id, receipts)
         })
@@ -736,7 +804,7 @@ pub async fn push(
     let renderer = crate::progress::Renderer::start(progress.clone(), progress_every);
     let job = Arc::new(Job {
         name: source.name.clone(),
-        file: source.file.clone(),
+        source: source.clone(),
         plan,
         reader: config.transfer.reader,
         verify: opts.verify.unwrap_or(config.transfer.verify),

@@ -15,6 +15,7 @@ need=()
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 [ -x /usr/bin/time ] || need+=(time)
 command -v curl >/dev/null || need+=(curl)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if ((${#need[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"

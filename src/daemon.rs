@@ -1,0 +1,728 @@
+//! The daemon: wiring of spool, journal, transfer and signals.
+//!
+//! Promises:
+//! - at start, every job left in `spool/.ferry/active/` resumes from its journal
+//!   record (parts already sent are not sent again), and uploads that can no
+//!   longer finish are aborted, with a log line naming them;
+//! - at most `max_jobs` images are in flight, first come first served, all sharing
+//!   one memory budget;
+//! - SIGTERM/SIGINT stop taking files, let in-flight parts finish for up to
+//!   `shutdown_timeout_secs`, write every journal record, and exit 0; a second
+//!   signal exits at once (records on disk are always whole, so the state stays
+//!   consistent); SIGHUP reloads destinations and limits for new jobs without
+//!   touching jobs in flight;
+//! - a bad file in the spool never stops the daemon: it is refused and logged.
+//!
+//! Design choice: one loop owns the spool (claims and moves happen in one place,
+//! in order); jobs are tasks that return their outcome to the loop. The loop
+//! wakes on inotify hints, on a 1 s tick while a file is settling, and on a full
+//! rescan every `rescan_secs`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use crate::chunk::{Budget, Source};
+use crate::config::{Config, OnSuccess};
+use crate::journal::{DestinationRecord, JobJournal, JobRecord, Journal};
+use crate::manifest;
+use crate::progress::Progress;
+use crate::spool::{ClaimOutcome, Claimed, DestinationError, ErrorReport, Spool};
+use crate::store::Destination;
+use crate::transfer::{
+    self, Job, Observer, Observers, Outcome, Resume, RetryPolicy, TransferError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(
+        "state directory {path} is not usable ({source}); ferry keeps its journal there and cannot resume uploads without it: make it writable or set state_dir"
+    )]
+    State {
+        path: PathBuf,
+        source: crate::journal::JournalError,
+    },
+    #[error("{0}")]
+    Spool(#[from] crate::spool::SpoolError),
+    #[error("destinations: {0}")]
+    Destinations(String),
+    #[error("cannot watch signals: {0}")]
+    Signals(std::io::Error),
+}
+
+/// What the daemon shares with its jobs; replaced as a whole on SIGHUP.
+struct Settings {
+    config: Config,
+    destinations: Vec<Arc<Destination>>,
+    budget: Budget,
+}
+
+impl Settings {
+    fn new(config: Config) -> Result<Settings, DaemonError> {
+        let destinations = transfer::destinations(&config, &[], config.transfer.part_size.as_u64())
+            .map_err(|e| DaemonError::Destinations(e.to_string()))?;
+        let budget = Budget::new(config.transfer.memory_limit.as_u64());
+        Ok(Settings {
+            config,
+            destinations,
+            budget,
+        })
+    }
+}
+
+/// Jobs in flight, for status lines (and the status endpoint).
+#[derive(Default)]
+pub struct Running {
+    jobs: Mutex<BTreeMap<String, Arc<Progress>>>,
+}
+
+impl Running {
+    pub fn snapshot(&self) -> Vec<Arc<Progress>> {
+        self.jobs
+            .lock()
+            .map(|j| j.values().cloned().collect())
+            .unwrap_or_default()
+    }
+    fn insert(&self, name: &str, p: Arc<Progress>) {
+        if let Ok(mut j) = self.jobs.lock() {
+            j.insert(name.to_string(), p);
+        }
+    }
+    fn remove(&self, name: &str) {
+        if let Ok(mut j) = self.jobs.lock() {
+            j.remove(name);
+        }
+    }
+}
+
+/// How a job ended, for the loop to act on the spool.
+enum JobEnd {
+    Done(Claimed),
+    Failed(Claimed, ErrorReport),
+    /// Shutting down: the file stays in `active/` with its journal record.
+    Interrupted(Claimed),
+}
+
+/// Runs the daemon until a signal stops it.
+pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
+    let config = Config::load_or_embedded(config_path.as_deref())?;
+    let journal = Journal::open(&config.state_dir).map_err(|source| DaemonError::State {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    journal.writable().map_err(|source| DaemonError::State {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    let mut spool = Spool::open(
+        &config.spool_dir,
+        Duration::from_secs(config.daemon.settle_secs),
+    )?;
+    let mut settings = Arc::new(Settings::new(config)?);
+    let running = Arc::new(Running::default());
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+
+    let (hint_tx, mut hints) = mpsc::channel::<Hint>(1024);
+    let _watcher = watch_spool(spool.dir(), hint_tx);
+
+    let (cancel_tx, cancel) = watch::channel(false);
+    let mut jobs: JoinSet<JobEnd> = JoinSet::new();
+
+    abort_orphans(&journal, &spool, &settings).await;
+    for name in spool.active_jobs() {
+        let claimed = spool.reclaim(&name);
+        info!(
+            "resuming {:?} found in {}",
+            name,
+            spool.active_dir().display()
+        );
+        jobs.spawn(job(
+            settings.clone(),
+            journal.clone(),
+            running.clone(),
+            claimed,
+            cancel.clone(),
+        ));
+    }
+
+    info!(
+        "ferry {} watching {} ({} destination(s): {})",
+        crate::VERSION,
+        settings.config.spool_dir.display(),
+        settings.destinations.len(),
+        settings
+            .destinations
+            .iter()
+            .map(|d| format!("{} = {}", d.name(), d.url()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let watchdog = watchdog_interval();
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let mut status_tick = tokio::time::interval(Duration::from_secs(5));
+
+    let mut next_scan = Instant::now();
+    let mut last_full_scan = Instant::now();
+    loop {
+        let wait = next_scan.saturating_duration_since(Instant::now());
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => {
+                let path = config_path.as_deref();
+                match Config::load_or_embedded(path).and_then(|c| {
+                    Settings::new(c).map_err(|e| crate::config::ConfigError::Invalid {
+                        origin: "reload".into(),
+                        message: e.to_string(),
+                    })
+                }) {
+                    Ok(s) => {
+                        spool = Spool::open(&s.config.spool_dir, Duration::from_secs(s.config.daemon.settle_secs))?;
+                        settings = Arc::new(s);
+                        info!("configuration reloaded; jobs in flight keep their destinations");
+                    }
+                    Err(e) => error!("reload refused, keeping the running configuration: {e}"),
+                }
+                next_scan = Instant::now();
+            }
+            hint = hints.recv() => {
+                if let Some(Hint::RenamedIn(name)) = hint {
+                    spool.note_renamed_in(&name);
+                }
+                next_scan = Instant::now();
+            }
+            Some(ended) = jobs.join_next() => {
+                match ended {
+                    Ok(end) => settle_job(&spool, &settings, end),
+                    Err(e) => error!("a job task ended abnormally: {e}"),
+                }
+                next_scan = Instant::now();
+            }
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+            _ = status_tick.tick() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status_line(&running))]);
+            }
+            _ = tokio::time::sleep(wait) => {
+                let full = last_full_scan.elapsed() >= Duration::from_secs(settings.config.daemon.rescan_secs);
+                if full {
+                    last_full_scan = Instant::now();
+                }
+                match spool.scan(Instant::now()) {
+                    Ok(ready) => {
+                        for r in ready {
+                            if jobs.len() >= settings.config.daemon.max_jobs {
+                                break;
+                            }
+                            match spool.claim(&r) {
+                                Ok(ClaimOutcome::Claimed(c)) => {
+                                    info!("claimed {:?} ({} bytes)", c.name, r.size_bytes);
+                                    jobs.spawn(job(settings.clone(), journal.clone(), running.clone(), c, cancel.clone()));
+                                }
+                                Ok(ClaimOutcome::NotNow) => {}
+                                Ok(ClaimOutcome::Replaced(c, why)) => {
+                                    warn!("refusing {:?}: {why}", c.name);
+                                    let report = report(&c.name, &why, vec![], "Put the image back in the spool as a regular file, written in full, then renamed into place.");
+                                    if let Err(e) = spool.finish_failed(&c, &report) {
+                                        error!("{e}");
+                                    }
+                                }
+                                Err(e) => error!("claiming {:?}: {e}", r.name),
+                            }
+                        }
+                    }
+                    Err(e) => error!("{e}; retrying on the next scan"),
+                }
+                let (waiting, _) = spool.waiting();
+                next_scan = Instant::now()
+                    + if waiting > 0 {
+                        Duration::from_secs(1)
+                    } else {
+                        Duration::from_secs(settings.config.daemon.rescan_secs)
+                    };
+            }
+        }
+    }
+
+    // Shutdown: stop claiming; let in-flight parts finish; write every record.
+    let timeout = Duration::from_secs(settings.config.daemon.shutdown_timeout_secs);
+    info!(
+        "stopping: {} job(s) in flight get up to {}s to reach a resumable point",
+        jobs.len(),
+        timeout.as_secs()
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = cancel_tx.send(true);
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            ended = jobs.join_next() => match ended {
+                Some(Ok(end)) => settle_job(&spool, &settings, end),
+                Some(Err(e)) => error!("a job task ended abnormally: {e}"),
+                None => break,
+            },
+            _ = &mut deadline => {
+                warn!("shutdown timeout reached; {} job(s) stop where they are and resume at the next start", jobs.len());
+                break;
+            }
+            _ = sigterm.recv() => {
+                warn!("second signal: exiting at once; journal records on disk are whole");
+                std::process::exit(130);
+            }
+            _ = sigint.recv() => {
+                warn!("second signal: exiting at once; journal records on disk are whole");
+                std::process::exit(130);
+            }
+        }
+    }
+    jobs.abort_all();
+    info!("stopped");
+    Ok(())
+}
+
+enum Hint {
+    RenamedIn(OsString),
+    Look,
+}
+
+/// inotify via `notify`, as a hint only. Returns the watcher (dropping it stops
+/// watching); without one the daemon still works on its periodic scans.
+fn watch_spool(dir: &Path, tx: mpsc::Sender<Hint>) -> Option<notify::RecommendedWatcher> {
+    use notify::event::{EventKind, ModifyKind, RenameMode};
+    use notify::{RecursiveMode, Watcher};
+    let mut watcher = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        let Ok(ev) = ev else {
+            let _ = tx.try_send(Hint::Look);
+            return;
+        };
+        let renamed_in = matches!(
+            ev.kind,
+            EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+        );
+        if renamed_in {
+            // With Both, the last path is the new name.
+            if let Some(name) = ev.paths.last().and_then(|p| p.file_name()) {
+                let _ = tx.try_send(Hint::RenamedIn(name.to_os_string()));
+            }
+        }
+        // A full queue only means a scan is already due.
+        let _ = tx.try_send(Hint::Look);
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!("inotify unavailable ({e}); relying on periodic scans");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+        warn!(
+            "cannot watch {} ({e}); relying on periodic scans",
+            dir.display()
+        );
+        return None;
+    }
+    Some(watcher)
+}
+
+fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled().map(|d| d / 2)
+}
+
+fn status_line(running: &Running) -> String {
+    let jobs = running.snapshot();
+    if jobs.is_empty() {
+        return "idle, watching the spool".into();
+    }
+    let rate: f64 = jobs
+        .iter()
+        .map(|p| {
+            let secs = p.started.elapsed().as_secs_f64().max(1e-3);
+            p.destinations
+                .iter()
+                .map(|d| d.done_bytes() as f64 / secs)
+                .sum::<f64>()
+        })
+        .sum();
+    format!(
+        "{} job(s) in flight, {}/s uploaded",
+        jobs.len(),
+        bytesize::ByteSize(rate as u64).display().iec()
+    )
+}
+
+fn report(
+    name: &OsString,
+    reason: &str,
+    destinations: Vec<DestinationError>,
+    what_to_do: &str,
+) -> ErrorReport {
+    ErrorReport {
+        file: name.to_string_lossy().into_owned(),
+        failed_at: manifest::timestamp(SystemTime::now()),
+        reason: reason.to_string(),
+        destinations,
+        what_to_do: what_to_do.to_string(),
+    }
+}
+
+/// Acts on the spool for a job that ended.
+fn settle_job(spool: &Spool, settings: &Settings, end: JobEnd) {
+    match end {
+        JobEnd::Done(c) => {
+            let delete = settings.config.daemon.on_success == OnSuccess::Delete;
+            match spool.finish_done(&c, delete) {
+                Ok(()) => info!(
+                    "{:?} verified at every destination; {}",
+                    c.name,
+                    if delete {
+                        "deleted from the spool".to_string()
+                    } else {
+                        format!("moved to {}", spool.done_dir().display())
+                    }
+                ),
+                Err(e) => error!("{e}"),
+            }
+        }
+        JobEnd::Failed(c, report) => {
+            warn!("{:?} failed: {}", c.name, report.reason);
+            if let Err(e) = spool.finish_failed(&c, &report) {
+                error!("{e}; the file stays in {}", spool.active_dir().display());
+            }
+        }
+        JobEnd::Interrupted(c) => info!("{:?} interrupted; it resumes at the next start", c.name),
+    }
+}
+
+/// Journal records without a file in `active/` belong to jobs that can no longer
+/// finish: abort their uploads so nothing is left behind in the stores.
+async fn abort_orphans(journal: &Journal, spool: &Spool, settings: &Settings) {
+    let active: Vec<String> = spool
+        .active_jobs()
+        .iter()
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect();
+    for name in journal.names() {
+        if active.contains(&name) {
+            continue;
+        }
+        if let Some(record) = journal.load(&name) {
+            abort_record(&record, settings).await;
+        }
+        if let Err(e) = journal.remove(&name) {
+            error!("{e}");
+        }
+    }
+}
+
+async fn abort_record(record: &JobRecord, settings: &Settings) {
+    for (dname, d) in &record.destinations {
+        let Some(id) = &d.upload_id else { continue };
+        if d.verified {
+            continue;
+        }
+        let dest = settings
+            .destinations
+            .iter()
+            .find(|x| x.name() == dname && x.url() == d.url)
+            .cloned()
+            .or_else(|| {
+                let cfg = crate::config::DestinationConfig {
+                    url: d.url.clone(),
+                    ..Default::default()
+                };
+                Destination::new(
+                    dname,
+                    &cfg,
+                    &settings.config.transfer,
+                    record.part_size_bytes,
+                )
+                .ok()
+                .map(Arc::new)
+            });
+        match dest {
+            Some(dest) => match dest.abort(&record.name, id).await {
+                Ok(()) => info!(
+                    destination = dname.as_str(),
+                    "aborted the unfinished upload of {} (upload id {id})", record.name
+                ),
+                Err(e) => error!(
+                    destination = dname.as_str(),
+                    "could not abort the unfinished upload of {} at {} (upload id {id}): {e}; abort it by hand",
+                    record.name,
+                    d.url
+                ),
+            },
+            None => error!(
+                "unfinished upload of {} at {} (upload id {id}) cannot be reached to abort; abort it by hand",
+                record.name, d.url
+            ),
+        }
+    }
+}
+
+/// One image, from claim to verified (or failed, or interrupted).
+async fn job(
+    settings: Arc<Settings>,
+    journal: Journal,
+    running: Arc<Running>,
+    claimed: Claimed,
+    cancel: watch::Receiver<bool>,
+) -> JobEnd {
+    let fail = |c: Claimed, reason: String, what: &str| {
+        let r = report(&c.name, &reason, vec![], what);
+        JobEnd::Failed(c, r)
+    };
+    let Some(name) = claimed.name.to_str().map(str::to_string) else {
+        return fail(
+            claimed,
+            "the file name is not valid UTF-8, so it cannot be an object key".into(),
+            "Rename the file to a UTF-8 name and put it back in the spool.",
+        );
+    };
+    let source = match Source::open(&claimed.path) {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(
+                claimed,
+                e.to_string(),
+                "Put the image back in the spool as a regular, readable, non-empty file.",
+            );
+        }
+    };
+    let config = &settings.config;
+    let mut dests = settings.destinations.clone();
+    let plan = match transfer::plan_for(
+        &source,
+        &dests,
+        config.transfer.part_size.as_u64(),
+        &settings.budget,
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            return fail(
+                claimed,
+                e.to_string(),
+                "Change the configuration as the reason says, or split the image.",
+            );
+        }
+    };
+
+    // Resume from the journal when the record is for this very file and plan.
+    let mut resume = HashMap::new();
+    let previous = journal.load(&name);
+    let fresh_record = JobRecord {
+        format_version: crate::journal::FORMAT_VERSION,
+        name: name.clone(),
+        dev: source.dev,
+        ino: source.ino,
+        size_bytes: source.size_bytes,
+        mtime_ns: source.mtime_ns,
+        part_size_bytes: plan.part_bytes,
+        part_count: plan.count,
+        destinations: dests
+            .iter()
+            .map(|d| {
+                (
+                    d.name().to_string(),
+                    DestinationRecord {
+                        url: d.url().to_string(),
+                        upload_id: None,
+                        parts: vec![],
+                        verified: false,
+                    },
+                )
+            })
+            .collect(),
+    };
+    let mut record = fresh_record.clone();
+    if let Some(prev) = previous {
+        let same_file = prev.dev == source.dev
+            && prev.ino == source.ino
+            && prev.size_bytes == source.size_bytes
+            && prev.mtime_ns == source.mtime_ns
+            && prev.part_size_bytes == plan.part_bytes;
+        if same_file {
+            // Destinations that verified before the interruption are done.
+            let verified: Vec<&String> = prev
+                .destinations
+                .iter()
+                .filter(|(n, d)| {
+                    d.verified && dests.iter().any(|x| x.name() == *n && x.url() == d.url)
+                })
+                .map(|(n, _)| n)
+                .collect();
+            if !verified.is_empty() {
+                info!("{name}: already verified at {verified:?}");
+                dests.retain(|d| !verified.iter().any(|v| *v == d.name()));
+                record.destinations.retain(|n, _| !verified.contains(&n));
+            }
+            for (dname, d) in &prev.destinations {
+                let still_configured = dests.iter().any(|x| x.name() == dname && x.url() == d.url);
+                if let (true, Some(id)) = (still_configured, &d.upload_id) {
+                    resume.insert(
+                        dname.clone(),
+                        Resume {
+                            upload_id: id.clone(),
+                            receipts: d.parts.clone(),
+                        },
+                    );
+                    if let Some(r) = record.destinations.get_mut(dname) {
+                        r.upload_id = Some(id.clone());
+                        r.parts = d.parts.clone();
+                    }
+                }
+            }
+            // Uploads for destinations no longer configured cannot finish.
+            let mut gone = prev.clone();
+            gone.destinations.retain(|n, d| {
+                !d.verified && !dests.iter().any(|x| x.name() == n && x.url() == d.url)
+            });
+            abort_record(&gone, &settings).await;
+        } else {
+            info!("{name}: the journal record is for another file or plan; starting over");
+            abort_record(&prev, &settings).await;
+        }
+    }
+    let job_journal = JobJournal::new(journal.clone(), record);
+    if let Err(e) = job_journal.flush(true) {
+        // Without a record the job cannot resume; it can still run.
+        error!("{e}");
+    }
+
+    let names: Vec<&str> = dests.iter().map(|d| d.name()).collect();
+    let progress = Progress::new(&name, plan.file_bytes, &names);
+    running.insert(&name, progress.clone());
+    let observer: Arc<dyn Observer> = Arc::new(Observers(vec![
+        job_journal.clone() as Arc<dyn Observer>,
+        Arc::new(ProgressLog::new(progress.clone())),
+    ]));
+    let image_fields = serde_json::Map::new();
+    let job = Arc::new(Job {
+        name: name.clone(),
+        source,
+        plan,
+        reader: config.transfer.reader,
+        verify: config.transfer.verify,
+        retry: RetryPolicy::from_config(&config.transfer),
+        image: image_fields,
+    });
+    let outcomes = transfer::run(
+        job,
+        dests,
+        settings.budget.clone(),
+        progress,
+        resume,
+        observer,
+        cancel.clone(),
+    )
+    .await;
+    running.remove(&name);
+    let _ = job_journal.flush(true);
+    conclude(claimed, outcomes, &job_journal, *cancel.borrow())
+}
+
+fn conclude(
+    claimed: Claimed,
+    outcomes: Vec<Outcome>,
+    job_journal: &JobJournal,
+    cancelled: bool,
+) -> JobEnd {
+    let interrupted = outcomes
+        .iter()
+        .any(|o| matches!(o.result, Err(TransferError::Cancelled)));
+    if interrupted || (cancelled && outcomes.iter().any(|o| o.result.is_err())) {
+        return JobEnd::Interrupted(claimed);
+    }
+    let failures: Vec<DestinationError> = outcomes
+        .iter()
+        .filter_map(|o| {
+            o.result.as_ref().err().map(|e| DestinationError {
+                destination: o.destination.clone(),
+                url: o.url.clone(),
+                error: e
+                    .to_string()
+                    .split("<?xml")
+                    .next()
+                    .unwrap_or_default()
+                    .trim_end()
+                    .to_string(),
+            })
+        })
+        .collect();
+    if let Err(e) = job_journal.remove() {
+        error!("{e}");
+    }
+    if failures.is_empty() {
+        return JobEnd::Done(claimed);
+    }
+    let changed = outcomes
+        .iter()
+        .any(|o| matches!(o.result, Err(TransferError::Changed)));
+    let (reason, what) = if changed {
+        (
+            "changed while uploading: the file's size or modification time changed after it was claimed".to_string(),
+            "Make sure the producer has finished writing before the file appears in the spool (write X.partial, then rename it to X), then put it back.",
+        )
+    } else {
+        (
+            format!(
+                "{} of {} destination(s) did not verify: {}",
+                failures.len(),
+                outcomes.len(),
+                failures
+                    .iter()
+                    .map(|f| f.destination.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "Check the named destinations (reachable, credentials, bucket exists), then move the file from failed/ back into the spool; destinations that verified are uploaded again.",
+        )
+    };
+    let r = report(&claimed.name, &reason, failures, what);
+    JobEnd::Failed(claimed, r)
+}
+
+/// Logs one progress line per destination every 30 s for long jobs.
+struct ProgressLog {
+    progress: Arc<Progress>,
+    last: Mutex<Instant>,
+}
+
+impl ProgressLog {
+    fn new(progress: Arc<Progress>) -> ProgressLog {
+        ProgressLog {
+            progress,
+            last: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl Observer for ProgressLog {
+    fn part_done(&self, _d: &str, _r: &crate::store::PartReceipt) {
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
+        if last.elapsed() < Duration::from_secs(30) {
+            return;
+        }
+        *last = Instant::now();
+        for d in &self.progress.destinations {
+            info!("{}", crate::progress::line(&self.progress, d));
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! The spool: which files are complete, claiming them exactly once, and where
+//! they go when their job ends.
+//!
+//! Promises (the spool contract of DESIGN.md):
+//! - a file is taken when it was renamed into place, when `X.ready` exists, or
+//!   once its size and mtime have been still for `settle`;
+//! - names starting with `.` or ending in `.partial`, `.tmp`, `.ready`,
+//!   `.meta.json` are never images;
+//! - only regular files are taken; a symlink, FIFO, socket, device or directory is
+//!   logged once and left where it is;
+//! - a file is claimed by an atomic rename (with its sidecar) into
+//!   `.ferry/active/`, then opened without following symlinks and checked to be
+//!   the same device and inode that was seen: a second daemon or a restart never
+//!   takes it twice, and a file swapped in during the claim is refused;
+//! - a file leaves `active/` only to `done/` (or is deleted) after every
+//!   destination verified it, or to `failed/` with `X.error.json`.
+//!
+//! Design choice: inotify (through `notify`) is a hint, not the truth. Events
+//! only say "look now" and "this name was renamed in"; the spool is rescanned on
+//! every tick (a directory listing is cheap next to an upload), so an overflowed
+//! queue or a missed event costs at most one tick.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+pub const SIDECAR_SUFFIX: &str = ".meta.json";
+pub const READY_SUFFIX: &str = ".ready";
+pub const ERROR_SUFFIX: &str = ".error.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// True for names that are never images (in-progress writes, markers, sidecars).
+pub fn ignored(name: &OsStr) -> bool {
+    let b = name.as_bytes();
+    b.is_empty()
+        || b[0] == b'.'
+        || [
+            ".partial",
+            ".tmp",
+            READY_SUFFIX,
+            SIDECAR_SUFFIX,
+            ERROR_SUFFIX,
+        ]
+        .iter()
+        .any(|s| b.ends_with(s.as_bytes()))
+}
+
+fn with_suffix(name: &OsStr, suffix: &str) -> OsString {
+    let mut n = name.to_os_string();
+    n.push(suffix);
+    n
+}
+
+/// A file ready to be claimed.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub name: OsString,
+    pub dev: u64,
+    pub ino: u64,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Seen {
+    size: u64,
+    mtime: SystemTime,
+    ino: u64,
+    still_since: Instant,
+    first_seen: Instant,
+}
+
+/// A claimed file in `active/`.
+#[derive(Debug)]
+pub struct Claimed {
+    pub name: OsString,
+    pub path: PathBuf,
+    pub sidecar: Option<PathBuf>,
+}
+
+/// Why a claim did not happen.
+#[derive(Debug)]
+pub enum ClaimOutcome {
+    Claimed(Claimed),
+    /// Gone or busy: try again on a later tick.
+    NotNow,
+    /// Moved into `active/` but not the file that was seen: fail it.
+    Replaced(Claimed, String),
+}
+
+/// What `failed/X.error.json` says.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorReport {
+    pub file: String,
+    pub failed_at: String,
+    pub reason: String,
+    pub destinations: Vec<DestinationError>,
+    pub what_to_do: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DestinationError {
+    pub destination: String,
+    pub url: String,
+    pub error: String,
+}
+
+pub struct Spool {
+    dir: PathBuf,
+    active: PathBuf,
+    done: PathBuf,
+    failed: PathBuf,
+    settle: Duration,
+    seen: HashMap<OsString, Seen>,
+    renamed_in: HashSet<OsString>,
+    refused: HashSet<(OsString, u64)>,
+}
+
+impl Spool {
+    pub fn open(dir: &Path, settle: Duration) -> Result<Spool, SpoolError> {
+        let base = dir.join(".ferry");
+        let (active, done, failed) = (base.join("active"), base.join("done"), base.join("failed"));
+        for d in [dir, &active, &done, &failed] {
+            std::fs::create_dir_all(d).map_err(io(d))?;
+        }
+        Ok(Spool {
+            dir: dir.to_path_buf(),
+            active,
+            done,
+            failed,
+            settle,
+            seen: HashMap::new(),
+            renamed_in: HashSet::new(),
+            refused: HashSet::new(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn active_dir(&self) -> &Path {
+        &self.active
+    }
+    pub fn done_dir(&self) -> &Path {
+        &self.done
+    }
+    pub fn failed_dir(&self) -> &Path {
+        &self.failed
+    }
+
+    /// inotify said `name` was renamed into the spool: it is complete.
+    pub fn note_renamed_in(&mut self, name: &OsStr) {
+        if !ignored(name) {
+            self.renamed_in.insert(name.to_os_string());
+        }
+    }
+
+    /// Lists the spool; returns the files ready to claim, first come first.
+    pub fn scan(&mut self, now: Instant) -> Result<Vec<Ready>, SpoolError> {
+        let entries = std::fs::read_dir(&self.dir).map_err(io(&self.dir))?;
+        let mut present = HashSet::new();
+        let mut ready = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if ignored(&name) {
+                continue;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            let ft = meta.file_type();
+            if !ft.is_file() {
+                let kind = if ft.is_symlink() {
+                    "a symbolic link"
+                } else if ft.is_dir() {
+                    "a directory"
+                } else if ft.is_fifo() {
+                    "a FIFO"
+                } else if ft.is_socket() {
+                    "a socket"
+                } else {
+                    "a device"
+                };
+                if self.refused.insert((name.clone(), meta.ino())) {
+                    tracing::warn!(
+                        "spool: refusing {:?}: it is {kind}, not a regular file; ferry leaves it where it is",
+                        name
+                    );
+                }
+                continue;
+            }
+            present.insert(name.clone());
+            let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            let old_enough = SystemTime::now()
+                .duration_since(mtime)
+                .is_ok_and(|age| age >= self.settle);
+            let seen = self.seen.entry(name.clone()).or_insert_with(|| Seen {
+                size: meta.len(),
+                mtime,
+                ino: meta.ino(),
+                still_since: if old_enough {
+                    now.checked_sub(self.settle).unwrap_or(now)
+                } else {
+                    now
+                },
+                first_seen: now,
+            });
+            if seen.size != meta.len() || seen.mtime != mtime || seen.ino != meta.ino() {
+                seen.size = meta.len();
+                seen.mtime = mtime;
+                seen.ino = meta.ino();
+                seen.still_since = now;
+            }
+            let marker = self.dir.join(with_suffix(&name, READY_SUFFIX));
+            let is_ready = self.renamed_in.contains(&name)
+                || std::fs::symlink_metadata(&marker).is_ok()
+                || now.duration_since(seen.still_since) >= self.settle;
+            if is_ready {
+                ready.push((
+                    seen.first_seen,
+                    Ready {
+                        name,
+                        dev: meta.dev(),
+                        ino: meta.ino(),
+                        size_bytes: meta.len(),
+                    },
+                ));
+            }
+        }
+        self.seen.retain(|n, _| present.contains(n));
+        self.renamed_in.retain(|n| present.contains(n));
+        ready.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
+        Ok(ready.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// Images waiting in the spool (count, bytes), ready or not.
+    pub fn waiting(&self) -> (u64, u64) {
+        (
+            self.seen.len() as u64,
+            self.seen.values().map(|s| s.size).sum(),
+        )
+    }
+
+    /// Claims a ready file by renaming it (and its sidecar) into `active/`.
+    pub fn claim(&mut self, r: &Ready) -> Result<ClaimOutcome, SpoolError> {
+        let src = self.dir.join(&r.name);
+        let dst = self.active.join(&r.name);
+        if std::fs::symlink_metadata(&dst).is_ok() {
+            // A job of the same name is still in flight: wait for it.
+            return Ok(ClaimOutcome::NotNow);
+        }
+        match std::fs::rename(&src, &dst) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ClaimOutcome::NotNow),
+            Err(e) => return Err(io(&src)(e)),
+        }
+        self.seen.remove(&r.name);
+        self.renamed_in.remove(&r.name);
+        let side_src = self.dir.join(with_suffix(&r.name, SIDECAR_SUFFIX));
+        let side_dst = self.active.join(with_suffix(&r.name, SIDECAR_SUFFIX));
+        let sidecar = match std::fs::rename(&side_src, &side_dst) {
+            Ok(()) => Some(side_dst),
+            Err(_) => None,
+        };
+        let _ = std::fs::remove_file(self.dir.join(with_suffix(&r.name, READY_SUFFIX)));
+        sync_dir(&self.active);
+        sync_dir(&self.dir);
+        let claimed = Claimed {
+            name: r.name.clone(),
+            path: dst.clone(),
+            sidecar,
+        };
+        match std::fs::symlink_metadata(&dst) {
+            Ok(m) if m.file_type().is_file() && m.dev() == r.dev && m.ino() == r.ino => {
+                Ok(ClaimOutcome::Claimed(claimed))
+            }
+            Ok(m) if !m.file_type().is_file() => Ok(ClaimOutcome::Replaced(
+                claimed,
+                "the file was replaced by something that is not a regular file while it was being claimed".into(),
+            )),
+            _ => Ok(ClaimOutcome::Replaced(
+                claimed,
+                "the file was replaced by another one while it was being claimed".into(),
+            )),
+        }
+    }
+
+    /// Jobs left in `active/` by an earlier run (images, not sidecars).
+    pub fn active_jobs(&self) -> Vec<OsString> {
+        let mut out: Vec<OsString> = std::fs::read_dir(&self.active)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name())
+                    .filter(|n| !n.as_bytes().ends_with(SIDECAR_SUFFIX.as_bytes()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// The claimed file for a job found in `active/`.
+    pub fn reclaim(&self, name: &OsStr) -> Claimed {
+        let side = self.active.join(with_suffix(name, SIDECAR_SUFFIX));
+        Claimed {
+            name: name.to_os_string(),
+            path: self.active.join(name),
+            sidecar: side.exists().then_some(side),
+        }
+    }
+
+    /// Every destination verified: delete, or move to `done/`.
+    pub fn finish_done(&self, c: &Claimed, delete: bool) -> Result<(), SpoolError> {
+        if delete {
+            remove_if_present(&c.path)?;
+            if let Some(s) = &c.sidecar {
+                remove_if_present(s)?;
+            }
+        } else {
+            let to = self.done.join(&c.name);
+            std::fs::rename(&c.path, &to).map_err(io(&c.path))?;
+            if let Some(s) = &c.sidecar {
+                let _ = std::fs::rename(s, self.done.join(with_suffix(&c.name, SIDECAR_SUFFIX)));
+            }
+            sync_dir(&self.done);
+        }
+        sync_dir(&self.active);
+        Ok(())
+    }
+
+    /// Refused or failed: move to `failed/` and write `X.error.json` beside it.
+    pub fn finish_failed(&self, c: &Claimed, report: &ErrorReport) -> Result<(), SpoolError> {
+        let body = serde_json::to_vec_pretty(report).expect("an error report always serializes");
+        let report_path = self.failed.join(with_suffix(&c.name, ERROR_SUFFIX));
+        let tmp = self
+            .failed
+            .join(with_suffix(&with_suffix(&c.name, ERROR_SUFFIX), ".tmp"));
+        std::fs::write(&tmp, &body).map_err(io(&tmp))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &report_path).map_err(io(&report_path))?;
+        if std::fs::symlink_metadata(&c.path).is_ok() {
+            std::fs::rename(&c.path, self.failed.join(&c.name)).map_err(io(&c.path))?;
+        }
+        if let Some(s) = &c.sidecar {
+            let _ = std::fs::rename(s, self.failed.join(with_suffix(&c.name, SIDECAR_SUFFIX)));
+        }
+        sync_dir(&self.failed);
+        sync_dir(&self.active);
+        Ok(())
+    }
+}
+
+fn remove_if_present(p: &Path) -> Result<(), SpoolError> {
+    match std::fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(p)(e)),
+        _ => Ok(()),
+    }
+}
+
+fn sync_dir(d: &Path) {
+    if let Ok(f) = std::fs::File::open(d) {
+        let _ = f.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_are_never_images() {
+        for n in [
+            ".x",
+            "a.partial",
+            "a.tmp",
+            "a.ready",
+            "a.meta.json",
+            "a.error.json",
+            "",
+        ] {
+            assert!(ignored(OsStr::new(n)), "{n}");
+        }
+        for n in ["disk.qcow2", "a.vmdk", "partial", "x.oci"] {
+            assert!(!ignored(OsStr::new(n)), "{n}");
+        }
+    }
+
+    #[test]
+    fn ready_by_marker_by_rename_or_by_settling() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(d.path(), Duration::from_secs(30)).unwrap();
+        let t0 = Instant::now();
+        std::fs::write(d.path().join("a"), b"1").unwrap();
+        std::fs::write(d.path().join("b"), b"2").unwrap();
+        std::fs::write(d.path().join("c"), b"3").unwrap();
+        std::fs::write(d.path().join("b.ready"), b"").unwrap();
+        s.note_renamed_in(OsStr::new("c"));
+        let names: Vec<OsString> = s.scan(t0).unwrap().into_iter().map(|r| r.name).collect();
+        assert_eq!(names, vec![OsString::from("b"), OsString::from("c")]);
+        // "a" settles after 30 s of stillness
+        let later = t0 + Duration::from_secs(31);
+        let names: Vec<OsString> = s.scan(later).unwrap().into_iter().map(|r| r.name).collect();
+        assert!(names.contains(&OsString::from("a")));
+    }
+
+    #[test]
+    fn a_growing_file_is_not_ready() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(d.path(), Duration::from_secs(2)).unwrap();
+        let t0 = Instant::now();
+        std::fs::write(d.path().join("g"), b"1").unwrap();
+        assert!(s.scan(t0).unwrap().is_empty());
+        std::fs::write(d.path().join("g"), b"12").unwrap();
+        assert!(s.scan(t0 + Duration::from_secs(3)).unwrap().is_empty());
+        assert_eq!(s.scan(t0 + Duration::from_secs(6)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn claim_moves_file_and_sidecar_and_only_once() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(d.path(), Duration::from_secs(0)).unwrap();
+        std::fs::write(d.path().join("img"), b"data").unwrap();
+        std::fs::write(d.path().join("img.meta.json"), b"{}").unwrap();
+        let r = s.scan(Instant::now()).unwrap();
+        assert_eq!(r.len(), 1);
+        let ClaimOutcome::Claimed(c) = s.claim(&r[0]).unwrap() else {
+            panic!("not claimed")
+        };
+        assert!(c.path.exists() && c.sidecar.as_ref().unwrap().exists());
+        assert!(!d.path().join("img").exists());
+        assert!(matches!(s.claim(&r[0]).unwrap(), ClaimOutcome::NotNow));
+        s.finish_done(&c, false).unwrap();
+        assert!(s.done_dir().join("img").exists());
+        assert!(s.done_dir().join("img.meta.json").exists());
+    }
+}

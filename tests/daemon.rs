@@ -1,0 +1,390 @@
+//! `ferry daemon` driven as a service runs: the real binary watching a temporary
+//! spool, shipping to `file://` directories and to SeaweedFS on loopback.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    spool: PathBuf,
+    config: PathBuf,
+}
+
+impl Setup {
+    /// Two file:// destinations, plus `extra` TOML.
+    fn new(extra: &str) -> Setup {
+        Setup::with(&format!(
+            "[destinations.phoenix]\nurl = \"file://ROOT/phoenix/\"\n\n[destinations.frankfurt]\nurl = \"file://ROOT/frankfurt/\"\n{extra}"
+        ))
+    }
+
+    /// Only the given TOML after the daemon table (ROOT stands for the test root).
+    fn with(tables: &str) -> Setup {
+        let dir = tmpdir();
+        let root = dir.path().to_path_buf();
+        let spool = root.join("spool");
+        let config = write(
+            &root.join("ferry.toml"),
+            &format!(
+                r#"
+spool_dir = "{root}/spool"
+state_dir = "{root}/state"
+metrics_addr = "127.0.0.1:0"
+
+[daemon]
+settle_secs = 2
+rescan_secs = 5
+max_jobs = 3
+shutdown_timeout_secs = 20
+
+{tables}
+"#,
+                root = root.display(),
+                tables = tables.replace("ROOT", &root.display().to_string())
+            ),
+        );
+        std::fs::create_dir_all(&spool).unwrap();
+        Setup {
+            _dir: dir,
+            root,
+            spool,
+            config,
+        }
+    }
+
+    fn done(&self) -> PathBuf {
+        self.spool.join(".ferry/done")
+    }
+
+    fn daemon(&self) -> Daemon {
+        Daemon::start(&self.config, &self.root.join("daemon.log"))
+    }
+}
+
+fn s3_table(s3: &S3, bucket: &str, prefix: &str, extra: &str) -> String {
+    format!(
+        "\n[destinations.ashburn]\nurl = \"s3://{bucket}/{prefix}/\"\nendpoint = \"{}\"\n{extra}\n",
+        s3.endpoint
+    )
+}
+
+fn images_in(dir: &Path) -> Vec<String> {
+    list(dir)
+        .into_iter()
+        .filter(|n| !n.ends_with(".manifest.json") && !n.starts_with('.'))
+        .collect()
+}
+
+/// Acceptance 1: ten images of 1 MiB..512 MiB dropped at once with write-then-rename
+/// arrive byte-identical at two file:// and one s3:// destination, each exactly once.
+#[test]
+fn ten_images_arrive_everywhere_exactly_once() {
+    let Some(s3) = s3() else { return };
+    let prefix = unique_prefix("ten");
+    let setup = Setup::new(&s3_table(&s3, &s3.buckets[1], &prefix, ""));
+    let mut d = setup.daemon();
+    let staging = setup.root.join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let names: Vec<String> = (0..10).map(|i| format!("img-{i:02}.qcow2")).collect();
+    let mut crcs = Vec::new();
+    // Write all ten first, then rename them into the spool at once.
+    for (i, n) in names.iter().enumerate() {
+        let size = (1u64 << 20) << i; // 1 MiB .. 512 MiB
+        crcs.push(random_file(&staging.join(n), size, 100 + i as u64));
+    }
+    for n in &names {
+        std::fs::rename(staging.join(n), setup.spool.join(n)).unwrap();
+    }
+    let all_done = wait_until(Duration::from_secs(300), || {
+        images_in(&setup.done()).len() == names.len()
+    });
+    assert!(
+        all_done,
+        "not every image reached done/: {:?}",
+        list(&setup.done())
+    );
+    assert!(d.running());
+    assert_eq!(
+        images_in(&setup.spool),
+        Vec::<String>::new(),
+        "spool not empty"
+    );
+    let store = s3.store(&s3.buckets[1]);
+    for (n, crc) in names.iter().zip(&crcs) {
+        let src = setup.done().join(n);
+        for region in ["phoenix", "frankfurt"] {
+            let dir = setup.root.join(region);
+            assert!(same_bytes(&src, &dir.join(n)), "{region}/{n}");
+            let m = manifest(&dir.join(format!("{n}.manifest.json")));
+            assert_eq!(m["crc32c"], format!("{crc:08x}"), "{region}/{n}");
+        }
+        assert!(
+            s3_object_equals(&store, &format!("{prefix}/{n}"), &src),
+            "s3 {n}"
+        );
+    }
+    for region in ["phoenix", "frankfurt"] {
+        assert_eq!(images_in(&setup.root.join(region)), names, "{region}");
+    }
+    let log = d.log_text();
+    for n in &names {
+        assert_eq!(
+            log.matches(&format!("claimed \"{n}\"")).count(),
+            1,
+            "{n} claimed more than once"
+        );
+    }
+}
+
+/// Acceptance 2: a file written slowly in place is not taken before it has been
+/// still for settle_secs, and then is taken once.
+#[test]
+fn a_slowly_written_file_waits_for_settle() {
+    let setup = Setup::new("");
+    let d = setup.daemon();
+    let path = setup.spool.join("slow.vmdk");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let block = vec![7u8; 1 << 20];
+    for _ in 0..30 {
+        use std::io::Write;
+        f.write_all(&block).unwrap();
+        f.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(path.exists(), "taken while still being written");
+    }
+    drop(f);
+    let last_write = Instant::now();
+    // settle_secs = 2: it must still be there for most of that time.
+    while last_write.elapsed() < Duration::from_millis(1500) {
+        assert!(
+            path.exists(),
+            "taken {:?} after the last write",
+            last_write.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let taken = wait_until(Duration::from_secs(20), || {
+        setup.done().join("slow.vmdk").exists()
+    });
+    assert!(taken, "never taken");
+    assert!(last_write.elapsed() >= Duration::from_secs(2));
+    assert_eq!(d.log_text().matches("claimed \"slow.vmdk\"").count(), 1);
+    assert_eq!(
+        std::fs::metadata(setup.root.join("phoenix/slow.vmdk"))
+            .unwrap()
+            .len(),
+        30 << 20
+    );
+}
+
+/// Acceptance 3: kill -9 in the middle of a 2 GiB upload to SeaweedFS; after a
+/// restart the upload completes byte-identical, and fewer than half of the parts
+/// are sent after the restart.
+#[test]
+fn kill_9_mid_upload_resumes_without_resending() {
+    let Some(s3) = s3() else { return };
+    let prefix = unique_prefix("kill9");
+    // Only the S3 destination, so the journal holds its parts alone.
+    let setup = Setup::with(&format!(
+        "[transfer]\npart_size = \"32MiB\"\n{}",
+        s3_table(&s3, &s3.buckets[2], &prefix, "parallel_parts = 4")
+    ));
+    let staged = setup.root.join("big.qcow2");
+    random_file(&staged, 2 << 30, 7);
+    let mut d = setup.daemon();
+    std::fs::rename(&staged, setup.spool.join("big.qcow2")).unwrap();
+
+    // Kill once the journal holds more than 60% of the 64 parts.
+    let record = setup.root.join("state/jobs/big.qcow2.json");
+    let parts_in_record = || -> usize {
+        std::fs::read(&record)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| {
+                v["destinations"]["ashburn"]["parts"]
+                    .as_array()
+                    .map(|a| a.len())
+            })
+            .unwrap_or(0)
+    };
+    let far_enough = wait_until(Duration::from_secs(120), || parts_in_record() > 38);
+    assert!(far_enough, "upload never got past 60%");
+    d.signal(libc::SIGKILL);
+    assert!(d.wait_exit(Duration::from_secs(10)).is_some());
+    let journaled = parts_in_record();
+    assert!(journaled < 64, "finished before the kill");
+    assert!(setup.spool.join(".ferry/active/big.qcow2").exists());
+    drop(d);
+
+    let d2 = setup.daemon();
+    let finished = wait_until(Duration::from_secs(180), || {
+        setup.done().join("big.qcow2").exists()
+    });
+    assert!(finished, "not finished after restart");
+    let log = d2.log_text();
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resuming upload of big.qcow2"))
+        .expect("a resume line");
+    let already: usize = resumed
+        .split(": ")
+        .last()
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    eprintln!("{resumed}");
+    assert_eq!(already, journaled, "the restart did not use the journal");
+    assert!(
+        64 - already < 32,
+        "{} parts sent after the restart",
+        64 - already
+    );
+    let store = s3.store(&s3.buckets[2]);
+    assert!(s3_object_equals(
+        &store,
+        &format!("{prefix}/big.qcow2"),
+        &setup.done().join("big.qcow2")
+    ));
+    assert_eq!(
+        s3_part_count(&store, &format!("{prefix}/big.qcow2")),
+        Some(64)
+    );
+}
+
+/// Acceptance 4: SIGTERM during uploads exits 0 within shutdown_timeout_secs; a
+/// restart finishes every image.
+#[test]
+fn sigterm_exits_cleanly_and_a_restart_finishes() {
+    let setup = Setup::with(
+        "[transfer]\nparallel_parts = 1\npart_size = \"8MiB\"\n\n[destinations.phoenix]\nurl = \"file://ROOT/phoenix/\"\n\n[destinations.frankfurt]\nurl = \"file://ROOT/frankfurt/\"\n",
+    );
+    let mut d = setup.daemon();
+    let mut crcs = Vec::new();
+    for i in 0..3 {
+        crcs.push(drop_image(
+            &setup.spool,
+            &format!("t{i}.qcow2"),
+            256 << 20,
+            200 + i,
+        ));
+    }
+    let busy = wait_until(Duration::from_secs(30), || {
+        !list(&setup.spool.join(".ferry/active")).is_empty()
+    });
+    assert!(busy);
+    let t = Instant::now();
+    d.signal(libc::SIGTERM);
+    let status = d
+        .wait_exit(Duration::from_secs(25))
+        .expect("exited within the timeout");
+    assert_eq!(status.code(), Some(0), "exit status");
+    assert!(t.elapsed() < Duration::from_secs(21));
+    drop(d);
+    let _d2 = setup.daemon();
+    let all = wait_until(Duration::from_secs(120), || {
+        images_in(&setup.done()).len() == 3
+    });
+    assert!(all, "done: {:?}", list(&setup.done()));
+    for i in 0..3 {
+        let n = format!("t{i}.qcow2");
+        for region in ["phoenix", "frankfurt"] {
+            assert!(same_bytes(
+                &setup.done().join(&n),
+                &setup.root.join(region).join(&n)
+            ));
+        }
+    }
+}
+
+/// Acceptance 5: a symlink to a file outside the spool, a FIFO and a directory are
+/// never uploaded and never stop the daemon.
+#[test]
+fn symlinks_fifos_and_directories_are_left_alone() {
+    let setup = Setup::new("");
+    let outside = setup.root.join("secret.img");
+    random_file(&outside, 1 << 20, 9);
+    std::os::unix::fs::symlink(&outside, setup.spool.join("link.img")).unwrap();
+    let made = Command::new("mkfifo")
+        .arg(setup.spool.join("pipe.img"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::create_dir(setup.spool.join("dir.img")).unwrap();
+    std::fs::write(setup.spool.join("link.img.ready"), b"").unwrap();
+    let mut d = setup.daemon();
+    // A real image afterwards proves the daemon kept working.
+    drop_image(&setup.spool, "real.img", 1 << 20, 10);
+    assert!(wait_until(Duration::from_secs(20), || setup
+        .done()
+        .join("real.img")
+        .exists()));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(d.running());
+    for n in ["link.img", "pipe.img", "dir.img"] {
+        assert!(
+            std::fs::symlink_metadata(setup.spool.join(n)).is_ok(),
+            "{n} was moved"
+        );
+        assert!(
+            !setup.root.join("phoenix").join(n).exists(),
+            "{n} was uploaded"
+        );
+    }
+    assert_eq!(
+        images_in(&setup.root.join("phoenix")),
+        vec!["real.img".to_string()]
+    );
+    let log = d.log_text();
+    for kind in ["symbolic link", "FIFO", "directory"] {
+        assert!(log.contains(kind), "no refusal logged for the {kind}");
+    }
+}
+
+/// Acceptance 6: the systemd unit passes `systemd-analyze verify`.
+#[test]
+fn systemd_unit_verifies() {
+    let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("SKIPPED: systemd-analyze is not installed (tests/run.sh installs it)");
+        assert!(
+            std::env::var_os("FERRY_REQUIRE_S3").is_none(),
+            "tests/run.sh should have installed systemd"
+        );
+        return;
+    };
+    assert!(out.status.success());
+    let dir = tmpdir();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/ferry.service"
+    ))
+    .unwrap();
+    for key in [
+        "Type=notify",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=\n",
+        "SystemCallFilter=@system-service",
+        "WatchdogSec=",
+    ] {
+        assert!(unit.contains(key), "unit lacks {key}");
+    }
+    let unit = unit.replace("/usr/local/bin/ferry", env!("CARGO_BIN_EXE_ferry"));
+    let path = dir.path().join("ferry.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = run(Command::new("systemd-analyze").arg("verify").arg(&path));
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("ferry.service:"),
+        "warnings about the unit: {stderr}"
+    );
+}
