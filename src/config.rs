@@ -39,6 +39,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub metrics_addr: SocketAddr,
     pub daemon: DaemonConfig,
+    pub policy: PolicyConfig,
     pub transfer: TransferConfig,
     pub destinations: BTreeMap<String, DestinationConfig>,
 }
@@ -88,8 +89,44 @@ impl Default for Config {
             state_dir: PathBuf::from("./var/state"),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9465)),
             daemon: DaemonConfig::default(),
+            policy: PolicyConfig::default(),
             transfer: TransferConfig::default(),
             destinations: BTreeMap::new(),
+        }
+    }
+}
+
+/// What is refused before a byte is sent (see `image`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Refuse images OCI cannot import. `false` ships them anyway, with the
+    /// verdict and reasons in the manifest (for raw backups, or tests).
+    pub refuse: bool,
+    pub max_virtual_size: ByteSize,
+    pub allow_extended_l2: bool,
+    /// Unset: on for the daemon, off for `ferry push`.
+    pub require_license_attestation: Option<bool>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            refuse: true,
+            max_virtual_size: ByteSize::gib(400),
+            allow_extended_l2: false,
+            require_license_attestation: None,
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// The inspection policy for the daemon (`daemon = true`) or for push.
+    pub fn for_run(&self, daemon: bool) -> crate::image::Policy {
+        crate::image::Policy {
+            max_virtual_size_bytes: self.max_virtual_size.as_u64(),
+            allow_extended_l2: self.allow_extended_l2,
+            require_license_attestation: self.require_license_attestation.unwrap_or(daemon),
         }
     }
 }

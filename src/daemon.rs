@@ -377,6 +377,7 @@ fn report(
         reason: reason.to_string(),
         destinations,
         what_to_do: what_to_do.to_string(),
+        inspection: None,
     }
 }
 
@@ -505,6 +506,34 @@ async fn job(
         }
     };
     let config = &settings.config;
+    let report = match transfer::inspect_source(
+        &claimed.path,
+        claimed.sidecar.as_deref(),
+        config,
+        true,
+        false,
+    ) {
+        Ok(r) => r,
+        Err(transfer::PushError::Refused(r)) => {
+            let what = if r.license.is_none()
+                && r.reasons.iter().any(|x| x.starts_with("no licence"))
+            {
+                "Write the sidecar as the reason says, then put the image (and its .meta.json) back in the spool."
+            } else {
+                "Fix or convert the image as the reasons say, then put it back in the spool."
+            };
+            let mut rep = report(&claimed.name, &r.reasons.join("; "), vec![], what);
+            rep.inspection = Some(*r);
+            return JobEnd::Failed(claimed, rep);
+        }
+        Err(e) => {
+            return fail(
+                claimed,
+                e.to_string(),
+                "Put the image back in the spool as a regular, readable file with a valid sidecar.",
+            );
+        }
+    };
     let mut dests = settings.destinations.clone();
     let plan = match transfer::plan_for(
         &source,
@@ -611,7 +640,6 @@ async fn job(
         job_journal.clone() as Arc<dyn Observer>,
         Arc::new(ProgressLog::new(progress.clone())),
     ]));
-    let image_fields = serde_json::Map::new();
     let job = Arc::new(Job {
         name: name.clone(),
         source,
@@ -619,7 +647,7 @@ async fn job(
         reader: config.transfer.reader,
         verify: config.transfer.verify,
         retry: RetryPolicy::from_config(&config.transfer),
-        image: image_fields,
+        image: Some(report),
     });
     let outcomes = transfer::run(
         job,

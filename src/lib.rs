@@ -8,6 +8,7 @@
 pub mod chunk;
 pub mod config;
 pub mod daemon;
+pub mod image;
 pub mod journal;
 pub mod manifest;
 pub mod progress;

@@ -80,6 +80,33 @@ all at the same time. The object key is IMAGE's base name under each destination
         /// Seconds between progress lines when stderr is not a terminal.
         #[arg(long, value_name = "SECS", default_value_t = 5)]
         progress_secs: u64,
+        /// Ship the file even if OCI could not import it (the manifest records the verdict).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Say what an image is and whether OCI can import it, without sending anything.
+    #[command(
+        long_about = "Read IMAGE's headers (QCOW2, VMDK, .oci; VHD, VHDX, VDI, raw and others are \
+recognised and refused by name) and say whether OCI's importer would take it: format, virtual size, \
+verdict, the reasons for a refusal and the warnings, the boot sector, and the launch mode and firmware \
+with the basis each rests on. IMAGE.meta.json beside the image is read as its sidecar.",
+        after_help = "EXIT STATUS:\n  0  importable\n  2  refused (the reasons say why and what to do)\n  1  could not read the file or its sidecar"
+    )]
+    Inspect {
+        /// The image file.
+        image: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Config file (for the [policy] table). Default: the embedded config.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Sidecar to read instead of IMAGE.meta.json.
+        #[arg(long, value_name = "FILE")]
+        sidecar: Option<PathBuf>,
+        /// Apply the daemon's policy (a licence attestation is required).
+        #[arg(long)]
+        daemon_policy: bool,
     },
 }
 
@@ -109,6 +136,13 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> u8 {
     match cli.command {
+        Command::Inspect {
+            image,
+            json,
+            config,
+            sidecar,
+            daemon_policy,
+        } => inspect(&image, json, config.as_deref(), sidecar, daemon_policy),
         Command::Daemon { config } => match ferry::daemon::run(config).await {
             Ok(()) => EXIT_OK,
             Err(e) => {
@@ -123,6 +157,7 @@ async fn run(cli: Cli) -> u8 {
             part_size,
             verify,
             progress_secs,
+            force,
         } => {
             let config = match Config::load_or_embedded(config.as_deref()) {
                 Ok(c) => c,
@@ -135,7 +170,7 @@ async fn run(cli: Cli) -> u8 {
                 to,
                 part_size_bytes: part_size.map(|p| p.as_u64()),
                 verify,
-                image: Default::default(),
+                force,
             };
             let outcomes = match transfer::push(
                 &config,
@@ -170,5 +205,53 @@ async fn run(cli: Cli) -> u8 {
             }
             if failed { EXIT_FAILED } else { EXIT_OK }
         }
+    }
+}
+
+fn inspect(
+    image: &std::path::Path,
+    json: bool,
+    config: Option<&std::path::Path>,
+    sidecar: Option<PathBuf>,
+    daemon_policy: bool,
+) -> u8 {
+    let config = match Config::load_or_embedded(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let sidecar = sidecar.or_else(|| {
+        let mut p = image.as_os_str().to_os_string();
+        p.push(".meta.json");
+        let p = PathBuf::from(p);
+        p.exists().then_some(p)
+    });
+    let report = match ferry::image::inspect(
+        image,
+        sidecar.as_deref(),
+        &config.policy.for_run(daemon_policy),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("ferry: {e}");
+                return EXIT_FAILED;
+            }
+        }
+    } else {
+        print!("{}", ferry::image::describe(&report));
+    }
+    match report.verdict {
+        ferry::image::Verdict::Accept => EXIT_OK,
+        ferry::image::Verdict::Refuse => EXIT_REFUSED,
     }
 }

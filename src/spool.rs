@@ -116,6 +116,9 @@ pub struct ErrorReport {
     pub reason: String,
     pub destinations: Vec<DestinationError>,
     pub what_to_do: String,
+    /// The inspection report, when the image was refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inspection: Option<crate::image::Report>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -354,6 +354,8 @@ impl MemoryStore {
 pub struct Destination {
     name: String,
     url: String,
+    /// Where objects can be fetched from, e.g. for OCI's CreateImage.
+    object_url_base: String,
     backend: Backend,
     parallel_parts: usize,
     limits: PartLimits,
@@ -382,6 +384,7 @@ impl Destination {
     ) -> Result<Destination, StoreError> {
         let url = DestinationUrl::parse(&cfg.url).map_err(|e| StoreError::Setup(e.to_string()))?;
         let parallel_parts = cfg.parallel_parts.unwrap_or(transfer.parallel_parts);
+        let object_url_base = object_url_base(&url, cfg);
         let backend = match url {
             DestinationUrl::File { dir } => Backend::File { dir },
             DestinationUrl::Memory { name: m, prefix } => {
@@ -405,6 +408,7 @@ impl Destination {
         Ok(Destination {
             name: name.to_string(),
             url: cfg.url.clone(),
+            object_url_base,
             backend,
             parallel_parts,
             limits: PartLimits::S3,
@@ -422,6 +426,20 @@ impl Destination {
     }
     pub fn limits(&self) -> PartLimits {
         self.limits
+    }
+
+    /// The URL an importer fetches object `name` from.
+    pub fn object_url(&self, name: &str) -> String {
+        match &self.backend {
+            Backend::File { .. } => format!("{}{}", self.object_url_base, url_escape(name)),
+            Backend::Multipart { prefix, .. } | Backend::Memory { prefix, .. } => {
+                format!(
+                    "{}{}",
+                    self.object_url_base,
+                    url_escape(&format!("{prefix}{name}"))
+                )
+            }
+        }
     }
 
     /// The key of `name` as a person reads it (prefix + name).
@@ -832,6 +850,60 @@ impl Destination {
             }
         }
     }
+}
+
+/// The base URL of objects: OCI's native form for OCI's S3-compatible endpoint
+/// (`https://NS.compat.objectstorage.REGION.oraclecloud.com`), path style for
+/// other endpoints, AWS's form otherwise.
+fn object_url_base(url: &DestinationUrl, cfg: &DestinationConfig) -> String {
+    match url {
+        DestinationUrl::File { dir } => {
+            let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+            let mut s = format!("file://{}", abs.display());
+            if !s.ends_with('/') {
+                s.push('/');
+            }
+            s
+        }
+        DestinationUrl::Memory { name, .. } => format!("memory://{name}/"),
+        DestinationUrl::S3 { bucket, .. } => {
+            let endpoint = cfg
+                .endpoint
+                .clone()
+                .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+            let region = cfg.region.clone().unwrap_or_else(|| "us-east-1".into());
+            match endpoint {
+                Some(e) => {
+                    let host = url::Url::parse(&e)
+                        .ok()
+                        .and_then(|u| u.host_str().map(str::to_string))
+                        .unwrap_or_default();
+                    if let Some((ns, rest)) = host.split_once(".compat.objectstorage.")
+                        && let Some(region) = rest.strip_suffix(".oraclecloud.com")
+                    {
+                        format!(
+                            "https://objectstorage.{region}.oraclecloud.com/n/{ns}/b/{bucket}/o/"
+                        )
+                    } else {
+                        format!("{}/{bucket}/", e.trim_end_matches('/'))
+                    }
+                }
+                None => format!("https://{bucket}.s3.{region}.amazonaws.com/"),
+            }
+        }
+    }
+}
+
+fn url_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn build_s3(

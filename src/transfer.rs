@@ -137,8 +137,8 @@ pub struct Job {
     pub reader: ReaderKind,
     pub verify: VerifyMode,
     pub retry: RetryPolicy,
-    /// Extra manifest fields from image inspection.
-    pub image: serde_json::Map<String, serde_json::Value>,
+    /// What inspection found, for the manifest and the CreateImage body.
+    pub image: Option<crate::image::Report>,
 }
 
 /// The result for one destination.
@@ -615,7 +615,7 @@ impl Worker {
             source_host: manifest::hostname(),
             started_at: manifest::timestamp(started),
             finished_at: manifest::timestamp(SystemTime::now()),
-            image: self.job.image.clone(),
+            image: self.image_fields(),
         };
         let body = bytes::Bytes::from(m.to_json());
         let mname = format!("{name}{}", manifest::MANIFEST_SUFFIX);
@@ -624,6 +624,22 @@ impl Worker {
         })
         .await?;
         Ok(m)
+    }
+
+    fn image_fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        let Some(report) = &self.job.image else {
+            return serde_json::Map::new();
+        };
+        let mut m = report.manifest_fields();
+        m.insert(
+            "oci_create_image".into(),
+            crate::image::create_image_body(
+                report,
+                &self.dest.object_url(&self.job.name),
+                &self.job.name,
+            ),
+        );
+        m
     }
 
     /// Checks the finished object; returns its CRC32C.
@@ -698,8 +714,8 @@ pub struct PushOptions {
     pub to: Vec<String>,
     pub part_size_bytes: Option<u64>,
     pub verify: Option<VerifyMode>,
-    /// Extra manifest fields (from image inspection).
-    pub image: serde_json::Map<String, serde_json::Value>,
+    /// Ship even what inspection refuses (the manifest records the verdict).
+    pub force: bool,
 }
 
 /// Why a push could not start. Nothing was uploaded.
@@ -718,6 +734,34 @@ pub enum PushError {
         "part size {part} is larger than transfer.memory_limit {limit}: raise memory_limit or lower part_size"
     )]
     Budget { part: String, limit: String },
+    #[error(transparent)]
+    Inspect(#[from] crate::image::InspectError),
+    #[error("refused {}: {}", .0.file, .0.reasons.join("; "))]
+    Refused(Box<crate::image::Report>),
+}
+
+/// Inspects a source with its sidecar (`X.meta.json` beside it, if present);
+/// a refusal is an error unless the policy or `force` says ship anyway.
+pub fn inspect_source(
+    path: &std::path::Path,
+    sidecar: Option<&std::path::Path>,
+    config: &crate::config::Config,
+    daemon: bool,
+    force: bool,
+) -> Result<crate::image::Report, PushError> {
+    let policy = config.policy.for_run(daemon);
+    let report = crate::image::inspect(path, sidecar, &policy)?;
+    if report.verdict == crate::image::Verdict::Refuse {
+        if config.policy.refuse && !force {
+            return Err(PushError::Refused(Box::new(report)));
+        }
+        warn!(
+            "shipping {} although OCI would refuse it: {}",
+            report.file,
+            report.reasons.join("; ")
+        );
+    }
+    Ok(report)
 }
 
 /// The plan for a file against every destination's limits and the budget.
@@ -778,6 +822,16 @@ pub async fn push(
     progress_every: Duration,
 ) -> Result<Vec<Outcome>, PushError> {
     let source = chunk::Source::open(path)?;
+    let mut sidecar = path.as_os_str().to_os_string();
+    sidecar.push(crate::spool::SIDECAR_SUFFIX);
+    let sidecar = std::path::PathBuf::from(sidecar);
+    let report = inspect_source(
+        path,
+        sidecar.exists().then_some(sidecar.as_path()),
+        config,
+        false,
+        opts.force,
+    )?;
     let part_size = opts
         .part_size_bytes
         .unwrap_or(config.transfer.part_size.as_u64());
@@ -809,7 +863,7 @@ pub async fn push(
         reader: config.transfer.reader,
         verify: opts.verify.unwrap_or(config.transfer.verify),
         retry: RetryPolicy::from_config(&config.transfer),
-        image: opts.image,
+        image: Some(report),
     });
     let (_cancel_tx, cancel) = watch::channel(false);
     let outcomes = run(

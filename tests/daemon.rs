@@ -43,6 +43,10 @@ rescan_secs = 5
 max_jobs = 3
 shutdown_timeout_secs = 20
 
+[policy]
+refuse = false
+require_license_attestation = false
+
 {tables}
 "#,
                 root = root.display(),

@@ -32,6 +32,7 @@ fn one_gib_to_two_directories_and_s3_is_byte_identical_within_memory() {
     cmd.arg("-v")
         .arg(env!("CARGO_BIN_EXE_ferry"))
         .arg("push")
+        .arg("--force")
         .arg(&img)
         .arg("--config")
         .arg(&cfg)
@@ -142,7 +143,7 @@ parallel_parts = 1
         ),
     );
     let mut child = ferry()
-        .args(["push", "--progress-secs", "1", "--config"])
+        .args(["push", "--force", "--progress-secs", "1", "--config"])
         .arg(&cfg)
         .arg(&img)
         .env("AWS_ACCESS_KEY_ID", key_id())
@@ -307,7 +308,7 @@ fn bad_input_is_refused_in_one_line_and_nothing_is_uploaded() {
         ),
     ];
     for (what, args, expect) in cases {
-        let out = run(ferry().arg("push").args(&args));
+        let out = run(ferry().args(["push", "--force"]).args(&args));
         assert_eq!(out.status.code(), Some(2), "{what}");
         let lines = error_lines(&out);
         assert_eq!(lines.len(), 1, "{what}: {lines:?}");
@@ -331,7 +332,7 @@ fn readback_verification_and_memory_destination() {
     let crc = random_file(&img, 13 << 20, 4);
     let a = dir.path().join("a");
     let out = run(ferry()
-        .arg("push")
+        .args(["push", "--force"])
         .arg(&img)
         .args(["--verify", "readback", "--part-size", "5MiB", "--to"])
         .arg(format!("file://{}/", a.display()))
@@ -378,7 +379,9 @@ fn three_s3_regions_at_once() {
     random_file(&img, 40 << 20, 6);
     let prefix = unique_prefix("three");
     let mut cmd = ferry();
-    cmd.arg("push").arg(&img).args(["--part-size", "8MiB"]);
+    cmd.args(["push", "--force"])
+        .arg(&img)
+        .args(["--part-size", "8MiB"]);
     for b in &s3.buckets {
         cmd.arg("--to").arg(format!("s3://{b}/{prefix}/"));
     }

@@ -1,0 +1,566 @@
+//! Image inspection: what is being shipped, and whether OCI can import it.
+//!
+//! Promises:
+//! - the format is found from the bytes (never the name), and every format OCI
+//!   cannot import is *named* in the refusal, with the command that converts it;
+//! - QCOW2 and VMDK are checked as OCI's importer would, before a byte is sent:
+//!   backing files, external data, encryption, corrupt/unknown feature bits,
+//!   delta and multi-file VMDKs, truncated files, size over the limit, and a guest
+//!   sector 0 without a boot signature (read through the format's own mapping);
+//! - parsers never panic, never read past the end of the file (every read is
+//!   checked against the size), and never allocate from an unchecked header
+//!   field (every table read is capped).
+//!
+//! Design choice: ferry reads the headers itself, with no qemu-img at run time.
+//! qemu-img is the reference in the tests, and the JSON names formats as qemu's
+//! drivers do (`qcow2`, `vmdk`, `vpc`, `vhdx`, `vdi`, `raw`) so both can be
+//! compared field by field.
+
+mod boot;
+mod oci;
+mod others;
+mod qcow2;
+pub mod sidecar;
+mod vmdk;
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+pub use sidecar::{License, Sidecar};
+
+const GIB: u64 = 1 << 30;
+
+/// What an inspection may not read.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Sidecar { path: String, message: String },
+}
+
+/// Inspection policy (the `[policy]` table).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub max_virtual_size_bytes: u64,
+    pub allow_extended_l2: bool,
+    pub require_license_attestation: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_virtual_size_bytes: 400 * GIB,
+            allow_extended_l2: false,
+            require_license_attestation: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Accept,
+    Refuse,
+}
+
+/// What guest sectors 0..33 say.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Boot {
+    pub boot_signature: bool,
+    /// "mbr", "gpt" or "none".
+    pub partition_table: String,
+    pub efi_system_partition: bool,
+    pub bios_boot_partition: bool,
+}
+
+/// The result of an inspection, as `ferry inspect --json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub file: String,
+    pub file_size: u64,
+    /// qemu's driver name: qcow2, vmdk, oci, vpc, vhdx, vdi, qed, raw, iso, ...
+    pub format: String,
+    /// For people: "QCOW2 v3", "VMDK streamOptimized", "VHD (fixed)", ...
+    pub format_name: String,
+    pub details: serde_json::Map<String, serde_json::Value>,
+    pub virtual_size: Option<u64>,
+    pub verdict: Verdict,
+    pub reasons: Vec<String>,
+    pub warnings: Vec<String>,
+    pub boot: Option<Boot>,
+    pub firmware: String,
+    pub firmware_basis: String,
+    pub launch_mode: String,
+    pub launch_mode_basis: String,
+    pub os: Option<String>,
+    pub os_version: Option<String>,
+    pub license: Option<License>,
+}
+
+impl Report {
+    fn new(file: &str, file_size: u64) -> Report {
+        Report {
+            file: file.to_string(),
+            file_size,
+            format: "unknown".into(),
+            format_name: "unknown".into(),
+            details: serde_json::Map::new(),
+            virtual_size: None,
+            verdict: Verdict::Accept,
+            reasons: vec![],
+            warnings: vec![],
+            boot: None,
+            firmware: "UNKNOWN".into(),
+            firmware_basis: "none".into(),
+            launch_mode: "UNKNOWN".into(),
+            launch_mode_basis: "none".into(),
+            os: None,
+            os_version: None,
+            license: None,
+        }
+    }
+
+    pub fn refuse(&mut self, reason: impl Into<String>) {
+        self.verdict = Verdict::Refuse;
+        let r = reason.into();
+        if !self.reasons.contains(&r) {
+            self.reasons.push(r);
+        }
+    }
+
+    pub fn warn(&mut self, w: impl Into<String>) {
+        let w = w.into();
+        if !self.warnings.contains(&w) {
+            self.warnings.push(w);
+        }
+    }
+
+    fn detail(&mut self, k: &str, v: impl Into<serde_json::Value>) {
+        self.details.insert(k.to_string(), v.into());
+    }
+
+    /// A refusal for a format OCI cannot import, naming it.
+    fn cannot_import(&mut self, name: &str, convert_from: &str) {
+        self.refuse(format!(
+            "OCI cannot import {name}; convert it first: qemu-img convert{convert_from} -O qcow2 {} {}.qcow2",
+            self.file,
+            Path::new(&self.file)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "image".into())
+        ));
+    }
+
+    /// The fields the import manifest carries, beside the transfer's own.
+    pub fn manifest_fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        let v = serde_json::to_value(self).unwrap_or_default();
+        let mut image = v.as_object().cloned().unwrap_or_default();
+        image.remove("file");
+        image.remove("file_size");
+        m.insert("image".into(), serde_json::Value::Object(image));
+        m
+    }
+
+    /// OCI's `sourceImageType`: QCOW2 or VMDK, none for `.oci`.
+    pub fn source_image_type(&self) -> Option<&'static str> {
+        match self.format.as_str() {
+            "qcow2" => Some("QCOW2"),
+            "vmdk" => Some("VMDK"),
+            _ => None,
+        }
+    }
+}
+
+/// Bounded positional reads over an image, or a member inside a container.
+pub trait ReadAt {
+    fn size(&self) -> u64;
+    /// Fills `buf` from `offset`; an error if that reaches past the end.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+
+    fn read_vec(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.size())
+        {
+            return Err(eof());
+        }
+        let mut v = vec![0u8; len];
+        self.read_at(offset, &mut v)?;
+        Ok(v)
+    }
+}
+
+pub(crate) fn eof() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the end")
+}
+
+/// A byte range of a file (a whole file, or a member of an uncompressed tar).
+pub struct FileRange<'a> {
+    pub file: &'a File,
+    pub start: u64,
+    pub len: u64,
+}
+
+impl ReadAt for FileRange<'_> {
+    fn size(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64).ok_or_else(eof)?;
+        if end > self.len {
+            return Err(eof());
+        }
+        self.file.read_exact_at(buf, self.start + offset)
+    }
+}
+
+/// A member of a gzip-compressed tar: read by decompressing from the start
+/// again whenever a read goes backwards (only a handful of reads are needed).
+pub struct GzMember<'a> {
+    file: &'a File,
+    start: u64,
+    len: u64,
+    state: Mutex<
+        Option<(
+            flate2::read::GzDecoder<std::io::BufReader<FileRange<'a>>>,
+            u64,
+        )>,
+    >,
+}
+
+impl Read for FileRange<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.len.saturating_sub(0)) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let got = self.file.read_at(&mut buf[..n], self.start)?;
+        self.start += got as u64;
+        self.len -= got as u64;
+        Ok(got)
+    }
+}
+
+impl<'a> GzMember<'a> {
+    pub fn new(file: &'a File, start: u64, len: u64) -> GzMember<'a> {
+        GzMember {
+            file,
+            start,
+            len,
+            state: Mutex::new(None),
+        }
+    }
+}
+
+impl ReadAt for GzMember<'_> {
+    fn size(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64).ok_or_else(eof)?;
+        if end > self.len {
+            return Err(eof());
+        }
+        let mut g = self
+            .state
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        let want = self.start + offset;
+        if g.as_ref().is_none_or(|(_, pos)| *pos > want) {
+            let whole = FileRange {
+                file: self.file,
+                start: 0,
+                len: self.file.metadata()?.len(),
+            };
+            *g = Some((
+                flate2::read::GzDecoder::new(std::io::BufReader::with_capacity(1 << 16, whole)),
+                0,
+            ));
+        }
+        let (dec, pos) = g.as_mut().ok_or_else(eof)?;
+        let skip = want - *pos;
+        let skipped = std::io::copy(&mut (&mut *dec).take(skip), &mut std::io::sink())?;
+        *pos += skipped;
+        if skipped != skip {
+            return Err(eof());
+        }
+        dec.read_exact(buf)?;
+        *pos += buf.len() as u64;
+        Ok(())
+    }
+}
+
+/// Inspects an image file, with its sidecar if one is given.
+pub fn inspect(
+    path: &Path,
+    sidecar: Option<&Path>,
+    policy: &Policy,
+) -> Result<Report, InspectError> {
+    let shown = path.display().to_string();
+    let io = |source| InspectError::Io {
+        path: shown.clone(),
+        source,
+    };
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io)?
+    };
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut report = Report::new(&name, meta.len());
+    let whole = FileRange {
+        file: &file,
+        start: 0,
+        len: meta.len(),
+    };
+    let mut oci_meta = None;
+    detect_and_check(&whole, &file, &mut report, policy, &mut oci_meta).map_err(io)?;
+
+    if let Some(v) = report.virtual_size {
+        if v > policy.max_virtual_size_bytes {
+            report.refuse(format!(
+                "virtual size {} is over the import limit of {}; shrink the disk or raise policy.max_virtual_size",
+                human(v),
+                human(policy.max_virtual_size_bytes)
+            ));
+        } else if v > 400_000_000_000 && policy.max_virtual_size_bytes >= 400 * GIB {
+            report.warn(format!(
+                "virtual size {} is above 400 GB (decimal); OCI's limit is documented as 400 GB",
+                human(v)
+            ));
+        }
+    }
+
+    let side = match sidecar {
+        Some(p) => Some(Sidecar::load(p).map_err(|message| InspectError::Sidecar {
+            path: p.display().to_string(),
+            message,
+        })?),
+        None => None,
+    };
+    decide_launch(&mut report, side.as_ref(), oci_meta.as_ref());
+    if policy.require_license_attestation && report.license.is_none() {
+        report.refuse(format!(
+            "no licence attestation: OCI requires every imported image to comply with its OS and software licences. Write {name}.meta.json beside the image with: {}",
+            sidecar::EXAMPLE
+        ));
+    }
+    Ok(report)
+}
+
+fn detect_and_check(
+    r: &dyn ReadAt,
+    file: &File,
+    report: &mut Report,
+    policy: &Policy,
+    oci_meta: &mut Option<serde_json::Value>,
+) -> std::io::Result<()> {
+    let size = r.size();
+    let head = r.read_vec(0, size.min(4096) as usize)?;
+    if head.starts_with(b"QFI\xfb") {
+        return qcow2::check(r, report, policy);
+    }
+    if head.starts_with(b"KDMV")
+        || head.starts_with(b"# Disk DescriptorFile")
+        || head.starts_with(b"COWD")
+    {
+        return vmdk::check(r, report);
+    }
+    if oci::is_tar(&head) {
+        return oci::check_tar(file, r, report, policy, oci_meta, false);
+    }
+    if head.starts_with(&[0x1f, 0x8b]) {
+        return oci::check_gzip(file, r, report, policy, oci_meta);
+    }
+    others::check(r, &head, report)
+}
+
+/// Launch mode and firmware, each with the basis it rests on. Never a guess.
+fn decide_launch(
+    report: &mut Report,
+    side: Option<&Sidecar>,
+    oci_meta: Option<&serde_json::Value>,
+) {
+    if let Some(m) = oci_meta {
+        let ext = &m["externalLaunchOptions"];
+        let caps: Option<serde_json::Value> = m["imageCapabilityData"]
+            .as_str()
+            .and_then(|s| serde_json::from_str(s).ok());
+        let mode = ext["launchOptionsSource"]
+            .as_str()
+            .filter(|s| matches!(*s, "NATIVE" | "PARAVIRTUALIZED" | "EMULATED"))
+            .map(str::to_string)
+            .or_else(|| {
+                caps.as_ref()
+                    .and_then(|c| c["capabilities"]["Compute.LaunchMode"]["defaultValue"].as_str())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "NATIVE".to_string());
+        report.launch_mode = mode;
+        report.launch_mode_basis = "oci-metadata".into();
+        if let Some(fw) = ext["firmware"].as_str() {
+            report.firmware = fw.to_string();
+            report.firmware_basis = "oci-metadata".into();
+        }
+        report.os = m["operatingSystem"].as_str().map(str::to_string);
+        report.os_version = m["operatingSystemVersion"].as_str().map(str::to_string);
+    }
+    if let Some(s) = side {
+        if report.launch_mode_basis == "none"
+            && let Some(mode) = &s.launch_mode
+        {
+            report.launch_mode = mode.clone();
+            report.launch_mode_basis = "attested".into();
+        }
+        if report.firmware_basis == "none"
+            && let Some(fw) = &s.firmware
+        {
+            report.firmware = fw.clone();
+            report.firmware_basis = "attested".into();
+        }
+        if report.os.is_none() {
+            report.os = s.os.clone();
+            report.os_version = s.os_version.clone();
+        }
+        report.license = s.license.clone();
+    }
+    // The boot sector gives a firmware hint, and checks what was attested.
+    if let Some(b) = report.boot.clone() {
+        let hint = match (
+            b.partition_table.as_str(),
+            b.efi_system_partition,
+            b.bios_boot_partition,
+        ) {
+            ("gpt", true, false) => Some("UEFI_64"),
+            ("gpt", false, true) | ("mbr", _, _) => Some("BIOS"),
+            _ => None,
+        };
+        if report.firmware_basis == "none" {
+            if let Some(h) = hint {
+                report.firmware = h.into();
+                report.firmware_basis = "inspected".into();
+            }
+        } else if report.firmware == "BIOS" && hint == Some("UEFI_64") {
+            report.warn(
+                "the firmware is given as BIOS, but the disk is GPT with only an EFI system partition: it may not boot with BIOS",
+            );
+        }
+    }
+}
+
+/// The report as a person reads it.
+pub fn describe(r: &Report) -> String {
+    let mut s = format!(
+        "{}: {}, virtual size {}, file {}\n",
+        r.file,
+        r.format_name,
+        r.virtual_size
+            .map(|v| format!("{} ({v} bytes)", human(v)))
+            .unwrap_or_else(|| "unknown".into()),
+        human(r.file_size)
+    );
+    s += match r.verdict {
+        Verdict::Accept => "verdict: ACCEPT (OCI can import it)\n",
+        Verdict::Refuse => "verdict: REFUSE\n",
+    };
+    for x in &r.reasons {
+        s += &format!("  reason: {x}\n");
+    }
+    for x in &r.warnings {
+        s += &format!("  warning: {x}\n");
+    }
+    if let Some(b) = &r.boot {
+        s += &format!(
+            "boot: {} partition table, boot signature {}{}\n",
+            b.partition_table,
+            if b.boot_signature {
+                "present"
+            } else {
+                "MISSING"
+            },
+            if b.efi_system_partition {
+                ", EFI system partition"
+            } else {
+                ""
+            }
+        );
+    }
+    s += &format!(
+        "firmware: {} (basis: {}); launch mode: {} (basis: {})\n",
+        r.firmware, r.firmware_basis, r.launch_mode, r.launch_mode_basis
+    );
+    if let Some(os) = &r.os {
+        s += &format!("os: {os} {}\n", r.os_version.as_deref().unwrap_or(""));
+    }
+    s += &match &r.license {
+        Some(l) => format!(
+            "licence: {} attested by {} at {}\n",
+            l.model, l.attested_by, l.attested_at
+        ),
+        None => "licence: no attestation\n".into(),
+    };
+    s
+}
+
+pub(crate) fn human(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
+}
+
+/// The body of OCI's CreateImage request that imports `object_url`.
+pub fn create_image_body(
+    report: &Report,
+    object_url: &str,
+    display_name: &str,
+) -> serde_json::Value {
+    let mut source = serde_json::json!({
+        "sourceType": "objectStorageUri",
+        "sourceUri": object_url,
+    });
+    if let Some(t) = report.source_image_type() {
+        source["sourceImageType"] = t.into();
+    }
+    if let Some(os) = &report.os {
+        source["operatingSystem"] = os.clone().into();
+    }
+    if let Some(v) = &report.os_version {
+        source["operatingSystemVersion"] = v.clone().into();
+    }
+    let mut body = serde_json::json!({
+        "compartmentId": "<compartment OCID>",
+        "displayName": display_name,
+        "imageSourceDetails": source,
+    });
+    // OCI picks the launch mode of an .oci image itself; for others, only a
+    // launch mode with a basis is sent.
+    if report.format != "oci" && report.launch_mode_basis != "none" {
+        body["launchMode"] = report.launch_mode.clone().into();
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests;
