@@ -107,7 +107,7 @@ impl Running {
 /// How a job ended, for the loop to act on the spool.
 enum JobEnd {
     Done(Claimed),
-    Failed(Claimed, ErrorReport),
+    Failed(Claimed, Box<ErrorReport>),
     /// Shutting down: the file stays in `active/` with its journal record.
     Interrupted(Claimed),
 }
@@ -486,7 +486,7 @@ async fn job(
 ) -> JobEnd {
     let fail = |c: Claimed, reason: String, what: &str| {
         let r = report(&c.name, &reason, vec![], what);
-        JobEnd::Failed(c, r)
+        JobEnd::Failed(c, Box::new(r))
     };
     let Some(name) = claimed.name.to_str().map(str::to_string) else {
         return fail(
@@ -524,7 +524,7 @@ async fn job(
             };
             let mut rep = report(&claimed.name, &r.reasons.join("; "), vec![], what);
             rep.inspection = Some(*r);
-            return JobEnd::Failed(claimed, rep);
+            return JobEnd::Failed(claimed, Box::new(rep));
         }
         Err(e) => {
             return fail(
@@ -722,7 +722,7 @@ fn conclude(
         )
     };
     let r = report(&claimed.name, &reason, failures, what);
-    JobEnd::Failed(claimed, r)
+    JobEnd::Failed(claimed, Box::new(r))
 }
 
 /// Logs one progress line per destination every 30 s for long jobs.
