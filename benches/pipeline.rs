@@ -92,6 +92,7 @@ async fn push_memory(path: &Path, kind: ReaderKind) -> Duration {
         opts,
         Arc::new(transfer::NoObserver),
         Duration::from_secs(3600),
+        None,
     )
     .await
     .unwrap();

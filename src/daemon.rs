@@ -18,7 +18,7 @@
 //! wakes on inotify hints, on a 1 s tick while a file is settling, and on a full
 //! rescan every `rescan_secs`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -31,9 +31,11 @@ use tracing::{error, info, warn};
 
 use crate::chunk::{Budget, Source};
 use crate::config::{Config, OnSuccess};
+use crate::http::Status;
 use crate::journal::{DestinationRecord, JobJournal, JobRecord, Journal};
 use crate::manifest;
-use crate::progress::Progress;
+use crate::metrics::{JobMetrics, Metrics};
+use crate::progress::{Board, Progress};
 use crate::spool::{ClaimOutcome, Claimed, DestinationError, ErrorReport, Spool};
 use crate::store::Destination;
 use crate::transfer::{
@@ -57,7 +59,27 @@ pub enum DaemonError {
     Destinations(String),
     #[error("cannot watch signals: {0}")]
     Signals(std::io::Error),
+    #[error("cannot serve metrics on {0}: {1}; free the port or set metrics_addr")]
+    Metrics(std::net::SocketAddr, std::io::Error),
 }
+
+/// Asks every destination for a sign of life every `PROBE_EVERY`, for /readyz.
+async fn probe_destinations(settings: Arc<Settings>, status: Arc<Status>) {
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    loop {
+        tick.tick().await;
+        for d in &settings.destinations {
+            let r = match tokio::time::timeout(PROBE_TIMEOUT, d.probe()).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {}s", PROBE_TIMEOUT.as_secs())),
+            };
+            status.set_health(d.name(), d.url(), r);
+        }
+    }
+}
+
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the daemon shares with its jobs; replaced as a whole on SIGHUP.
 struct Settings {
@@ -79,35 +101,11 @@ impl Settings {
     }
 }
 
-/// Jobs in flight, for status lines (and the status endpoint).
-#[derive(Default)]
-pub struct Running {
-    jobs: Mutex<BTreeMap<String, Arc<Progress>>>,
-}
-
-impl Running {
-    pub fn snapshot(&self) -> Vec<Arc<Progress>> {
-        self.jobs
-            .lock()
-            .map(|j| j.values().cloned().collect())
-            .unwrap_or_default()
-    }
-    fn insert(&self, name: &str, p: Arc<Progress>) {
-        if let Ok(mut j) = self.jobs.lock() {
-            j.insert(name.to_string(), p);
-        }
-    }
-    fn remove(&self, name: &str) {
-        if let Ok(mut j) = self.jobs.lock() {
-            j.remove(name);
-        }
-    }
-}
-
 /// How a job ended, for the loop to act on the spool.
 enum JobEnd {
-    Done(Claimed),
-    Failed(Claimed, Box<ErrorReport>),
+    Done(Claimed, Instant),
+    /// The report, and whether it is a refusal of the file (not a failure).
+    Failed(Claimed, Box<ErrorReport>, bool, Instant),
     /// Shutting down: the file stays in `active/` with its journal record.
     Interrupted(Claimed),
 }
@@ -128,7 +126,20 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         Duration::from_secs(config.daemon.settle_secs),
     )?;
     let mut settings = Arc::new(Settings::new(config)?);
-    let running = Arc::new(Running::default());
+    let board = Arc::new(Board::default());
+    let metrics = Metrics::new();
+    let status = Arc::new(Status {
+        spool_dir: Some(settings.config.spool_dir.clone()),
+        journal: Some(journal.clone()),
+        budget: std::sync::Mutex::new(Some(settings.budget.clone())),
+        ..Arc::into_inner(Status::new(metrics.clone(), board.clone())).expect("just made")
+    });
+    let (stop_http, http_stopped) = watch::channel(false);
+    let bound = crate::http::serve(settings.config.metrics_addr, status.clone(), http_stopped)
+        .await
+        .map_err(|e| DaemonError::Metrics(settings.config.metrics_addr, e))?;
+    info!("serving http://{bound}/metrics, /healthz, /readyz and /status");
+    let mut prober = tokio::spawn(probe_destinations(settings.clone(), status.clone()));
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -139,6 +150,13 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
 
     let (cancel_tx, cancel) = watch::channel(false);
     let mut jobs: JoinSet<JobEnd> = JoinSet::new();
+    let ctx = |s: &Arc<Settings>| JobCtx {
+        settings: s.clone(),
+        journal: journal.clone(),
+        board: board.clone(),
+        metrics: metrics.clone(),
+        cancel: cancel.clone(),
+    };
 
     abort_orphans(&journal, &spool, &settings).await;
     for name in spool.active_jobs() {
@@ -148,13 +166,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
             name,
             spool.active_dir().display()
         );
-        jobs.spawn(job(
-            settings.clone(),
-            journal.clone(),
-            running.clone(),
-            claimed,
-            cancel.clone(),
-        ));
+        jobs.spawn(job(ctx(&settings), claimed));
     }
 
     info!(
@@ -192,6 +204,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                     Ok(s) => {
                         spool = Spool::open(&s.config.spool_dir, Duration::from_secs(s.config.daemon.settle_secs))?;
                         settings = Arc::new(s);
+                        if let Ok(mut b) = status.budget.lock() {
+                            *b = Some(settings.budget.clone());
+                        }
+                        prober.abort();
+                        prober = tokio::spawn(probe_destinations(settings.clone(), status.clone()));
                         info!("configuration reloaded; jobs in flight keep their destinations");
                     }
                     Err(e) => error!("reload refused, keeping the running configuration: {e}"),
@@ -206,7 +223,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
             }
             Some(ended) = jobs.join_next() => {
                 match ended {
-                    Ok(end) => settle_job(&spool, &settings, end),
+                    Ok(end) => settle_job(&spool, &settings, &status, end),
                     Err(e) => error!("a job task ended abnormally: {e}"),
                 }
                 next_scan = Instant::now();
@@ -215,7 +232,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
             _ = status_tick.tick() => {
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status_line(&running))]);
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status_line(&board))]);
             }
             _ = tokio::time::sleep(wait) => {
                 let full = last_full_scan.elapsed() >= Duration::from_secs(settings.config.daemon.rescan_secs);
@@ -231,7 +248,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                             match spool.claim(&r) {
                                 Ok(ClaimOutcome::Claimed(c)) => {
                                     info!("claimed {:?} ({} bytes)", c.name, r.size_bytes);
-                                    jobs.spawn(job(settings.clone(), journal.clone(), running.clone(), c, cancel.clone()));
+                                    jobs.spawn(job(ctx(&settings), c));
                                 }
                                 Ok(ClaimOutcome::NotNow) => {}
                                 Ok(ClaimOutcome::Replaced(c, why)) => {
@@ -247,7 +264,12 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                     }
                     Err(e) => error!("{e}; retrying on the next scan"),
                 }
-                let (waiting, _) = spool.waiting();
+                let (waiting, waiting_bytes) = spool.waiting();
+                metrics.spool_waiting_images.set(waiting as i64);
+                metrics.spool_waiting_bytes.set(waiting_bytes as i64);
+                if let Ok(mut w) = status.waiting.lock() {
+                    *w = spool.waiting_list();
+                }
                 next_scan = Instant::now()
                     + if waiting > 0 {
                         Duration::from_secs(1)
@@ -272,7 +294,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     loop {
         tokio::select! {
             ended = jobs.join_next() => match ended {
-                Some(Ok(end)) => settle_job(&spool, &settings, end),
+                Some(Ok(end)) => settle_job(&spool, &settings, &status, end),
                 Some(Err(e)) => error!("a job task ended abnormally: {e}"),
                 None => break,
             },
@@ -291,6 +313,8 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         }
     }
     jobs.abort_all();
+    prober.abort();
+    let _ = stop_http.send(true);
     info!("stopped");
     Ok(())
 }
@@ -343,8 +367,8 @@ fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|d| d / 2)
 }
 
-fn status_line(running: &Running) -> String {
-    let jobs = running.snapshot();
+fn status_line(board: &Board) -> String {
+    let jobs = board.snapshot();
     if jobs.is_empty() {
         return "idle, watching the spool".into();
     }
@@ -382,9 +406,19 @@ fn report(
 }
 
 /// Acts on the spool for a job that ended.
-fn settle_job(spool: &Spool, settings: &Settings, end: JobEnd) {
+fn settle_job(spool: &Spool, settings: &Settings, status: &Status, end: JobEnd) {
+    match &end {
+        JobEnd::Done(_, t) => status.metrics.job_ended("done", t.elapsed()),
+        JobEnd::Failed(c, r, refused, t) => {
+            status
+                .metrics
+                .job_ended(if *refused { "refused" } else { "failed" }, t.elapsed());
+            status.record_error(&c.name.to_string_lossy(), &r.reason);
+        }
+        JobEnd::Interrupted(_) => {}
+    }
     match end {
-        JobEnd::Done(c) => {
+        JobEnd::Done(c, _) => {
             let delete = settings.config.daemon.on_success == OnSuccess::Delete;
             match spool.finish_done(&c, delete) {
                 Ok(()) => info!(
@@ -399,7 +433,7 @@ fn settle_job(spool: &Spool, settings: &Settings, end: JobEnd) {
                 Err(e) => error!("{e}"),
             }
         }
-        JobEnd::Failed(c, report) => {
+        JobEnd::Failed(c, report, _, _) => {
             warn!("{:?} failed: {}", c.name, report.reason);
             if let Err(e) = spool.finish_failed(&c, &report) {
                 error!("{e}; the file stays in {}", spool.active_dir().display());
@@ -476,17 +510,25 @@ async fn abort_record(record: &JobRecord, settings: &Settings) {
     }
 }
 
-/// One image, from claim to verified (or failed, or interrupted).
-async fn job(
+/// What every job shares.
+#[derive(Clone)]
+struct JobCtx {
     settings: Arc<Settings>,
     journal: Journal,
-    running: Arc<Running>,
-    claimed: Claimed,
+    board: Arc<Board>,
+    metrics: Arc<Metrics>,
     cancel: watch::Receiver<bool>,
-) -> JobEnd {
+}
+
+/// One image, from claim to verified (or failed, or interrupted).
+async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
+    let started = Instant::now();
+    let settings = ctx.settings.clone();
+    let journal = ctx.journal.clone();
+    let board = ctx.board.clone();
     let fail = |c: Claimed, reason: String, what: &str| {
         let r = report(&c.name, &reason, vec![], what);
-        JobEnd::Failed(c, Box::new(r))
+        JobEnd::Failed(c, Box::new(r), true, started)
     };
     let Some(name) = claimed.name.to_str().map(str::to_string) else {
         return fail(
@@ -524,7 +566,7 @@ async fn job(
             };
             let mut rep = report(&claimed.name, &r.reasons.join("; "), vec![], what);
             rep.inspection = Some(*r);
-            return JobEnd::Failed(claimed, Box::new(rep));
+            return JobEnd::Failed(claimed, Box::new(rep), true, started);
         }
         Err(e) => {
             return fail(
@@ -635,10 +677,11 @@ async fn job(
 
     let names: Vec<&str> = dests.iter().map(|d| d.name()).collect();
     let progress = Progress::new(&name, plan.file_bytes, &names);
-    running.insert(&name, progress.clone());
+    board.insert(&name, progress.clone());
     let observer: Arc<dyn Observer> = Arc::new(Observers(vec![
         job_journal.clone() as Arc<dyn Observer>,
         Arc::new(ProgressLog::new(progress.clone())),
+        Arc::new(JobMetrics::new(ctx.metrics.clone(), &names)),
     ]));
     let job = Arc::new(Job {
         name: name.clone(),
@@ -656,12 +699,18 @@ async fn job(
         progress,
         resume,
         observer,
-        cancel.clone(),
+        ctx.cancel.clone(),
     )
     .await;
-    running.remove(&name);
+    board.remove(&name);
     let _ = job_journal.flush(true);
-    conclude(claimed, outcomes, &job_journal, *cancel.borrow())
+    conclude(
+        claimed,
+        outcomes,
+        &job_journal,
+        *ctx.cancel.borrow(),
+        started,
+    )
 }
 
 fn conclude(
@@ -669,6 +718,7 @@ fn conclude(
     outcomes: Vec<Outcome>,
     job_journal: &JobJournal,
     cancelled: bool,
+    started: Instant,
 ) -> JobEnd {
     let interrupted = outcomes
         .iter()
@@ -696,7 +746,7 @@ fn conclude(
         error!("{e}");
     }
     if failures.is_empty() {
-        return JobEnd::Done(claimed);
+        return JobEnd::Done(claimed, started);
     }
     let changed = outcomes
         .iter()
@@ -722,7 +772,7 @@ fn conclude(
         )
     };
     let r = report(&claimed.name, &reason, failures, what);
-    JobEnd::Failed(claimed, Box::new(r))
+    JobEnd::Failed(claimed, Box::new(r), false, started)
 }
 
 /// Logs one progress line per destination every 30 s for long jobs.
@@ -741,7 +791,7 @@ impl ProgressLog {
 }
 
 impl Observer for ProgressLog {
-    fn part_done(&self, _d: &str, _r: &crate::store::PartReceipt) {
+    fn part_done(&self, _d: &str, _r: &crate::store::PartReceipt, _took: Duration) {
         let Ok(mut last) = self.last.lock() else {
             return;
         };

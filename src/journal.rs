@@ -264,7 +264,7 @@ impl crate::transfer::Observer for JobJournal {
         self.flush_logged(true);
     }
 
-    fn part_done(&self, destination: &str, receipt: &PartReceipt) {
+    fn part_done(&self, destination: &str, receipt: &PartReceipt, _took: std::time::Duration) {
         self.with(|r| {
             if let Some(d) = r.destinations.get_mut(destination) {
                 d.parts.push(receipt.clone());

@@ -8,9 +8,11 @@
 pub mod chunk;
 pub mod config;
 pub mod daemon;
+pub mod http;
 pub mod image;
 pub mod journal;
 pub mod manifest;
+pub mod metrics;
 pub mod progress;
 pub mod spool;
 pub mod store;

@@ -83,6 +83,10 @@ all at the same time. The object key is IMAGE's base name under each destination
         /// Ship the file even if OCI could not import it (the manifest records the verdict).
         #[arg(long)]
         force: bool,
+        /// Serve /metrics, /healthz, /readyz and /status on ADDR during the push,
+        /// e.g. 127.0.0.1:9465.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Say what an image is and whether OCI can import it, without sending anything.
     #[command(
@@ -158,6 +162,7 @@ async fn run(cli: Cli) -> u8 {
             verify,
             progress_secs,
             force,
+            metrics_addr,
         } => {
             let config = match Config::load_or_embedded(config.as_deref()) {
                 Ok(c) => c,
@@ -172,12 +177,31 @@ async fn run(cli: Cli) -> u8 {
                 verify,
                 force,
             };
+            let (_stop_http, stopped) = tokio::sync::watch::channel(false);
+            let status = match metrics_addr {
+                Some(addr) => {
+                    let st = ferry::http::Status::new(
+                        ferry::metrics::Metrics::new(),
+                        Arc::new(ferry::progress::Board::default()),
+                    );
+                    match ferry::http::serve(addr, st.clone(), stopped).await {
+                        Ok(bound) => eprintln!("ferry: serving http://{bound}/metrics"),
+                        Err(e) => {
+                            eprintln!("ferry: cannot serve metrics on {addr}: {e}");
+                            return EXIT_REFUSED;
+                        }
+                    }
+                    Some(st)
+                }
+                None => None,
+            };
             let outcomes = match transfer::push(
                 &config,
                 &image,
                 opts,
                 Arc::new(transfer::NoObserver),
                 Duration::from_secs(progress_secs.max(1)),
+                status,
             )
             .await
             {

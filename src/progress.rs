@@ -87,6 +87,31 @@ impl Progress {
     }
 }
 
+/// Jobs in flight, for status lines and `/status`.
+#[derive(Default)]
+pub struct Board {
+    jobs: std::sync::Mutex<std::collections::BTreeMap<String, Arc<Progress>>>,
+}
+
+impl Board {
+    pub fn snapshot(&self) -> Vec<Arc<Progress>> {
+        self.jobs
+            .lock()
+            .map(|j| j.values().cloned().collect())
+            .unwrap_or_default()
+    }
+    pub fn insert(&self, name: &str, p: Arc<Progress>) {
+        if let Ok(mut j) = self.jobs.lock() {
+            j.insert(name.to_string(), p);
+        }
+    }
+    pub fn remove(&self, name: &str) {
+        if let Ok(mut j) = self.jobs.lock() {
+            j.remove(name);
+        }
+    }
+}
+
 /// Shows progress until dropped.
 pub struct Renderer {
     stop: tokio::sync::watch::Sender<bool>,

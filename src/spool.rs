@@ -264,6 +264,25 @@ impl Spool {
         )
     }
 
+    /// The images waiting, for `/status`.
+    pub fn waiting_list(&self) -> Vec<crate::http::Waiting> {
+        let mut v: Vec<(&Instant, crate::http::Waiting)> = self
+            .seen
+            .iter()
+            .map(|(n, s)| {
+                (
+                    &s.first_seen,
+                    crate::http::Waiting {
+                        file: n.to_string_lossy().into_owned(),
+                        bytes: s.size,
+                    },
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v.into_iter().map(|(_, w)| w).collect()
+    }
+
     /// Claims a ready file by renaming it (and its sidecar) into `active/`.
     pub fn claim(&mut self, r: &Ready) -> Result<ClaimOutcome, SpoolError> {
         let src = self.dir.join(&r.name);

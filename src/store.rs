@@ -819,6 +819,38 @@ impl Destination {
         }
     }
 
+    /// A cheap request that shows the destination answers (for `/readyz`).
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::File { dir } => {
+                let d = dir.clone();
+                blocking(move || {
+                    std::fs::create_dir_all(&d)?;
+                    let probe = d.join(".ferry-probe");
+                    std::fs::write(&probe, b"")?;
+                    std::fs::remove_file(&probe)
+                })
+                .await
+                .map_err(|source| StoreError::Io {
+                    op: "probe",
+                    key: dir.display().to_string(),
+                    source,
+                })
+            }
+            Backend::Memory { .. } => Ok(()),
+            Backend::Multipart { store, prefix, .. } => {
+                match store.head(&Self::obj_path(prefix, ".ferry-probe")).await {
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(source) => Err(StoreError::Remote {
+                        op: "probe",
+                        key: format!("{prefix}.ferry-probe"),
+                        source,
+                    }),
+                }
+            }
+        }
+    }
+
     /// Reads a small object whole (a manifest, a test).
     pub async fn get_small(&self, name: &str) -> Result<Bytes, StoreError> {
         match &self.backend {

@@ -80,13 +80,17 @@ pub enum TransferError {
 /// Hooks for whoever keeps state or counts (the journal, metrics).
 pub trait Observer: Send + Sync {
     fn upload_started(&self, _destination: &str, _upload_id: &str) {}
-    fn part_done(&self, _destination: &str, _receipt: &PartReceipt) {}
+    fn part_done(&self, _destination: &str, _receipt: &PartReceipt, _took: Duration) {}
     fn retried(&self, _destination: &str, _reason: &'static str) {}
     fn read_bytes(&self, _bytes: u64) {}
     /// A resumed upload could not be continued; the destination starts over.
     fn upload_restarted(&self, _destination: &str) {}
     fn verified(&self, _destination: &str) {}
+    /// Verification failed; `checksum` when the CRC32C did not match.
+    fn verify_failed(&self, _destination: &str, _checksum: bool) {}
     fn part_failed(&self, _destination: &str) {}
+    /// An upload continues from the journal.
+    fn resumed(&self, _destination: &str) {}
 }
 
 /// Several observers as one.
@@ -96,8 +100,8 @@ impl Observer for Observers {
     fn upload_started(&self, d: &str, id: &str) {
         self.0.iter().for_each(|o| o.upload_started(d, id));
     }
-    fn part_done(&self, d: &str, r: &PartReceipt) {
-        self.0.iter().for_each(|o| o.part_done(d, r));
+    fn part_done(&self, d: &str, r: &PartReceipt, took: Duration) {
+        self.0.iter().for_each(|o| o.part_done(d, r, took));
     }
     fn retried(&self, d: &str, reason: &'static str) {
         self.0.iter().for_each(|o| o.retried(d, reason));
@@ -113,6 +117,12 @@ impl Observer for Observers {
     }
     fn part_failed(&self, d: &str) {
         self.0.iter().for_each(|o| o.part_failed(d));
+    }
+    fn verify_failed(&self, d: &str, checksum: bool) {
+        self.0.iter().for_each(|o| o.verify_failed(d, checksum));
+    }
+    fn resumed(&self, d: &str) {
+        self.0.iter().for_each(|o| o.resumed(d));
     }
 }
 
@@ -390,6 +400,7 @@ impl Worker {
         let name = self.job.name.clone();
         let (upload_id, mut receipts) = match resumed {
             Some(r) => {
+                self.observer.resumed(self.dest.name());
                 info!(
                     destination = self.dest.name(),
                     "resuming upload of {name}: {} of {} parts already sent",
@@ -444,20 +455,21 @@ impl Worker {
         dp: Option<&crate::progress::DestinationProgress>,
     ) -> Result<(), TransferError> {
         let slots = Arc::new(Semaphore::new(self.dest.parallel_parts()));
-        let mut tasks: JoinSet<Result<PartReceipt, StoreError>> = JoinSet::new();
+        let mut tasks: JoinSet<Sent> = JoinSet::new();
         let mut self_read = rx.is_none();
         let mut rx = rx.unwrap_or_else(|| mpsc::unbounded_channel().1);
         let mut cancel = self.cancel.clone();
         let plan = self.job.plan;
-        let reap = |r: Result<Result<PartReceipt, StoreError>, tokio::task::JoinError>,
+        type Sent = Result<(PartReceipt, Duration), StoreError>;
+        let reap = |r: Result<Sent, tokio::task::JoinError>,
                     receipts: &mut BTreeMap<u32, PartReceipt>|
          -> Result<(), TransferError> {
             match r {
-                Ok(Ok(receipt)) => {
+                Ok(Ok((receipt, took))) => {
                     if let Some(dp) = dp {
                         dp.add(receipt.size_bytes);
                     }
-                    self.observer.part_done(self.dest.name(), &receipt);
+                    self.observer.part_done(self.dest.name(), &receipt, took);
                     receipts.insert(receipt.index, receipt);
                     Ok(())
                 }
@@ -523,10 +535,12 @@ impl Worker {
             let observer = self.observer.clone();
             tasks.spawn(async move {
                 let _slot = slot;
+                let started = std::time::Instant::now();
                 retry(&policy, dest.name(), &*observer, || {
                     dest.put_part(&name, &id, &part)
                 })
                 .await
+                .map(|r| (r, started.elapsed()))
             });
         }
         while let Some(r) = tasks.join_next().await {
@@ -584,7 +598,14 @@ impl Worker {
                 return Err(e.into());
             }
         }
-        let crc = self.verify(receipts).await?;
+        let crc = match self.verify(receipts).await {
+            Ok(crc) => crc,
+            Err(e) => {
+                let checksum = matches!(&e, TransferError::Verify(m) if m.contains("CRC32C"));
+                self.observer.verify_failed(dn, checksum);
+                return Err(e);
+            }
+        };
         let m = Manifest {
             manifest_version: manifest::FORMAT_VERSION,
             ferry_version: crate::VERSION.to_string(),
@@ -820,7 +841,9 @@ pub async fn push(
     opts: PushOptions,
     observer: Arc<dyn Observer>,
     progress_every: Duration,
+    status: Option<Arc<crate::http::Status>>,
 ) -> Result<Vec<Outcome>, PushError> {
+    let started = std::time::Instant::now();
     let source = chunk::Source::open(path)?;
     let mut sidecar = path.as_os_str().to_os_string();
     sidecar.push(crate::spool::SIDECAR_SUFFIX);
@@ -856,6 +879,19 @@ pub async fn push(
     let names: Vec<&str> = dests.iter().map(|d| d.name()).collect();
     let progress = Progress::new(&source.name, plan.file_bytes, &names);
     let renderer = crate::progress::Renderer::start(progress.clone(), progress_every);
+    let observer: Arc<dyn Observer> = match &status {
+        Some(st) => {
+            if let Ok(mut b) = st.budget.lock() {
+                *b = Some(budget.clone());
+            }
+            st.board.insert(&source.name, progress.clone());
+            Arc::new(Observers(vec![
+                observer,
+                Arc::new(crate::metrics::JobMetrics::new(st.metrics.clone(), &names)),
+            ]))
+        }
+        None => observer,
+    };
     let job = Arc::new(Job {
         name: source.name.clone(),
         source: source.clone(),
@@ -877,6 +913,12 @@ pub async fn push(
     )
     .await;
     renderer.finish().await;
+    if let Some(st) = &status {
+        st.board.remove(&source.name);
+        let ok = outcomes.iter().all(|o| o.result.is_ok());
+        st.metrics
+            .job_ended(if ok { "done" } else { "failed" }, started.elapsed());
+    }
     Ok(outcomes)
 }
 

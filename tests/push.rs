@@ -355,8 +355,7 @@ fn embedded_default_ships_to_var_regions() {
     random_file(&img, 6 << 20, 5);
     let out = run(ferry()
         .current_dir(dir.path())
-        .arg("push")
-        .arg("default.qcow2"));
+        .args(["push", "--force", "default.qcow2"]));
     assert!(out.status.success());
     for region in ["phoenix", "frankfurt"] {
         let obj = dir

@@ -151,13 +151,17 @@ impl Report {
 
     /// A refusal for a format OCI cannot import, naming it.
     fn cannot_import(&mut self, name: &str, convert_from: &str) {
+        let stem = Path::new(&self.file)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into());
+        let mut out = format!("{stem}.qcow2");
+        if out == self.file {
+            out = format!("{stem}-converted.qcow2");
+        }
         self.refuse(format!(
-            "OCI cannot import {name}; convert it first: qemu-img convert{convert_from} -O qcow2 {} {}.qcow2",
-            self.file,
-            Path::new(&self.file)
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "image".into())
+            "OCI cannot import {name}; convert it first: qemu-img convert{convert_from} -O qcow2 {} {out}",
+            self.file
         ));
     }
 

@@ -1,0 +1,329 @@
+//! Metric definitions: every name is a constant here, documented in the README.
+//!
+//! Promises: labels are only `destination`, `outcome`, `reason` and `version`,
+//! never a file name, so the series count stays small whatever is shipped.
+//! Counting on the hot path is a few atomic adds on handles resolved once per
+//! destination and job ([`DestinationMetrics`]), never a label lookup per part.
+//!
+//! Design choice: the `prometheus` crate, whose classic text format (0.0.4) every
+//! scraper and Debian's `promtool` read; OpenMetrics-only encoders are rejected
+//! by that promtool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::store::PartReceipt;
+use crate::transfer::Observer;
+
+pub const READ_BYTES: &str = "ferry_read_bytes_total";
+pub const UPLOADED_BYTES: &str = "ferry_uploaded_bytes_total";
+pub const PARTS_UPLOADED: &str = "ferry_parts_uploaded_total";
+pub const PART_UPLOAD_DURATION: &str = "ferry_part_upload_duration_seconds";
+pub const PART_RETRIES: &str = "ferry_part_retries_total";
+pub const CHECKSUM_MISMATCHES: &str = "ferry_checksum_mismatches_total";
+pub const OBJECTS_VERIFIED: &str = "ferry_objects_verified_total";
+pub const JOBS: &str = "ferry_jobs_total";
+pub const JOB_DURATION: &str = "ferry_job_duration_seconds";
+pub const SPOOL_WAITING_IMAGES: &str = "ferry_spool_waiting_images";
+pub const SPOOL_WAITING_BYTES: &str = "ferry_spool_waiting_bytes";
+pub const JOBS_IN_FLIGHT: &str = "ferry_jobs_in_flight";
+pub const BUFFER_BYTES_IN_USE: &str = "ferry_buffer_bytes_in_use";
+pub const BUFFER_BYTES_LIMIT: &str = "ferry_buffer_bytes_limit";
+pub const UPLOADS_RESUMED: &str = "ferry_uploads_resumed_total";
+pub const BUILD_INFO: &str = "ferry_build_info";
+
+/// Buckets for parts of 5 MiB .. 5 GiB on links from a LAN to a slow WAN.
+const PART_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+];
+/// Buckets for whole jobs: seconds to hours.
+const JOB_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
+];
+
+/// Every metric ferry exposes.
+pub struct Metrics {
+    registry: Registry,
+    pub read_bytes: IntCounter,
+    uploaded_bytes: IntCounterVec,
+    parts_uploaded: IntCounterVec,
+    part_duration: HistogramVec,
+    part_retries: IntCounterVec,
+    checksum_mismatches: IntCounterVec,
+    objects_verified: IntCounterVec,
+    jobs: IntCounterVec,
+    pub job_duration: Histogram,
+    pub spool_waiting_images: IntGauge,
+    pub spool_waiting_bytes: IntGauge,
+    pub jobs_in_flight: IntGauge,
+    pub buffer_in_use: IntGauge,
+    pub buffer_limit: IntGauge,
+    uploads_resumed: IntCounterVec,
+}
+
+/// Handles for one destination, resolved once.
+pub struct DestinationMetrics {
+    pub name: String,
+    uploaded_bytes: IntCounter,
+    parts_uploaded: IntCounter,
+    part_duration: Histogram,
+    checksum_mismatches: IntCounter,
+    verified_ok: IntCounter,
+    verified_failed: IntCounter,
+    pub uploads_resumed: IntCounter,
+    retries: IntCounterVec,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    // Only fails on an invalid name or a duplicate registration: a bug in this
+    // module, caught by its unit test.
+    r.expect("metric definitions are valid and registered once")
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = must(IntCounter::new(name, help));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = must(IntCounterVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = must(IntGauge::new(name, help));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let part_duration = must(HistogramVec::new(
+            HistogramOpts::new(
+                PART_UPLOAD_DURATION,
+                "Time to upload one part, retries included, by destination.",
+            )
+            .buckets(PART_BUCKETS.to_vec()),
+            &["destination"],
+        ));
+        must(registry.register(Box::new(part_duration.clone())));
+        let job_duration = must(Histogram::with_opts(
+            HistogramOpts::new(JOB_DURATION, "Time from claim to the end of a job.")
+                .buckets(JOB_BUCKETS.to_vec()),
+        ));
+        must(registry.register(Box::new(job_duration.clone())));
+        let build = must(IntGaugeVec::new(
+            Opts::new(BUILD_INFO, "ferry's version; always 1."),
+            &["version"],
+        ));
+        must(registry.register(Box::new(build.clone())));
+        build.with_label_values(&[crate::VERSION]).set(1);
+        Arc::new(Metrics {
+            read_bytes: counter(READ_BYTES, "Bytes read from source images."),
+            uploaded_bytes: counter_vec(
+                UPLOADED_BYTES,
+                "Bytes of parts accepted by a destination.",
+                &["destination"],
+            ),
+            parts_uploaded: counter_vec(
+                PARTS_UPLOADED,
+                "Parts accepted by a destination.",
+                &["destination"],
+            ),
+            part_duration,
+            part_retries: counter_vec(
+                PART_RETRIES,
+                "Requests retried, by destination and reason (timeout, server_error, slow_down, reset, checksum, other).",
+                &["destination", "reason"],
+            ),
+            checksum_mismatches: counter_vec(
+                CHECKSUM_MISMATCHES,
+                "Parts or objects whose checksum did not match, by destination.",
+                &["destination"],
+            ),
+            objects_verified: counter_vec(
+                OBJECTS_VERIFIED,
+                "Objects checked after completion, by destination and outcome (ok, failed).",
+                &["destination", "outcome"],
+            ),
+            jobs: counter_vec(
+                JOBS,
+                "Jobs ended, by outcome (done, refused, failed).",
+                &["outcome"],
+            ),
+            job_duration,
+            spool_waiting_images: gauge(
+                SPOOL_WAITING_IMAGES,
+                "Images in the spool not yet claimed.",
+            ),
+            spool_waiting_bytes: gauge(
+                SPOOL_WAITING_BYTES,
+                "Bytes of images in the spool not yet claimed.",
+            ),
+            jobs_in_flight: gauge(JOBS_IN_FLIGHT, "Jobs in flight."),
+            buffer_in_use: gauge(BUFFER_BYTES_IN_USE, "Bytes of part buffers in use."),
+            buffer_limit: gauge(BUFFER_BYTES_LIMIT, "The memory limit of part buffers."),
+            uploads_resumed: counter_vec(
+                UPLOADS_RESUMED,
+                "Uploads continued from the journal after a restart, by destination.",
+                &["destination"],
+            ),
+            registry,
+        })
+    }
+
+    /// Handles for `destination`; call once per destination and job.
+    pub fn destination(&self, destination: &str) -> Arc<DestinationMetrics> {
+        let d = [destination];
+        Arc::new(DestinationMetrics {
+            name: destination.to_string(),
+            uploaded_bytes: self.uploaded_bytes.with_label_values(&d),
+            parts_uploaded: self.parts_uploaded.with_label_values(&d),
+            part_duration: self.part_duration.with_label_values(&d),
+            checksum_mismatches: self.checksum_mismatches.with_label_values(&d),
+            verified_ok: self
+                .objects_verified
+                .with_label_values(&[destination, "ok"]),
+            verified_failed: self
+                .objects_verified
+                .with_label_values(&[destination, "failed"]),
+            uploads_resumed: self.uploads_resumed.with_label_values(&d),
+            retries: self.part_retries.clone(),
+        })
+    }
+
+    pub fn job_ended(&self, outcome: &str, took: Duration) {
+        self.jobs.with_label_values(&[outcome]).inc();
+        self.job_duration.observe(took.as_secs_f64());
+    }
+
+    /// The text exposition format 0.0.4.
+    pub fn encode(&self) -> (String, Vec<u8>) {
+        let enc = TextEncoder::new();
+        let mut buf = Vec::new();
+        if let Err(e) = enc.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!("encoding metrics: {e}");
+        }
+        (enc.format_type().to_string(), buf)
+    }
+}
+
+/// Feeds one job's events into the metrics.
+pub struct JobMetrics {
+    metrics: Arc<Metrics>,
+    destinations: Vec<Arc<DestinationMetrics>>,
+}
+
+impl JobMetrics {
+    pub fn new(metrics: Arc<Metrics>, names: &[&str]) -> JobMetrics {
+        let destinations = names.iter().map(|n| metrics.destination(n)).collect();
+        JobMetrics {
+            metrics,
+            destinations,
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&DestinationMetrics> {
+        self.destinations
+            .iter()
+            .find(|d| d.name == name)
+            .map(|d| &**d)
+    }
+}
+
+impl Observer for JobMetrics {
+    fn part_done(&self, destination: &str, receipt: &PartReceipt, took: Duration) {
+        if let Some(d) = self.get(destination) {
+            d.uploaded_bytes.inc_by(receipt.size_bytes);
+            d.parts_uploaded.inc();
+            d.part_duration.observe(took.as_secs_f64());
+        }
+    }
+    fn retried(&self, destination: &str, reason: &'static str) {
+        if let Some(d) = self.get(destination) {
+            d.retries.with_label_values(&[destination, reason]).inc();
+            if reason == "checksum" {
+                d.checksum_mismatches.inc();
+            }
+        }
+    }
+    fn read_bytes(&self, bytes: u64) {
+        self.metrics.read_bytes.inc_by(bytes);
+    }
+    fn verified(&self, destination: &str) {
+        if let Some(d) = self.get(destination) {
+            d.verified_ok.inc();
+        }
+    }
+    fn verify_failed(&self, destination: &str, checksum: bool) {
+        if let Some(d) = self.get(destination) {
+            d.verified_failed.inc();
+            if checksum {
+                d.checksum_mismatches.inc();
+            }
+        }
+    }
+    fn resumed(&self, destination: &str) {
+        if let Some(d) = self.get(destination) {
+            d.uploads_resumed.inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_exposed_with_its_name() {
+        let m = Metrics::new();
+        let j = JobMetrics::new(m.clone(), &["phoenix"]);
+        let r = PartReceipt {
+            index: 0,
+            part_id: String::new(),
+            size_bytes: 10,
+            crc32c: 0,
+        };
+        j.part_done("phoenix", &r, Duration::from_millis(5));
+        j.retried("phoenix", "slow_down");
+        j.verified("phoenix");
+        j.verify_failed("phoenix", true);
+        j.resumed("phoenix");
+        j.read_bytes(10);
+        m.job_ended("done", Duration::from_secs(1));
+        let (_, text) = m.encode();
+        let text = String::from_utf8(text).unwrap();
+        for name in [
+            READ_BYTES,
+            UPLOADED_BYTES,
+            PARTS_UPLOADED,
+            PART_UPLOAD_DURATION,
+            PART_RETRIES,
+            CHECKSUM_MISMATCHES,
+            OBJECTS_VERIFIED,
+            JOBS,
+            JOB_DURATION,
+            SPOOL_WAITING_IMAGES,
+            SPOOL_WAITING_BYTES,
+            JOBS_IN_FLIGHT,
+            BUFFER_BYTES_IN_USE,
+            BUFFER_BYTES_LIMIT,
+            UPLOADS_RESUMED,
+            BUILD_INFO,
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+        assert!(text.contains("ferry_uploaded_bytes_total{destination=\"phoenix\"} 10"));
+        assert!(
+            text.contains(
+                "ferry_part_retries_total{destination=\"phoenix\",reason=\"slow_down\"} 1"
+            )
+        );
+        assert!(text.contains("ferry_checksum_mismatches_total{destination=\"phoenix\"} 1"));
+    }
+}
