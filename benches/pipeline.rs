@@ -155,7 +155,11 @@ fn main() {
     let status = ferry::http::Status::new(metrics, Arc::new(ferry::progress::Board::default()));
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let addr = rt
-        .block_on(ferry::http::serve("127.0.0.1:0".parse().unwrap(), status.clone(), stopped))
+        .block_on(ferry::http::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            status.clone(),
+            stopped,
+        ))
         .unwrap();
     let scraper = std::thread::spawn(move || {
         use std::io::{Read, Write};
@@ -180,7 +184,11 @@ fn main() {
     warm(&four);
     for _ in 0..5 {
         off.push(rt.block_on(push_memory_with(&four, ReaderKind::Mmap, None)));
-        on.push(rt.block_on(push_memory_with(&four, ReaderKind::Mmap, Some(status.clone()))));
+        on.push(rt.block_on(push_memory_with(
+            &four,
+            ReaderKind::Mmap,
+            Some(status.clone()),
+        )));
     }
     let (on, off) = (median(on), median(off));
     println!(

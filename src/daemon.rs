@@ -108,7 +108,17 @@ enum JobEnd {
     Failed(Claimed, Box<ErrorReport>, bool, Instant),
     /// Shutting down: the file stays in `active/` with its journal record.
     Interrupted(Claimed),
+    /// Every failure may pass by itself (a destination down, throttling): the
+    /// file stays in `active/` with its uploads and journal, and is tried again.
+    Retry(Claimed, String),
 }
+
+/// Attempts of a job whose destinations keep failing for passing reasons
+/// before it goes to `failed/`, and the pause before attempt N (N x this,
+/// at most `JOB_RETRY_MAX_PAUSE`): about an hour of outage in all.
+const JOB_ATTEMPTS: u32 = 12;
+const JOB_RETRY_PAUSE: Duration = Duration::from_secs(15);
+const JOB_RETRY_MAX_PAUSE: Duration = Duration::from_secs(300);
 
 /// Runs the daemon until a signal stops it.
 pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
@@ -188,6 +198,9 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
 
     let mut next_scan = Instant::now();
     let mut last_full_scan = Instant::now();
+    let mut attempts: HashMap<OsString, u32> = HashMap::new();
+    let mut retry_at: Vec<(Instant, Claimed)> = Vec::new();
+    let mut state_ok = true;
     loop {
         let wait = next_scan.saturating_duration_since(Instant::now());
         tokio::select! {
@@ -223,7 +236,21 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
             }
             Some(ended) = jobs.join_next() => {
                 match ended {
-                    Ok(end) => settle_job(&spool, &settings, &status, end),
+                    Ok(end) => {
+                        if let Some(c) = settle_job(&spool, &settings, &status, end) {
+                            let n = attempts.entry(c.name.clone()).or_insert(0);
+                            *n += 1;
+                            if *n >= JOB_ATTEMPTS {
+                                let r = report(&c.name, &format!("{} attempts failed for passing reasons (network, server errors); giving up", JOB_ATTEMPTS), vec![], "Check the destinations named in the log and in /status, then move the file from failed/ back into the spool.");
+                                attempts.remove(&c.name);
+                                settle_job(&spool, &settings, &status, JobEnd::Failed(c, Box::new(r), false, Instant::now()));
+                            } else {
+                                let pause = (JOB_RETRY_PAUSE * *n).min(JOB_RETRY_MAX_PAUSE);
+                                warn!("{:?}: a destination is failing for a passing reason; attempt {} of {JOB_ATTEMPTS} in {}s (the upload is kept)", c.name, *n + 1, pause.as_secs());
+                                retry_at.push((Instant::now() + pause, c));
+                            }
+                        }
+                    }
                     Err(e) => error!("a job task ended abnormally: {e}"),
                 }
                 next_scan = Instant::now();
@@ -239,8 +266,35 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                 if full {
                     last_full_scan = Instant::now();
                 }
+                // Jobs waiting to be tried again.
+                let now = Instant::now();
+                let (due, later): (Vec<_>, Vec<_>) = retry_at.drain(..).partition(|(t, _)| *t <= now);
+                retry_at = later;
+                for (_, c) in due {
+                    jobs.spawn(job(ctx(&settings), c));
+                }
+                // No new work while the state directory refuses writes.
+                match journal.writable() {
+                    Ok(()) if !state_ok => {
+                        state_ok = true;
+                        info!("the state directory takes writes again; taking new files");
+                        if let Ok(mut p) = status.state_problem.lock() {
+                            *p = None;
+                        }
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        if state_ok {
+                            error!("{e}: not taking new files until the state directory takes writes again (nothing is lost: files wait in the spool)");
+                        }
+                        state_ok = false;
+                        if let Ok(mut p) = status.state_problem.lock() {
+                            *p = Some(format!("state directory does not take writes ({e}); not taking new files"));
+                        }
+                    }
+                }
                 match spool.scan(Instant::now()) {
-                    Ok(ready) => {
+                    Ok(ready) if state_ok => {
                         for r in ready {
                             if jobs.len() >= settings.config.daemon.max_jobs {
                                 break;
@@ -248,6 +302,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                             match spool.claim(&r) {
                                 Ok(ClaimOutcome::Claimed(c)) => {
                                     info!("claimed {:?} ({} bytes)", c.name, r.size_bytes);
+                                    crate::failpoint::reached("claim");
                                     jobs.spawn(job(ctx(&settings), c));
                                 }
                                 Ok(ClaimOutcome::NotNow) => {}
@@ -262,6 +317,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                             }
                         }
                     }
+                    Ok(_) => {}
                     Err(e) => error!("{e}; retrying on the next scan"),
                 }
                 let (waiting, waiting_bytes) = spool.waiting();
@@ -271,7 +327,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                     *w = spool.waiting_list();
                 }
                 next_scan = Instant::now()
-                    + if waiting > 0 {
+                    + if waiting > 0 || !state_ok || !retry_at.is_empty() {
                         Duration::from_secs(1)
                     } else {
                         Duration::from_secs(settings.config.daemon.rescan_secs)
@@ -294,7 +350,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     loop {
         tokio::select! {
             ended = jobs.join_next() => match ended {
-                Some(Ok(end)) => settle_job(&spool, &settings, &status, end),
+                Some(Ok(end)) => {
+                    if let Some(c) = settle_job(&spool, &settings, &status, end) {
+                        info!("{:?} stays in active/ and resumes at the next start", c.name);
+                    }
+                }
                 Some(Err(e)) => error!("a job task ended abnormally: {e}"),
                 None => break,
             },
@@ -406,7 +466,7 @@ fn report(
 }
 
 /// Acts on the spool for a job that ended.
-fn settle_job(spool: &Spool, settings: &Settings, status: &Status, end: JobEnd) {
+fn settle_job(spool: &Spool, settings: &Settings, status: &Status, end: JobEnd) -> Option<Claimed> {
     match &end {
         JobEnd::Done(_, t) => status.metrics.job_ended("done", t.elapsed()),
         JobEnd::Failed(c, r, refused, t) => {
@@ -415,10 +475,11 @@ fn settle_job(spool: &Spool, settings: &Settings, status: &Status, end: JobEnd) 
                 .job_ended(if *refused { "refused" } else { "failed" }, t.elapsed());
             status.record_error(&c.name.to_string_lossy(), &r.reason);
         }
-        JobEnd::Interrupted(_) => {}
+        JobEnd::Interrupted(_) | JobEnd::Retry(..) => {}
     }
     match end {
         JobEnd::Done(c, _) => {
+            crate::failpoint::reached("done");
             let delete = settings.config.daemon.on_success == OnSuccess::Delete;
             match spool.finish_done(&c, delete) {
                 Ok(()) => info!(
@@ -440,12 +501,20 @@ fn settle_job(spool: &Spool, settings: &Settings, status: &Status, end: JobEnd) 
             }
         }
         JobEnd::Interrupted(c) => info!("{:?} interrupted; it resumes at the next start", c.name),
+        JobEnd::Retry(c, why) => {
+            status.record_error(&c.name.to_string_lossy(), &why);
+            return Some(c);
+        }
     }
+    None
 }
 
 /// Journal records without a file in `active/` belong to jobs that can no longer
 /// finish: abort their uploads so nothing is left behind in the stores.
 async fn abort_orphans(journal: &Journal, spool: &Spool, settings: &Settings) {
+    for d in &settings.destinations {
+        d.sweep().await;
+    }
     let active: Vec<String> = spool
         .active_jobs()
         .iter()
@@ -691,6 +760,7 @@ async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
         verify: config.transfer.verify,
         retry: RetryPolicy::from_config(&config.transfer),
         image: Some(report),
+        keep_transient: true,
     });
     let outcomes = transfer::run(
         job,
@@ -725,6 +795,23 @@ fn conclude(
         .any(|o| matches!(o.result, Err(TransferError::Cancelled)));
     if interrupted || (cancelled && outcomes.iter().any(|o| o.result.is_err())) {
         return JobEnd::Interrupted(claimed);
+    }
+    let transient_only = outcomes
+        .iter()
+        .filter_map(|o| o.result.as_ref().err())
+        .all(|e| e.transient());
+    if transient_only && outcomes.iter().any(|o| o.result.is_err()) {
+        let why = outcomes
+            .iter()
+            .filter_map(|o| {
+                o.result
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("{}: {e}", o.destination))
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        return JobEnd::Retry(claimed, why);
     }
     let failures: Vec<DestinationError> = outcomes
         .iter()

@@ -90,8 +90,15 @@ impl Journal {
         Ok(Journal { dir })
     }
 
+    /// Records are named by the encoded job name, shortened with a CRC32C of the
+    /// name when that would not fit a file name; the name itself is inside.
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{}.json", encode(name)))
+        let mut e = encode(name);
+        if e.len() > 180 {
+            e.truncate(120);
+            e = format!("{e}-{:08x}", crc32c::crc32c(name.as_bytes()));
+        }
+        self.dir.join(format!("{e}.json"))
     }
 
     /// Checks that the state directory takes writes (for readiness and start-up).
@@ -123,16 +130,28 @@ impl Journal {
         }
     }
 
-    /// Every job name with a record.
+    /// Every job name with a record (the name is read from the record).
     pub fn names(&self) -> Vec<String> {
+        #[derive(Deserialize)]
+        struct Name {
+            name: String,
+        }
         let mut out = Vec::new();
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for e in entries.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if let Some(stem) = n.strip_suffix(".json")
-                    && let Some(name) = decode(stem)
-                {
-                    out.push(name);
+                if !e.file_name().to_string_lossy().ends_with(".json") {
+                    continue;
+                }
+                let name = std::fs::read(e.path())
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Name>(&b).ok())
+                    .map(|n| n.name)
+                    .or_else(|| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        decode(n.strip_suffix(".json")?)
+                    });
+                if let Some(n) = name {
+                    out.push(n);
                 }
             }
         }
@@ -328,16 +347,31 @@ mod tests {
     fn records_round_trip_for_any_name() {
         let d = tempfile::tempdir().unwrap();
         let j = Journal::open(d.path()).unwrap();
-        for name in ["disk.qcow2", ".hidden", "a b\nc", "..", "ü%41"] {
+        let long = "x".repeat(255);
+        for name in [
+            "disk.qcow2",
+            ".hidden",
+            "a b\nc",
+            "..",
+            "ü%41",
+            long.as_str(),
+        ] {
             j.save(&record(name)).unwrap();
             assert_eq!(j.load(name), Some(record(name)), "{name:?}");
         }
         let mut names = j.names();
         names.sort();
-        let mut want: Vec<String> = ["disk.qcow2", ".hidden", "a b\nc", "..", "ü%41"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut want: Vec<String> = [
+            "disk.qcow2",
+            ".hidden",
+            "a b\nc",
+            "..",
+            "ü%41",
+            long.as_str(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         want.sort();
         assert_eq!(names, want);
         j.remove("disk.qcow2").unwrap();

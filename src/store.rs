@@ -239,12 +239,16 @@ impl StoreError {
     /// Worth another try after a pause: network trouble, timeouts, 5xx, throttling.
     pub fn retryable(&self) -> bool {
         match self {
-            StoreError::Io { source, .. } => !matches!(
+            StoreError::Io { source, .. } => matches!(
                 source.kind(),
-                std::io::ErrorKind::PermissionDenied
-                    | std::io::ErrorKind::NotFound
-                    | std::io::ErrorKind::ReadOnlyFilesystem
-                    | std::io::ErrorKind::InvalidInput
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::StorageFull
+                    | std::io::ErrorKind::ResourceBusy
             ),
             StoreError::Remote { source, .. } => match source {
                 object_store::Error::Generic { .. } => {
@@ -456,10 +460,12 @@ impl Destination {
         ObjPath::from_iter(prefix.split('/').filter(|s| !s.is_empty()).chain([name]))
     }
 
+    /// The object and its staging file; the staging name is short (the upload
+    /// id is unique) so a 255-byte object name still fits.
     fn file_paths(dir: &FsPath, name: &str, upload_id: &str) -> (PathBuf, PathBuf) {
         (
             dir.join(name),
-            dir.join(format!(".ferry-upload.{upload_id}.{name}")),
+            dir.join(format!(".ferry-upload.{upload_id}")),
         )
     }
 
@@ -790,7 +796,7 @@ impl Destination {
                 let key = self.key(&name);
                 blocking(move || {
                     std::fs::create_dir_all(&dir)?;
-                    let tmp = dir.join(format!(".ferry-tmp.{name}"));
+                    let tmp = dir.join(format!(".ferry-tmp.{:016x}", rand::random::<u64>()));
                     std::fs::write(&tmp, &body)?;
                     std::fs::File::open(&tmp)?.sync_all()?;
                     std::fs::rename(&tmp, dir.join(&name))?;
@@ -816,6 +822,27 @@ impl Destination {
                     key: self.key(name),
                     source,
                 }),
+        }
+    }
+
+    /// Removes what an interrupted small write left behind (file:// temp files;
+    /// they are never valid). Unfinished uploads are aborted from the journal.
+    pub async fn sweep(&self) {
+        if let Backend::File { dir } = &self.backend {
+            let dir = dir.clone();
+            let _ = blocking(move || {
+                for e in std::fs::read_dir(&dir)?.flatten() {
+                    if e.file_name().to_string_lossy().starts_with(".ferry-tmp.") {
+                        tracing::info!(
+                            "removing {}, left by an interrupted write",
+                            e.path().display()
+                        );
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+                Ok(())
+            })
+            .await;
         }
     }
 
@@ -971,6 +998,12 @@ fn build_s3(
     if let Some(e) = endpoint {
         b = b.with_endpoint(e);
     }
+    b = match transfer.payload_checksum {
+        crate::config::PayloadChecksum::Crc64nvme => b
+            .with_unsigned_payload(true)
+            .with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME),
+        crate::config::PayloadChecksum::Sha256 => b,
+    };
     let region = cfg
         .region
         .clone()

@@ -149,6 +149,16 @@ pub struct Job {
     pub retry: RetryPolicy,
     /// What inspection found, for the manifest and the CreateImage body.
     pub image: Option<crate::image::Report>,
+    /// Keep an upload that failed for a passing reason (network, 5xx), so a
+    /// later attempt resumes it; otherwise every failed upload is aborted.
+    pub keep_transient: bool,
+}
+
+impl TransferError {
+    /// A failure that may pass by itself (network, server errors, throttling).
+    pub fn transient(&self) -> bool {
+        matches!(self, TransferError::Store(e) if e.retryable())
+    }
 }
 
 /// The result for one destination.
@@ -426,7 +436,9 @@ impl Worker {
 
         let sent = self.send_parts(rx, &upload_id, &mut receipts, dp).await;
         if let Err(e) = sent {
-            if !matches!(e, TransferError::Cancelled) {
+            let keep =
+                matches!(e, TransferError::Cancelled) || (self.job.keep_transient && e.transient());
+            if !keep {
                 self.abort(&upload_id).await;
             }
             return Err(e);
@@ -470,6 +482,7 @@ impl Worker {
                         dp.add(receipt.size_bytes);
                     }
                     self.observer.part_done(self.dest.name(), &receipt, took);
+                    crate::failpoint::reached("part");
                     receipts.insert(receipt.index, receipt);
                     Ok(())
                 }
@@ -594,10 +607,14 @@ impl Worker {
                 "completing {name} failed ({e}); checking the object"
             );
             if self.verify(receipts).await.is_err() {
-                self.abort(upload_id).await;
-                return Err(e.into());
+                let e = TransferError::from(e);
+                if !(self.job.keep_transient && e.transient()) {
+                    self.abort(upload_id).await;
+                }
+                return Err(e);
             }
         }
+        crate::failpoint::reached("complete");
         let crc = match self.verify(receipts).await {
             Ok(crc) => crc,
             Err(e) => {
@@ -644,6 +661,7 @@ impl Worker {
             self.dest.put_small(&mname, body.clone())
         })
         .await?;
+        crate::failpoint::reached("manifest");
         Ok(m)
     }
 
@@ -900,6 +918,7 @@ pub async fn push(
         verify: opts.verify.unwrap_or(config.transfer.verify),
         retry: RetryPolicy::from_config(&config.transfer),
         image: Some(report),
+        keep_transient: false,
     });
     let (_cancel_tx, cancel) = watch::channel(false);
     let outcomes = run(

