@@ -20,7 +20,7 @@ start)
 {"identities":[{"name":"admin","credentials":[{"accessKey":"${AWS_ACCESS_KEY_ID:-ferrytest}","secretKey":"${AWS_SECRET_ACCESS_KEY:-ferrytestsecret}"}],"actions":["Admin","Read","List","Tagging","Write"]}]}
 JSON
   "$weed" server -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-    -master.port=$base -master.telemetry=false -master.volumeSizeLimitMB=1024 -volume.max=256 \
+    -master.port=$base -master.telemetry=false -master.volumeSizeLimitMB=1024 -volume.max=512 \
     -volume.port=$((base + 1)) -filer -filer.port=$((base + 2)) \
     -s3 -s3.port="$s3" -s3.config="$dir/s3.json" -s3.port.iceberg=0 -s3.port.lance=0 \
     > "$dir/weed.log" 2>&1 &
