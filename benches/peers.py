@@ -21,6 +21,8 @@ S3_PORT = int(os.environ["S3_PORT"])
 ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
 BUCKETS = os.environ["BUCKETS"].split(",")
 RUNS = int(os.environ.get("RUNS", "3"))
+# Runs of the three-region and WAN cases (each run moves three times the bytes).
+RUNS_MULTI = int(os.environ.get("RUNS_MULTI", str(RUNS)))
 IMAGE = os.environ["IMAGE"]
 WAN_IMAGE = os.environ["WAN_IMAGE"]
 WAN_LINKS = [(int(p), float(rtt), float(mbit)) for p, rtt, mbit in
@@ -170,7 +172,7 @@ def three_regions(single):
     gib = os.path.getsize(IMAGE) / 2**30
     cfg = ferry_config("three", [(b, ENDPOINT) for b in BUCKETS[:3]])
     res = {}
-    for run in range(RUNS):
+    for run in range(RUNS_MULTI):
         order = TOOLS[run % len(TOOLS):] + TOOLS[:run % len(TOOLS)]
         for t in order:
             if t == "ferry":
@@ -187,7 +189,7 @@ def three_regions(single):
         s = single.get(t)
         seq = (3 * s[0], 3 * s[1], s[2], s[3]) if s else None
         rows[t] = (*seq, "in sequence") if seq and seq[0] < par[0] else (*par, "3 at once")
-    return table(f"Three regions: {gib:.0f} GiB image to three buckets", rows, gib * 3,
+    return table(f"Three regions: {gib:.0f} GiB image to three buckets ({RUNS_MULTI} run(s))", rows, gib * 3,
                  "ferry reads once and fans out to three buckets; each peer does the three uploads its "
                  "faster way: three processes at once (measured), or one after another (three times "
                  "its one-region median). MB/s and CPU/GiB count the bytes delivered to all three.")
@@ -199,13 +201,13 @@ def wan():
     cfg = ferry_config("wan", list(zip(BUCKETS[:3], endpoints)))
     cap_mbs = sum(m for _, _, m in WAN_LINKS) / 8
     res = {"ferry": [], "s5cmd": []}
-    for _ in range(RUNS):
+    for _ in range(RUNS_MULTI):
         res["ferry"].append(measure([[FERRY, "push", "--force", "--config", cfg, WAN_IMAGE]]))
         res["s5cmd"].append(measure([peer_cmd("s5cmd", WAN_IMAGE, b, e)
                                      for b, e in zip(BUCKETS[:3], endpoints)]))
     rows = {t: (*med(r), "" if t == "ferry" else "3 at once") for t, r in res.items()}
     links = ", ".join(f"{rtt:.0f} ms / {m:.0f} Mbit/s" for _, rtt, m in WAN_LINKS)
-    table(f"WAN: {gib:.0f} GiB image to three regions behind link emulators", rows, gib * 3,
+    table(f"WAN: {gib:.0f} GiB image to three regions behind link emulators ({RUNS_MULTI} run(s))", rows, gib * 3,
           f"Links (round trip / cap): {links}; the caps sum to {cap_mbs:.1f} MB/s.")
     f = rows["ferry"]
     total = gib * 3 * 1073.741824 / f[0]

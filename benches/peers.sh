@@ -7,7 +7,7 @@
 #
 #   bash benches/peers.sh              # one region, three regions, WAN
 #   bash benches/peers.sh one          # only some cases: one three wan
-#   SIZE_GIB=4 WAN_GIB=1 RUNS=3 bash benches/peers.sh
+#   SIZE_GIB=4 WAN_GIB=1 RUNS=3 RUNS_MULTI=3 bash benches/peers.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ROOT="$PWD" OUT="$PWD/bench-out"

@@ -1007,7 +1007,7 @@ mod tests {
                 Err(StoreError::Io {
                     op: "x",
                     key: "k".into(),
-                    source: std::io::Error::other("boom"),
+                    source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, "boom"),
                 })
             }
         })
