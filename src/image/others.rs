@@ -2,24 +2,7 @@
 //! virtual size qemu-img would report): VHD (fixed and dynamic), VHDX, VDI, QED,
 //! ISO 9660, compressed files, zip, and raw.
 
-use super::{ReadAt, Report};
-
-fn be32(b: &[u8], o: usize) -> u32 {
-    u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-fn be64(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_be_bytes(a)
-}
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-fn le64(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_le_bytes(a)
-}
+use super::{ReadAt, Report, be32, be64, le32, le64};
 
 pub(super) fn check(r: &dyn ReadAt, head: &[u8], rep: &mut Report) -> std::io::Result<()> {
     let size = r.size();

@@ -1,7 +1,7 @@
 //! QCOW2 v2/v3: header, feature bits, extensions, table bounds, and guest
 //! sector 0 through L1/L2 (compressed clusters included). Big-endian.
 
-use super::{Policy, ReadAt, Report, boot, human};
+use super::{Policy, ReadAt, Report, be32, be64, boot, human};
 
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
@@ -12,15 +12,6 @@ const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// Metadata read for the truncation scan, at most (L1 + L2 tables).
 const MAX_TABLE_BYTES: u64 = 256 << 20;
-
-fn be32(b: &[u8], o: usize) -> u32 {
-    u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-fn be64(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_be_bytes(a)
-}
 
 /// The parsed header fields ferry uses.
 pub(super) struct Header {

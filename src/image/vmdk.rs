@@ -4,7 +4,7 @@
 //! grain directory and tables (compressed grains included). Little-endian.
 //! A text descriptor or a COWD header is a multi-file or snapshot VMDK: refused.
 
-use super::{ReadAt, Report, boot};
+use super::{ReadAt, Report, boot, le32, le64};
 
 const GD_AT_END: u64 = u64::MAX;
 const FLAG_NEWLINE_CHECK: u32 = 1;
@@ -13,15 +13,6 @@ const FLAG_MARKERS: u32 = 1 << 17;
 const KNOWN_INCOMPAT: u32 = FLAG_COMPRESSED | FLAG_MARKERS;
 /// Grain directory + tables read for the truncation scan, at most.
 const MAX_TABLE_BYTES: u64 = 64 << 20;
-
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-fn le64(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_le_bytes(a)
-}
 
 struct Descriptor {
     create_type: Option<String>,
