@@ -46,7 +46,16 @@ if mount -t tmpfs -o size=14g tmpfs "$run_dir/weed" 2>/dev/null; then
   echo "SeaweedFS data on a tmpfs"
 fi
 export AWS_ACCESS_KEY_ID=ferrytest AWS_SECRET_ACCESS_KEY=ferrytestsecret AWS_REGION=us-east-1
-trap 'tests/support/seaweedfs.sh stop "$run_dir/weed"; umount "$run_dir/weed" 2>/dev/null || true' EXIT
+stop_server() {
+  tests/support/seaweedfs.sh stop "$run_dir/weed"
+  # The tmpfs is busy until the killed server has let go of its files.
+  for _ in $(seq 1 20); do
+    mountpoint -q "$run_dir/weed" || break
+    umount "$run_dir/weed" 2>/dev/null && break
+    sleep 0.5
+  done
+}
+trap stop_server EXIT
 tests/support/seaweedfs.sh start "$run_dir/weed" "$s3_port"
 tests/support/seaweedfs.sh bucket "$s3_port" ferry-phx ferry-fra ferry-ash
 export FERRY_TEST_S3_ENDPOINT="http://127.0.0.1:$s3_port"
