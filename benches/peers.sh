@@ -49,7 +49,9 @@ tests/support/seaweedfs.sh stop "$weed_dir" 2>/dev/null || true
 umount "$weed_dir" 2>/dev/null || true
 rm -rf "$weed_dir"; mkdir -p "$weed_dir"
 # The server's data in RAM (a tmpfs), not on a shared disk that may be nearly full.
-mount -t tmpfs -o size=16g tmpfs "$weed_dir" 2>/dev/null && echo "SeaweedFS data on a tmpfs" || true
+if [ "${BENCH_TMPFS:-1}" = 1 ]; then
+  mount -t tmpfs -o size=16g tmpfs "$weed_dir" 2>/dev/null && echo "SeaweedFS data on a tmpfs" || true
+fi
 tests/support/seaweedfs.sh start "$weed_dir" "$S3_PORT"
 export BUCKETS="bench-phx,bench-fra,bench-ash"
 tests/support/seaweedfs.sh bucket "$S3_PORT" bench-phx bench-fra bench-ash
