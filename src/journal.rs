@@ -348,30 +348,21 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let j = Journal::open(d.path()).unwrap();
         let long = "x".repeat(255);
-        for name in [
+        let all = [
             "disk.qcow2",
             ".hidden",
             "a b\nc",
             "..",
             "ü%41",
             long.as_str(),
-        ] {
+        ];
+        for name in all {
             j.save(&record(name)).unwrap();
             assert_eq!(j.load(name), Some(record(name)), "{name:?}");
         }
         let mut names = j.names();
         names.sort();
-        let mut want: Vec<String> = [
-            "disk.qcow2",
-            ".hidden",
-            "a b\nc",
-            "..",
-            "ü%41",
-            long.as_str(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut want: Vec<String> = all.iter().map(|s| s.to_string()).collect();
         want.sort();
         assert_eq!(names, want);
         j.remove("disk.qcow2").unwrap();

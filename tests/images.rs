@@ -71,6 +71,15 @@ fn boot_raw(path: &Path, size: usize) {
     std::fs::write(path, b).unwrap();
 }
 
+/// A 1 MiB bootable QCOW2 made by qemu-img (from `boot.raw`, made here too).
+fn boot_qcow2(dir: &Path, name: &str) {
+    boot_raw(&dir.join("boot.raw"), 1 << 20);
+    qemu(
+        &["convert", "-f", "raw", "-O", "qcow2", "boot.raw", name],
+        dir,
+    );
+}
+
 fn set_byte(path: &Path, at: u64, v: u8) {
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     f.write_all_at(&[v], at).unwrap();
@@ -541,19 +550,7 @@ fn inspect_agrees_with_qemu_img_and_gives_the_right_verdict() {
 fn sidecar_launch_mode_and_licence_policy() {
     let dir = tmpdir();
     let d = dir.path();
-    boot_raw(&d.join("boot.raw"), 1 << 20);
-    qemu(
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "boot.raw",
-            "disk.qcow2",
-        ],
-        d,
-    );
+    boot_qcow2(d, "disk.qcow2");
     let (rc, v) = inspect(&d.join("disk.qcow2"), &["--daemon-policy"]);
     assert_eq!(rc, 2);
     let reason = v["reasons"][0].as_str().unwrap();
@@ -675,31 +672,8 @@ fn daemon_refuses_before_sending_and_manifests_carry_the_image_fields() {
             r = root.display()
         ),
     );
-    boot_raw(&root.join("boot.raw"), 1 << 20);
-    qemu(
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "boot.raw",
-            "good.qcow2",
-        ],
-        root,
-    );
-    qemu(
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "boot.raw",
-            "nolicence.qcow2",
-        ],
-        root,
-    );
+    boot_qcow2(root, "good.qcow2");
+    boot_qcow2(root, "nolicence.qcow2");
     let sidecar = r#"{"os":"Oracle Linux","os_version":"8","launch_mode":"PARAVIRTUALIZED","firmware":"BIOS","license":{"model":"BYOL","attested_by":"ops@example.com","attested_at":"2026-11-26T00:00:00Z","statement":"complies"}}"#;
     std::fs::write(spool.join("good.qcow2.meta.json"), sidecar).unwrap();
     let d = Daemon::start(&cfg, &root.join("daemon.log"));

@@ -223,6 +223,14 @@ pub(crate) fn le64(b: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// `len` bytes at `offset` lie inside `size`, or an end-of-file error.
+fn within(offset: u64, len: usize, size: u64) -> std::io::Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(eof()),
+    }
+}
+
 pub(crate) fn eof() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the end")
 }
@@ -239,10 +247,7 @@ impl ReadAt for FileRange<'_> {
         self.len
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let end = offset.checked_add(buf.len() as u64).ok_or_else(eof)?;
-        if end > self.len {
-            return Err(eof());
-        }
+        within(offset, buf.len(), self.len)?;
         self.file.read_exact_at(buf, self.start + offset)
     }
 }
@@ -263,7 +268,7 @@ pub struct GzMember<'a> {
 
 impl Read for FileRange<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = (buf.len() as u64).min(self.len.saturating_sub(0)) as usize;
+        let n = (buf.len() as u64).min(self.len) as usize;
         if n == 0 {
             return Ok(0);
         }
@@ -290,10 +295,7 @@ impl ReadAt for GzMember<'_> {
         self.len
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let end = offset.checked_add(buf.len() as u64).ok_or_else(eof)?;
-        if end > self.len {
-            return Err(eof());
-        }
+        within(offset, buf.len(), self.len)?;
         let mut g = self
             .state
             .lock()
