@@ -38,15 +38,9 @@ weed_dir="$OUT/weed"; relay_pids=()
 cleanup() {
   for p in "${relay_pids[@]}"; do kill "$p" 2>/dev/null || true; done
   tests/support/seaweedfs.sh stop "$weed_dir"
-  for _ in $(seq 1 20); do
-    mountpoint -q "$weed_dir" || break
-    umount "$weed_dir" 2>/dev/null && break
-    sleep 0.5
-  done
 }
 trap cleanup EXIT
 tests/support/seaweedfs.sh stop "$weed_dir" 2>/dev/null || true
-umount "$weed_dir" 2>/dev/null || true
 rm -rf "$weed_dir"; mkdir -p "$weed_dir"
 # The server's data in RAM (a tmpfs), not on a shared disk that may be nearly full.
 if [ "${BENCH_TMPFS:-1}" = 1 ]; then

@@ -37,7 +37,6 @@ step "SeaweedFS on 127.0.0.1"
 run_dir="$root/.test-run"
 s3_port="${FERRY_TEST_S3_PORT:-18333}"
 tests/support/seaweedfs.sh stop "$run_dir/weed" 2>/dev/null || true
-umount "$run_dir/weed" 2>/dev/null || true
 rm -rf "$run_dir"; mkdir -p "$run_dir/weed"
 # The suite stores about 8 GiB in S3; keep the server's data in memory (a tmpfs,
 # 24 GiB of RAM here) rather than on a disk this machine shares and that can be
@@ -46,16 +45,7 @@ if mount -t tmpfs -o size=14g tmpfs "$run_dir/weed" 2>/dev/null; then
   echo "SeaweedFS data on a tmpfs"
 fi
 export AWS_ACCESS_KEY_ID=ferrytest AWS_SECRET_ACCESS_KEY=ferrytestsecret AWS_REGION=us-east-1
-stop_server() {
-  tests/support/seaweedfs.sh stop "$run_dir/weed"
-  # The tmpfs is busy until the killed server has let go of its files.
-  for _ in $(seq 1 20); do
-    mountpoint -q "$run_dir/weed" || break
-    umount "$run_dir/weed" 2>/dev/null && break
-    sleep 0.5
-  done
-}
-trap stop_server EXIT
+trap 'tests/support/seaweedfs.sh stop "$run_dir/weed"' EXIT
 tests/support/seaweedfs.sh start "$run_dir/weed" "$s3_port"
 tests/support/seaweedfs.sh bucket "$s3_port" ferry-phx ferry-fra ferry-ash
 export FERRY_TEST_S3_ENDPOINT="http://127.0.0.1:$s3_port"

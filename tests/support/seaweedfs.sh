@@ -3,7 +3,7 @@
 #
 #   tests/support/seaweedfs.sh start DIR S3PORT   # prints nothing; waits until S3 answers
 #   tests/support/seaweedfs.sh bucket S3PORT NAME...  # creates buckets (idempotent)
-#   tests/support/seaweedfs.sh stop DIR
+#   tests/support/seaweedfs.sh stop DIR          # also unmounts DIR if it is a mount point
 #
 # DIR holds the data, the log and the pid. Every gRPC port is its HTTP port + 10000,
 # so the HTTP ports are picked below 55000 (see ../shared/TESTING.md).
@@ -54,6 +54,12 @@ stop)
     for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     kill -9 "$pid" 2>/dev/null || true
     rm -f "$dir/weed.pid"
-  fi ;;
+  fi
+  # A tmpfs the caller mounted on DIR is busy until the server let go of it.
+  for _ in $(seq 1 20); do
+    mountpoint -q "$dir" || break
+    umount "$dir" 2>/dev/null && break
+    sleep 0.5
+  done ;;
 *) echo "usage: $0 start DIR S3PORT | bucket S3PORT NAME... | stop DIR" >&2; exit 2 ;;
 esac
