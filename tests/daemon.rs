@@ -331,7 +331,14 @@ fn symlinks_fifos_and_directories_are_left_alone() {
         .done()
         .join("real.img")
         .exists()));
-    std::thread::sleep(Duration::from_secs(3));
+    // Every refusal is logged once the spool was scanned with them in it.
+    let logged = wait_until(Duration::from_secs(20), || {
+        let log = d.log_text();
+        ["symbolic link", "FIFO", "directory"]
+            .iter()
+            .all(|k| log.contains(k))
+    });
+    assert!(logged, "not every refusal was logged");
     assert!(d.running());
     for n in ["link.img", "pipe.img", "dir.img"] {
         assert!(

@@ -425,7 +425,11 @@ fn a_hostile_spool_cannot_escape() {
             .unwrap(),
         log: log.clone(),
     };
-    std::thread::sleep(Duration::from_secs(2));
+    assert!(wait_until(Duration::from_secs(20), || http_get(
+        site.metrics_port,
+        "/healthz"
+    )
+    .is_some()));
     std::fs::rename(
         site.spool.join("swapped.img.partial"),
         site.spool.join("swapped.img"),
@@ -603,7 +607,10 @@ fn a_full_state_directory_pauses_work_and_loses_nothing() {
         "/readyz did not report the full state directory: {:?}",
         http_get(site.metrics_port, "/readyz")
     );
-    std::thread::sleep(Duration::from_secs(3));
+    // A scan has seen both images (and left them) while the state directory was full.
+    assert!(wait_until(Duration::from_secs(20), || site
+        .metric("ferry_spool_waiting_images")
+        >= 2));
     for (n, _) in &images {
         assert!(
             site.spool.join(n).exists(),

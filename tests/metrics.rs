@@ -154,8 +154,14 @@ fn prometheus_scrapes_a_daemon_during_a_two_gib_upload() {
     )
     .is_some()));
     let prom = Prometheus::start(root, port);
-    // Let Prometheus take a few idle scrapes first, so rates have a baseline.
-    std::thread::sleep(Duration::from_secs(3));
+    // Prometheus has scraped the idle daemon, so rates have a baseline.
+    assert!(
+        wait_until(Duration::from_secs(30), || prom
+            .query("up{job=\"ferry\"}")
+            .iter()
+            .any(|(_, v)| *v == 1.0)),
+        "prometheus never scraped the daemon"
+    );
     let size: u64 = 2 << 30;
     drop_image(&root.join("spool"), "two-gib.qcow2", size, 11);
 
@@ -189,8 +195,11 @@ fn prometheus_scrapes_a_daemon_during_a_two_gib_upload() {
         vec!["ashburn".to_string(), "phoenix".to_string()],
         "rate > 0 not seen for both destinations"
     );
-    // After the last scrape, the counters equal what each destination received.
-    std::thread::sleep(Duration::from_secs(3));
+    // Once scraped after the end, the counters equal what each destination received.
+    wait_until(Duration::from_secs(30), || {
+        let q = prom.query("ferry_uploaded_bytes_total");
+        q.len() == 2 && q.iter().all(|(_, v)| *v as u64 == size)
+    });
     let finals = prom.query("ferry_uploaded_bytes_total");
     for dest in ["ashburn", "phoenix"] {
         let v = finals
