@@ -445,16 +445,32 @@ fn a_hostile_spool_cannot_escape() {
     );
     std::fs::remove_file(&active).unwrap();
     std::os::unix::fs::symlink(&secret_file, &active).unwrap();
-    // Let everything settle.
+    // Wait until every file has ended: the refusals in failed/, the ordinary
+    // odd names (and their manifests) at the destination.
     let failed = site.spool.join(".ferry/failed");
+    let out = site.root.join("out/phoenix");
+    let manifest_of = |n: &std::ffi::OsString| {
+        let mut m = n.clone();
+        m.push(".manifest.json");
+        out.join(m)
+    };
     assert!(
         wait_until(Duration::from_secs(90), || failed
             .join("swapped.img.error.json")
             .exists()
             && failed.join("bigside.img.error.json").exists()
-            && failed.join("linkside.img.error.json").exists()),
-        "failed/: {:?}",
-        list(&failed)
+            && failed.join("linkside.img.error.json").exists()
+            && [&names[0], &names[1], &names[4]]
+                .iter()
+                .all(|n| manifest_of(n).exists())
+            && [&names[2], &names[3]].iter().all(|n| {
+                let mut e = (*n).clone();
+                e.push(".error.json");
+                out.join(n).exists() || failed.join(e).exists()
+            })),
+        "failed/: {:?}, out: {:?}",
+        list(&failed),
+        list(&out)
     );
     assert!(swap.running(), "the daemon stopped");
     let err = std::fs::read_to_string(failed.join("bigside.img.error.json")).unwrap();
