@@ -819,13 +819,7 @@ fn conclude(
             o.result.as_ref().err().map(|e| DestinationError {
                 destination: o.destination.clone(),
                 url: o.url.clone(),
-                error: e
-                    .to_string()
-                    .split("<?xml")
-                    .next()
-                    .unwrap_or_default()
-                    .trim_end()
-                    .to_string(),
+                error: e.to_string(),
             })
         })
         .collect();

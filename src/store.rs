@@ -208,6 +208,21 @@ pub fn resolve(
     Ok(out)
 }
 
+/// An S3 error message as a person reads it, on one line: object_store appends
+/// the server's XML error document; only its Code and Message are kept.
+pub fn readable(message: &str) -> String {
+    let Some(at) = message.find("<?xml") else {
+        return message.to_string();
+    };
+    let xml = &message[at..];
+    let head = message[..at].trim_end();
+    match (xml_field(xml, "Code"), xml_field(xml, "Message")) {
+        (Some(code), Some(text)) if !text.is_empty() => format!("{head} {code} ({text})"),
+        (Some(code), _) => format!("{head} {code}"),
+        _ => head.to_string(),
+    }
+}
+
 /// What went wrong talking to a destination.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -218,7 +233,7 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{op} {key}: {source}")]
+    #[error("{op} {key}: {}", readable(&source.to_string()))]
     Remote {
         op: &'static str,
         key: String,
@@ -235,8 +250,83 @@ pub enum StoreError {
     Setup(String),
 }
 
+/// S3 error codes of a 400 answer that another try may cure: the body was
+/// damaged or cut short on its way, or the server was busy.
+const RETRYABLE_CODES: &[&str] = &[
+    "BadDigest",
+    "InvalidDigest",
+    "XAmzContentChecksumMismatch",
+    "XAmzContentSHA256Mismatch",
+    "IncompleteBody",
+    "RequestTimeout",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+    "InternalError",
+];
+
+/// Codes that say the bytes did not arrive as sent.
+const CHECKSUM_CODES: &[&str] = &[
+    "BadDigest",
+    "InvalidDigest",
+    "XAmzContentChecksumMismatch",
+    "XAmzContentSHA256Mismatch",
+];
+
+/// What is known of a failed S3 request. object_store keeps its request error
+/// type private, so the HTTP status is read from that error's own message
+/// ("Server returned non-2xx status code: 400 Bad Request: <body>"), never
+/// from the whole text, whose URL holds upload ids that may contain any digits.
+#[derive(Debug, Default, PartialEq)]
+struct RemoteFailure {
+    status: Option<u16>,
+    code: Option<String>,
+    http: Option<object_store::client::HttpErrorKind>,
+}
+
+impl RemoteFailure {
+    fn of(e: &object_store::Error) -> RemoteFailure {
+        let mut f = RemoteFailure::default();
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        // Bounded: error chains are a handful of links deep.
+        for _ in 0..16 {
+            let Some(err) = cur else { break };
+            if let Some(h) = err.downcast_ref::<object_store::client::HttpError>() {
+                f.http = Some(h.kind());
+            }
+            f.read(&err.to_string());
+            cur = err.source();
+        }
+        f
+    }
+
+    fn read(&mut self, text: &str) {
+        if let Some(rest) = text.strip_prefix("Server returned non-2xx status code: ") {
+            self.status = rest.get(..3).and_then(|s| s.parse().ok());
+            self.code = xml_field(rest, "Code");
+        } else if let Some(rest) = text.strip_prefix("Server returned error response: ") {
+            self.code = xml_field(rest, "Code");
+        }
+    }
+
+    fn code_in(&self, list: &[&str]) -> bool {
+        self.code.as_deref().is_some_and(|c| list.contains(&c))
+    }
+}
+
+/// The text of the first `<tag>` element in an XML document, if any.
+fn xml_field(xml: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let start = xml.find(&open)? + open.len();
+    let len = xml[start..].find(&format!("</{tag}>"))?;
+    Some(xml[start..start + len].trim().to_string())
+}
+
 impl StoreError {
-    /// Worth another try after a pause: network trouble, timeouts, 5xx, throttling.
+    /// Worth another try after a pause: network trouble, timeouts, 5xx,
+    /// throttling, a body damaged on its way. Not: refused credentials, a
+    /// missing bucket or upload, a request the server will never accept.
     pub fn retryable(&self) -> bool {
         match self {
             StoreError::Io { source, .. } => matches!(
@@ -252,13 +342,13 @@ impl StoreError {
             ),
             StoreError::Remote { source, .. } => match source {
                 object_store::Error::Generic { .. } => {
-                    let m = source.to_string();
-                    !(m.contains("403")
-                        || m.contains("Forbidden")
-                        || m.contains("InvalidAccessKeyId")
-                        || m.contains("SignatureDoesNotMatch")
-                        || m.contains("NoSuchBucket")
-                        || m.contains("NoSuchUpload"))
+                    let f = RemoteFailure::of(source);
+                    match f.status {
+                        Some(s) if s >= 500 || s == 408 || s == 429 => true,
+                        Some(_) => f.code_in(RETRYABLE_CODES),
+                        // No answer at all: the connection failed.
+                        None => true,
+                    }
                 }
                 object_store::Error::JoinError { .. } => true,
                 _ => false,
@@ -268,28 +358,44 @@ impl StoreError {
         }
     }
 
-    /// A low-cardinality reason for logs and metrics.
+    /// A low-cardinality reason for logs and metrics: checksum, slow_down,
+    /// timeout, reset, server_error or other.
     pub fn reason(&self) -> &'static str {
-        let m = self.to_string().to_ascii_lowercase();
-        if matches!(self, StoreError::Check { .. })
-            || m.contains("baddigest")
-            || m.contains("checksum")
-        {
-            "checksum"
-        } else if m.contains("slowdown") || m.contains("slow down") || m.contains("503") {
-            "slow_down"
-        } else if m.contains("timed out") || m.contains("timeout") {
-            "timeout"
-        } else if m.contains("reset") || m.contains("broken pipe") || m.contains("connection") {
-            "reset"
-        } else if m.contains("500")
-            || m.contains("502")
-            || m.contains("504")
-            || m.contains("server error")
-        {
-            "server_error"
-        } else {
-            "other"
+        use object_store::client::HttpErrorKind as K;
+        match self {
+            StoreError::Check { .. } => "checksum",
+            StoreError::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::TimedOut => "timeout",
+                std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe => "reset",
+                _ => "other",
+            },
+            StoreError::Remote { source, .. } => {
+                let f = RemoteFailure::of(source);
+                if f.code_in(CHECKSUM_CODES) {
+                    "checksum"
+                } else if f.status == Some(503)
+                    || f.status == Some(429)
+                    || f.code_in(&["SlowDown", "Throttling", "ThrottlingException"])
+                {
+                    "slow_down"
+                } else if f.status == Some(408)
+                    || f.code_in(&["RequestTimeout"])
+                    || f.http == Some(K::Timeout)
+                {
+                    "timeout"
+                } else if f.status.is_some_and(|s| s >= 500) {
+                    "server_error"
+                } else if f.status.is_none()
+                    && matches!(f.http, Some(K::Connect | K::Request | K::Interrupted))
+                {
+                    "reset"
+                } else {
+                    "other"
+                }
+            }
+            StoreError::Setup(_) => "other",
         }
     }
 }
@@ -1044,6 +1150,38 @@ async fn blocking<T: Send + 'static>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn s3_error_documents_become_one_readable_line() {
+        let m = "Error performing PUT http://h/b/k?partNumber=2 in 236ms - Server returned non-2xx status code: 400 Bad Request: <?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>BadDigest</Code><Message>The Content-Md5 you specified did not match what we received.</Message><Resource>/b/k</Resource></Error>";
+        assert_eq!(
+            super::readable(m),
+            "Error performing PUT http://h/b/k?partNumber=2 in 236ms - Server returned non-2xx status code: 400 Bad Request: BadDigest (The Content-Md5 you specified did not match what we received.)"
+        );
+        assert_eq!(
+            super::readable("503 Slow Down: <?xml?><Error><Code>SlowDown</Code></Error>"),
+            "503 Slow Down: SlowDown"
+        );
+        assert_eq!(super::readable("400: <?xml broken"), "400:");
+        assert_eq!(super::readable("connection reset"), "connection reset");
+    }
+
+    #[test]
+    fn the_status_comes_from_the_answer_not_from_the_url() {
+        let mut f = super::RemoteFailure::default();
+        f.read("Error performing PUT http://h/b/k?partNumber=1&uploadId=d3e4403f503 in 220.403ms - Server returned non-2xx status code: 400 Bad Request: <Error><Code>BadDigest</Code></Error>");
+        assert_eq!(f.status, None, "only the request error's own text counts");
+        f.read("Server returned non-2xx status code: 400 Bad Request: <?xml?><Error><Code>BadDigest</Code></Error>");
+        assert_eq!(f.status, Some(400));
+        assert!(f.code_in(super::RETRYABLE_CODES) && f.code_in(super::CHECKSUM_CODES));
+        let mut g = super::RemoteFailure::default();
+        g.read("Server returned non-2xx status code: 400 Bad Request: <Error><Code>EntityTooSmall</Code></Error>");
+        assert_eq!(g.code.as_deref(), Some("EntityTooSmall"));
+        assert!(!g.code_in(super::RETRYABLE_CODES));
+        let mut h = super::RemoteFailure::default();
+        h.read("Server returned non-2xx status code: 503 Service Unavailable: ");
+        assert_eq!((h.status, h.code), (Some(503), None));
+    }
+
     use super::*;
 
     #[test]

@@ -128,10 +128,23 @@ fn drop_images(spool: &Path, prefix: &str, n: usize, size: u64, seed: u64) -> Ve
         .collect()
 }
 
+/// Every image reached done/ within `limit`. Stops early, printing the reports,
+/// once anything lands in failed/ (it never comes back by itself).
 fn all_done(site: &Site, images: &[(String, u32)], limit: Duration) -> bool {
+    let failed_dir = site.spool.join(".ferry/failed");
+    let mut failed = Vec::new();
     wait_until(limit, || {
-        images.iter().all(|(n, _)| site.done().join(n).exists())
-    })
+        failed = list(&failed_dir)
+            .into_iter()
+            .filter(|n| n.ends_with(".error.json"))
+            .collect();
+        !failed.is_empty() || images.iter().all(|(n, _)| site.done().join(n).exists())
+    });
+    for n in &failed {
+        let report = std::fs::read_to_string(failed_dir.join(n)).unwrap_or_default();
+        eprintln!("--- failed/{n}\n{report}");
+    }
+    failed.is_empty() && images.iter().all(|(n, _)| site.done().join(n).exists())
 }
 
 fn assert_everywhere(site: &Site, s3: &S3, bucket: &str, prefix: &str, images: &[(String, u32)]) {
