@@ -512,14 +512,21 @@ fn settle_job(spool: &Spool, settings: &Settings, status: &Status, end: JobEnd) 
 /// Journal records without a file in `active/` belong to jobs that can no longer
 /// finish: abort their uploads so nothing is left behind in the stores.
 async fn abort_orphans(journal: &Journal, spool: &Spool, settings: &Settings) {
-    for d in &settings.destinations {
-        d.sweep().await;
-    }
     let active: Vec<String> = spool
         .active_jobs()
         .iter()
         .map(|n| n.to_string_lossy().into_owned())
         .collect();
+    let live: std::collections::HashSet<String> = journal
+        .names()
+        .iter()
+        .filter(|n| active.contains(n))
+        .filter_map(|n| journal.load(n))
+        .flat_map(|r| r.destinations.into_values().filter_map(|d| d.upload_id))
+        .collect();
+    for d in &settings.destinations {
+        d.sweep(&live).await;
+    }
     for name in journal.names() {
         if active.contains(&name) {
             continue;

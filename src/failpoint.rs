@@ -3,7 +3,8 @@
 //! `FERRY_PAUSE_AT=POINT:MILLIS` sleeps there instead, so a test can change the
 //! world at an exact moment (swap a file after its claim).
 //!
-//! Points: `claim` (after the rename into active/), `part` (after a part was
+//! Points: `claim` (after the rename into active/), `begin` (an upload was
+//! started at a destination, before its id was journaled), `part` (after a part was
 //! journaled), `complete` (after an object was completed, before its manifest),
 //! `manifest` (after the manifest was written), `done` (before the move to done/).
 //!

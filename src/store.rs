@@ -931,14 +931,25 @@ impl Destination {
         }
     }
 
-    /// Removes what an interrupted small write left behind (file:// temp files;
-    /// they are never valid). Unfinished uploads are aborted from the journal.
-    pub async fn sweep(&self) {
+    /// Removes what interrupted writes left in a file:// directory: temp files
+    /// of small writes (never valid) and staging files of uploads no journal
+    /// names (`live` holds the upload ids still journaled), such as one whose
+    /// process died between creating it and journaling its id. The daemon
+    /// calls this at start; it owns its file:// directories, so a `ferry push`
+    /// into the same directory at that moment would lose its staging file and
+    /// fail (never complete a wrong object).
+    pub async fn sweep(&self, live: &std::collections::HashSet<String>) {
         if let Backend::File { dir } = &self.backend {
             let dir = dir.clone();
+            let live = live.clone();
             let _ = blocking(move || {
                 for e in std::fs::read_dir(&dir)?.flatten() {
-                    if e.file_name().to_string_lossy().starts_with(".ferry-tmp.") {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let orphan = name.starts_with(".ferry-tmp.")
+                        || name
+                            .strip_prefix(".ferry-upload.")
+                            .is_some_and(|id| !live.contains(id));
+                    if orphan {
                         tracing::info!(
                             "removing {}, left by an interrupted write",
                             e.path().display()

@@ -426,6 +426,7 @@ impl Worker {
                     self.dest.begin(&name)
                 })
                 .await?;
+                crate::failpoint::reached("begin");
                 (id, BTreeMap::new())
             }
         };

@@ -289,7 +289,7 @@ fn thirty_seconds_of_outage_are_ridden_out() {
     );
 }
 
-/// 5: kill -9 at 20 points of the daemon's work (claim, part upload, complete,
+/// 5: kill -9 at 20 points of the daemon's work (claim, upload start, part upload, complete,
 /// manifest write, move to done/); after the restarts every image is verified
 /// at every destination exactly once, and no image is lost or changed.
 #[test]
@@ -315,12 +315,12 @@ fn kill_9_at_twenty_points_loses_nothing() {
         "part:2",
         "complete:3",
         "manifest:3",
-        "claim:1",
+        "begin:1",
         "part:6",
         "done:1",
         "manifest:4",
         "complete:4",
-        "part:3",
+        "begin:2",
     ];
     let mut images = Vec::new();
     let mut crashed = 0;
