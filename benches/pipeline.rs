@@ -1,6 +1,7 @@
 //! ferry's own ceiling, with no network: reader + CRC32C throughput for each
-//! reader on a 1 GiB file, and a whole `push` of a 4 GiB file to `memory://`.
-//! Files come from the page cache (each is read once before timing). Figures are
+//! reader on a 1 GiB file (from the page cache, and from the disk), and a whole
+//! `push` of a 4 GiB file to `memory://` (page cache).
+//! `cargo bench --bench pipeline --features io-uring` adds the io_uring reader. Figures are
 //! the median of three runs, in GB/s (10^9 bytes per second).
 //!
 //!     cargo bench --bench pipeline
@@ -40,6 +41,17 @@ fn make_file(path: &Path, size: u64) {
 fn warm(path: &Path) {
     let mut f = std::fs::File::open(path).unwrap();
     std::io::copy(&mut f, &mut std::io::sink()).unwrap();
+}
+
+/// Drops the file's pages from the page cache (no root needed), so the next
+/// read comes from the disk.
+fn uncache(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: posix_fadvise on an open descriptor; only advice to the kernel.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0, "posix_fadvise failed");
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -125,7 +137,11 @@ fn main() {
     make_file(&four, 4 * GIB);
     let rt = tokio::runtime::Runtime::new().unwrap();
     println!("ferry pipeline benchmark (median of 3, page cache, GB/s = 10^9 B/s)");
-    for kind in [ReaderKind::Pread, ReaderKind::Mmap] {
+    let mut readers = vec![ReaderKind::Pread, ReaderKind::Mmap];
+    if cfg!(feature = "io-uring") {
+        readers.push(ReaderKind::Uring);
+    }
+    for &kind in &readers {
         warm(&one);
         let runs: Vec<Duration> = (0..3).map(|_| rt.block_on(read_all(&one, kind))).collect();
         let d = median(runs);
@@ -136,7 +152,23 @@ fn main() {
             d.as_secs_f64()
         );
     }
-    for kind in [ReaderKind::Pread, ReaderKind::Mmap] {
+    // From the disk: the file's pages are dropped from the cache before each run.
+    for &kind in &readers {
+        let runs: Vec<Duration> = (0..3)
+            .map(|_| {
+                uncache(&one);
+                rt.block_on(read_all(&one, kind))
+            })
+            .collect();
+        let d = median(runs);
+        println!(
+            "read+crc32c  1 GiB  reader={:<5}  {:>6.2} GB/s  ({:.3} s)  from disk",
+            kind.as_str(),
+            gbps(GIB, d),
+            d.as_secs_f64()
+        );
+    }
+    for &kind in &readers {
         warm(&four);
         let runs: Vec<Duration> = (0..3)
             .map(|_| rt.block_on(push_memory(&four, kind)))
