@@ -1,8 +1,7 @@
 //! ferry's own ceiling, with no network: reader + CRC32C throughput for each
 //! reader on a 1 GiB file (from the page cache, and from the disk), and a whole
-//! `push` of a 4 GiB file to `memory://` (page cache).
-//! `cargo bench --bench pipeline --features io-uring` adds the io_uring reader. Figures are
-//! the median of three runs, in GB/s (10^9 bytes per second).
+//! `push` of a 4 GiB file to `memory://` (page cache). Figures are the median
+//! of three runs, in GB/s (10^9 bytes per second).
 //!
 //!     cargo bench --bench pipeline
 //!
@@ -136,11 +135,8 @@ fn main() {
     make_file(&one, GIB);
     make_file(&four, 4 * GIB);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    println!("ferry pipeline benchmark (median of 3, page cache, GB/s = 10^9 B/s)");
-    let mut readers = vec![ReaderKind::Pread, ReaderKind::Mmap];
-    if cfg!(feature = "io-uring") {
-        readers.push(ReaderKind::Uring);
-    }
+    println!("ferry pipeline benchmark (median of 3, GB/s = 10^9 B/s)");
+    let readers = [ReaderKind::Pread, ReaderKind::Mmap];
     for &kind in &readers {
         warm(&one);
         let runs: Vec<Duration> = (0..3).map(|_| rt.block_on(read_all(&one, kind))).collect();

@@ -442,10 +442,6 @@ pub fn reader(kind: crate::config::ReaderKind, file: Arc<File>, plan: PartPlan) 
     match kind {
         crate::config::ReaderKind::Pread => Arc::new(PreadReader::new(file, plan)),
         crate::config::ReaderKind::Mmap => Arc::new(MmapReader { file, plan }),
-        crate::config::ReaderKind::Uring => Arc::new(PreadReader {
-            uring: true,
-            ..PreadReader::new(file, plan)
-        }),
     }
 }
 
@@ -458,12 +454,10 @@ struct PoolInner {
 type Pool = Arc<PoolInner>;
 
 /// `pread` into buffers that are reused once every destination is done with them.
-/// With `uring`, the same buffers are filled by io_uring reads instead.
 pub struct PreadReader {
     file: Arc<File>,
     plan: PartPlan,
     pool: Pool,
-    uring: bool,
 }
 
 /// Idle buffers kept for reuse, each still holding its share of the budget (so
@@ -478,7 +472,6 @@ impl PreadReader {
             file,
             plan,
             pool: Arc::default(),
-            uring: false,
         }
     }
 }
@@ -505,20 +498,6 @@ impl Drop for PooledBuf {
             idle.push((buf, permit));
         }
         self.pool.returned.notify_waiters();
-    }
-}
-
-impl PreadReader {
-    fn fill(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        #[cfg(feature = "io-uring")]
-        if self.uring {
-            return crate::uring::read_exact_at(&self.file, buf, offset);
-        }
-        debug_assert!(
-            !self.uring,
-            "the uring reader is refused by config validation"
-        );
-        self.file.read_exact_at(buf, offset)
     }
 }
 
@@ -551,7 +530,9 @@ impl Reader for PreadReader {
             Some(b) if b.len() >= len => b,
             _ => buffer(self.plan.part_bytes.max(len as u64) as usize).map_err(err)?,
         };
-        self.fill(&mut buf[..len], offset).map_err(err)?;
+        self.file
+            .read_exact_at(&mut buf[..len], offset)
+            .map_err(err)?;
         let crc32c = crc32c::crc32c(&buf[..len]);
         let owner = PooledBuf {
             buf: Some(buf),
@@ -702,11 +683,7 @@ mod tests {
         for kind in [
             crate::config::ReaderKind::Pread,
             crate::config::ReaderKind::Mmap,
-            crate::config::ReaderKind::Uring,
         ] {
-            if kind == crate::config::ReaderKind::Uring && !cfg!(feature = "io-uring") {
-                continue;
-            }
             let r = reader(kind, file.clone(), plan);
             let mut crcs = Vec::new();
             for i in 0..plan.count {

@@ -177,8 +177,6 @@ pub enum ReaderKind {
     Pread,
     /// One read-only mapping per part.
     Mmap,
-    /// io_uring reads into pooled buffers (ferry built with `--features io-uring`).
-    Uring,
 }
 
 impl ReaderKind {
@@ -186,7 +184,6 @@ impl ReaderKind {
         match self {
             ReaderKind::Pread => "pread",
             ReaderKind::Mmap => "mmap",
-            ReaderKind::Uring => "uring",
         }
     }
 }
@@ -295,11 +292,6 @@ impl Config {
             ));
         }
         let t = &self.transfer;
-        if t.reader == ReaderKind::Uring && !cfg!(feature = "io-uring") {
-            return Err(invalid(
-                "transfer.reader = \"uring\" needs ferry built with io_uring: cargo build --release --features io-uring (or use \"pread\" or \"mmap\")".into(),
-            ));
-        }
         if t.parallel_parts == 0 || t.parallel_parts > 256 {
             return Err(invalid(format!(
                 "transfer.parallel_parts = {} is out of range: use 1..=256",

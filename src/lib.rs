@@ -18,8 +18,6 @@ pub mod progress;
 pub mod spool;
 pub mod store;
 pub mod transfer;
-#[cfg(feature = "io-uring")]
-pub mod uring;
 
 /// ferry's version, as written into manifests and metrics.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
