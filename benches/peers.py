@@ -3,8 +3,14 @@
 Called by benches/peers.sh, which installs the tools and starts SeaweedFS.
 Prints (and writes to OUT/peers.md) one table per case with the median of RUNS
 runs: wall seconds, MB/s, client CPU seconds per GiB (user+sys of the client's
-own process tree, from wait4), peak RSS, and each figure's ratio to ferry's.
+own process tree, from wait4), peak RSS, each figure's ratio to ferry's, and
+the server's CPU seconds per GiB in the same runs (from /proc; not the client's).
+
+Every measurement uploads into buckets made for it and deleted after it (not
+timed): SeaweedFS gives a deleted bucket's space back at once, while deleted
+objects stay on its volumes until they are compacted.
 """
+import datetime
 import json
 import os
 import statistics
@@ -20,6 +26,8 @@ PY = os.path.join(BENCH_BIN, "python")
 S3_PORT = int(os.environ["S3_PORT"])
 ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
 BUCKETS = os.environ["BUCKETS"].split(",")
+WEED_PID = int(os.environ["WEED_PID"])
+SEAWEEDFS_SH = os.path.join(ROOT, "tests/support/seaweedfs.sh")
 RUNS = int(os.environ.get("RUNS", "3"))
 # Runs of the three-region and WAN cases (each run moves three times the bytes).
 RUNS_MULTI = int(os.environ.get("RUNS_MULTI", str(RUNS)))
@@ -80,25 +88,47 @@ def peer_cmd(tool, image, bucket, endpoint):
     raise ValueError(tool)
 
 
-def cleanup():
-    """Deletes every uploaded object and compacts the volumes, so the server's
-    disk does not fill over 40-odd multi-GiB uploads (not timed)."""
-    for b in BUCKETS:
+_serial = [0]
+
+
+def fresh_buckets():
+    """Three new, empty buckets (one per region) for one measurement."""
+    _serial[0] += 1
+    names = [f"{b}-{_serial[0]}" for b in BUCKETS]
+    subprocess.run([SEAWEEDFS_SH, "bucket", str(S3_PORT), *names], env=ENV, check=True)
+    return names
+
+
+def drop_buckets(names):
+    """Deletes the buckets and what is in them; SeaweedFS frees their volumes."""
+    for b in names:
         subprocess.run([f"{BENCH_BIN}/s5cmd", "--endpoint-url", ENDPOINT, "rm", f"s3://{b}/*"],
-                       env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    subprocess.run([os.path.join(ROOT, ".venv-test/bin/weed"), "shell",
-                    f"-master=127.0.0.1:{S3_PORT + 1}"],
-                   input=b"volume.vacuum -garbageThreshold=0.0001\n", env=ENV,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+                       env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+        subprocess.run(["curl", "-s", "-o", "/dev/null", "-X", "DELETE", "--aws-sigv4",
+                        "aws:amz:us-east-1:s3", "--user",
+                        f"{ENV['AWS_ACCESS_KEY_ID']}:{ENV['AWS_SECRET_ACCESS_KEY']}",
+                        f"{ENDPOINT}/{b}"], env=ENV, timeout=120)
 
 
-def measure(cmds):
-    """Runs commands at once; returns wall, CPU (sum), peak RSS (sum, MiB), ok."""
-    cleanup()
-    return _measure(cmds)
+def server_cpu():
+    """CPU seconds the SeaweedFS process has used so far (user + system)."""
+    with open(f"/proc/{WEED_PID}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(make):
+    """`make(buckets)` gives the commands to run at once against fresh buckets.
+    Returns wall, client CPU (sum), peak RSS (sum, MiB), ok, server CPU."""
+    buckets = fresh_buckets()
+    try:
+        return _measure(make(buckets))
+    finally:
+        drop_buckets(buckets)
 
 
 def _measure(cmds):
+    s0 = server_cpu()
     start = time.monotonic()
     procs = [subprocess.Popen(c, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for c in cmds]
@@ -112,29 +142,22 @@ def _measure(cmds):
         if os.waitstatus_to_exitcode(status) != 0:
             ok = False
             sys.stderr.write(f"FAILED: {' '.join(cmds[0][:3])}...: {err.strip()[-400:]}\n")
-    return time.monotonic() - start, cpu, rss, ok
-
-
-def sequence(cmds):
-    walls, cpu, rss, ok = 0.0, 0.0, 0.0, True
-    for c in cmds:
-        w, u, r, k = measure([c])
-        walls, cpu, rss, ok = walls + w, cpu + u, max(rss, r), ok and k
-    return walls, cpu, rss, ok
+    return time.monotonic() - start, cpu, rss, ok, server_cpu() - s0
 
 
 def table(title, rows, gib_moved, note=""):
     f = rows.get("ferry")
     lines = [f"### {title}", "", note, "",
-             "| tool | wall s | MB/s | CPU s/GiB | peak RSS MiB | wall vs ferry | CPU vs ferry | RSS vs ferry |",
-             "|---|---|---|---|---|---|---|---|"]
-    for tool, (wall, cpu, rss, ok, how) in rows.items():
+             "| tool | wall s | MB/s | CPU s/GiB | peak RSS MiB | wall vs ferry | CPU vs ferry | RSS vs ferry | server CPU s/GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for tool, (wall, cpu, rss, ok, scpu, how) in rows.items():
         mbs = gib_moved * 1073.741824 / wall
         cpg = cpu / gib_moved
         ratio = lambda a, b: f"{a / b:.2f}x" if f and b > 0 else "-"
         label = tool + (f" ({how})" if how else "") + ("" if ok else " FAILED")
         lines.append(f"| {label} | {wall:.2f} | {mbs:.0f} | {cpg:.2f} | {rss:.0f} | "
-                     f"{ratio(wall, f[0])} | {ratio(cpu, f[1])} | {ratio(rss, f[2])} |")
+                     f"{ratio(wall, f[0])} | {ratio(cpu, f[1])} | {ratio(rss, f[2])} | "
+                     f"{scpu / gib_moved:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
     with open(os.path.join(OUT, "peers.md"), "a") as fh:
@@ -145,21 +168,26 @@ def table(title, rows, gib_moved, note=""):
 def med(results):
     ok = all(r[3] for r in results)
     return (statistics.median(r[0] for r in results), statistics.median(r[1] for r in results),
-            statistics.median(r[2] for r in results), ok)
+            statistics.median(r[2] for r in results), ok,
+            statistics.median(r[4] for r in results))
+
+
+def ferry_cmd(name, targets, image):
+    """`targets`: (bucket, endpoint) pairs, one per region."""
+    return [FERRY, "push", "--force", "--config", ferry_config(name, targets), image]
 
 
 def one_region():
     gib = os.path.getsize(IMAGE) / 2**30
-    cfg = ferry_config("one", [(BUCKETS[0], ENDPOINT)])
     res = {t: [] for t in TOOLS}
     for run in range(RUNS):
         order = TOOLS[run % len(TOOLS):] + TOOLS[:run % len(TOOLS)]
         for t in order:
             if t == "ferry":
-                cmd = [FERRY, "push", "--force", "--config", cfg, IMAGE]
+                make = lambda b: [ferry_cmd("one", [(b[0], ENDPOINT)], IMAGE)]
             else:
-                cmd = peer_cmd(t, IMAGE, BUCKETS[0], ENDPOINT)
-            res[t].append(measure([cmd]))
+                make = lambda b, t=t: [peer_cmd(t, IMAGE, b[0], ENDPOINT)]
+            res[t].append(measure(make))
     rows = {t: (*med(r), "") for t, r in res.items()}
     return table(f"One region: {gib:.0f} GiB image to one bucket", rows, gib,
                  f"Median of {RUNS} runs, tools alternating. Part size {PART_MIB} MiB, "
@@ -170,16 +198,15 @@ def three_regions(single):
     """`single`: the one-region medians; three uploads in sequence take three
     times as long and as much CPU, so that way is taken from them, not re-run."""
     gib = os.path.getsize(IMAGE) / 2**30
-    cfg = ferry_config("three", [(b, ENDPOINT) for b in BUCKETS[:3]])
     res = {}
     for run in range(RUNS_MULTI):
         order = TOOLS[run % len(TOOLS):] + TOOLS[:run % len(TOOLS)]
         for t in order:
             if t == "ferry":
-                cmd = [[FERRY, "push", "--force", "--config", cfg, IMAGE]]
+                make = lambda b: [ferry_cmd("three", [(x, ENDPOINT) for x in b], IMAGE)]
             else:
-                cmd = [peer_cmd(t, IMAGE, b, ENDPOINT) for b in BUCKETS[:3]]
-            res.setdefault(t, []).append(measure(cmd))
+                make = lambda b, t=t: [peer_cmd(t, IMAGE, x, ENDPOINT) for x in b]
+            res.setdefault(t, []).append(measure(make))
     rows = {}
     for t, r in res.items():
         par = med(r)
@@ -187,7 +214,7 @@ def three_regions(single):
             rows[t] = (*par, "")
             continue
         s = single.get(t)
-        seq = (3 * s[0], 3 * s[1], s[2], s[3]) if s else None
+        seq = (3 * s[0], 3 * s[1], s[2], s[3], 3 * s[4]) if s else None
         rows[t] = (*seq, "in sequence") if seq and seq[0] < par[0] else (*par, "3 at once")
     return table(f"Three regions: {gib:.0f} GiB image to three buckets ({RUNS_MULTI} run(s))", rows, gib * 3,
                  "ferry reads once and fans out to three buckets; each peer does the three uploads its "
@@ -195,27 +222,77 @@ def three_regions(single):
                  "its one-region median). MB/s and CPU/GiB count the bytes delivered to all three.")
 
 
+def manifest_finished(bucket, image):
+    """When ferry's manifest says the object in `bucket` was verified (epoch s)."""
+    out = subprocess.run([f"{BENCH_BIN}/s5cmd", "--endpoint-url", ENDPOINT, "cat",
+                          f"s3://{bucket}/ferry/{os.path.basename(image)}.manifest.json"],
+                         env=ENV, capture_output=True, timeout=60)
+    finished = json.loads(out.stdout)["finished_at"].replace("Z", "+00:00")
+    return datetime.datetime.fromisoformat(finished).timestamp()
+
+
+def wan_run(tool, endpoints, image):
+    """One WAN run into fresh buckets. Returns the usual figures and, per link,
+    the seconds from the start until that region's copy was complete: a peer
+    process's exit, or the finish time in ferry's manifest for that region."""
+    buckets = fresh_buckets()
+    try:
+        if tool == "ferry":
+            cmds = [ferry_cmd("wan", list(zip(buckets, endpoints)), image)]
+        else:
+            cmds = [peer_cmd(tool, image, b, e) for b, e in zip(buckets, endpoints)]
+        s0, t0, start = server_cpu(), time.time(), time.monotonic()
+        procs = {subprocess.Popen(c, env=ENV, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL).pid: n for n, c in enumerate(cmds)}
+        ended, cpu, rss, ok = {}, 0.0, 0.0, True
+        while procs:
+            pid, status, ru = os.wait4(-1, 0)
+            n = procs.pop(pid, None)
+            if n is None:
+                continue
+            ended[n] = time.time() - t0
+            cpu += ru.ru_utime + ru.ru_stime
+            rss += ru.ru_maxrss / 1024.0
+            ok = ok and os.waitstatus_to_exitcode(status) == 0
+        wall = time.monotonic() - start
+        if tool == "ferry":
+            links = [manifest_finished(b, image) - t0 for b in buckets]
+        else:
+            links = [ended[n] for n in range(len(cmds))]
+        return (wall, cpu, rss, ok, server_cpu() - s0), links
+    finally:
+        drop_buckets(buckets)
+
+
 def wan():
     gib = os.path.getsize(WAN_IMAGE) / 2**30
+    mb = gib * 1073.741824
     endpoints = [f"http://127.0.0.1:{p}" for p, _, _ in WAN_LINKS]
-    cfg = ferry_config("wan", list(zip(BUCKETS[:3], endpoints)))
-    cap_mbs = sum(m for _, _, m in WAN_LINKS) / 8
-    res = {"ferry": [], "s5cmd": []}
+    caps = [m / 8 for _, _, m in WAN_LINKS]
+    res, per_link = {"ferry": [], "s5cmd": []}, {"ferry": [], "s5cmd": []}
     for _ in range(RUNS_MULTI):
-        res["ferry"].append(measure([[FERRY, "push", "--force", "--config", cfg, WAN_IMAGE]]))
-        res["s5cmd"].append(measure([peer_cmd("s5cmd", WAN_IMAGE, b, e)
-                                     for b, e in zip(BUCKETS[:3], endpoints)]))
+        for t in res:
+            figures, links = wan_run(t, endpoints, WAN_IMAGE)
+            res[t].append(figures)
+            per_link[t].append(links)
     rows = {t: (*med(r), "" if t == "ferry" else "3 at once") for t, r in res.items()}
-    links = ", ".join(f"{rtt:.0f} ms / {m:.0f} Mbit/s" for _, rtt, m in WAN_LINKS)
-    table(f"WAN: {gib:.0f} GiB image to three regions behind link emulators ({RUNS_MULTI} run(s))", rows, gib * 3,
-          f"Links (round trip / cap): {links}; the caps sum to {cap_mbs:.1f} MB/s.")
-    f = rows["ferry"]
-    total = gib * 3 * 1073.741824 / f[0]
-    line = (f"WAN: ferry moved {total:.1f} MB/s in total = {100 * total / cap_mbs:.0f}% "
-            f"of the links' summed caps ({cap_mbs:.1f} MB/s)\n")
-    print(line)
+    desc = ", ".join(f"{rtt:.0f} ms / {m:.0f} Mbit/s" for _, rtt, m in WAN_LINKS)
+    table(f"WAN: {gib:.0f} GiB image to three regions behind link emulators ({RUNS_MULTI} run(s))",
+          rows, gib * 3, f"Links (round trip / cap): {desc}; the caps sum to {sum(caps):.1f} MB/s. "
+          "Wall time is set by the slowest link.")
+    lines = ["| tool | " + " | ".join(f"link {i + 1} MB/s (cap {c:.0f})" for i, c in enumerate(caps))
+             + " | sum MB/s | % of summed caps |",
+             "|---" * (len(caps) + 3) + "|"]
+    for t, runs in per_link.items():
+        secs = [statistics.median(r[i] for r in runs) for i in range(len(caps))]
+        rates = [mb / x for x in secs]
+        lines.append(f"| {t} | " + " | ".join(f"{r:.1f}" for r in rates)
+                     + f" | {sum(rates):.1f} | {100 * sum(rates) / sum(caps):.0f}% |")
+    text = ("Per link: the image's size over the time until that region's copy was complete "
+            "(median of the runs), against the link's cap.\n\n" + "\n".join(lines) + "\n")
+    print(text, flush=True)
     with open(os.path.join(OUT, "peers.md"), "a") as fh:
-        fh.write(line + "\n")
+        fh.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@
 #   bash benches/peers.sh              # one region, three regions, WAN
 #   bash benches/peers.sh one          # only some cases: one three wan
 #   SIZE_GIB=4 WAN_GIB=1 RUNS=3 RUNS_MULTI=3 bash benches/peers.sh
+#
+# The server keeps its data under bench-out/weed on the disk (every measurement
+# gets fresh buckets, deleted after it, so at most three copies of the image
+# are stored at once); BENCH_TMPFS=1 puts it on a 16 GiB tmpfs instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ROOT="$PWD" OUT="$PWD/bench-out"
@@ -43,10 +47,11 @@ trap cleanup EXIT
 tests/support/seaweedfs.sh stop "$weed_dir" 2>/dev/null || true
 rm -rf "$weed_dir"; mkdir -p "$weed_dir"
 # The server's data in RAM (a tmpfs), not on a shared disk that may be nearly full.
-if [ "${BENCH_TMPFS:-1}" = 1 ]; then
+if [ "${BENCH_TMPFS:-0}" = 1 ]; then
   mount -t tmpfs -o size=16g tmpfs "$weed_dir" 2>/dev/null && echo "SeaweedFS data on a tmpfs" || true
 fi
 tests/support/seaweedfs.sh start "$weed_dir" "$S3_PORT"
+export WEED_PID="$(cat "$weed_dir/weed.pid")"   # its CPU is reported beside the clients'
 export BUCKETS="bench-phx,bench-fra,bench-ash"
 tests/support/seaweedfs.sh bucket "$S3_PORT" bench-phx bench-fra bench-ash
 
@@ -61,7 +66,7 @@ done
 
 # Warm-up: the first upload after a fresh server start is slower for every tool.
 head -c $((256 << 20)) /dev/urandom > "$OUT/warmup.img"
-AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" FERRY_LOG=warn \
+AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" FERRY_LOG=error \
   target/release/ferry push --force "$OUT/warmup.img" --to "s3://bench-phx/warmup/" >/dev/null
 .venv-bench/bin/s5cmd --endpoint-url "http://127.0.0.1:$S3_PORT" cp "$OUT/warmup.img" s3://bench-fra/warmup/ >/dev/null
 

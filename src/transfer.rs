@@ -195,12 +195,17 @@ pub async fn run(
 ) -> Vec<Outcome> {
     let reader = chunk::reader(job.reader, job.source.file.clone(), job.plan);
     let read_error: Arc<Mutex<Option<String>>> = Arc::default();
-    // One laggard may hold at most its share of the budget in unsent parts.
+    // More than a part queued while another destination starves (see detach_laggard).
     let lag_limit = if destinations.len() <= 1 {
         u64::MAX
     } else {
-        (budget.limit_bytes() / (destinations.len() as u64 + 1)).max(2 * job.plan.part_bytes)
+        job.plan.part_bytes
     };
+    let max_in_flight = in_flight_share(
+        budget.limit_bytes(),
+        job.plan.part_bytes,
+        destinations.len(),
+    );
 
     let mut feeds = Vec::new();
     let mut workers = JoinSet::new();
@@ -230,6 +235,7 @@ pub async fn run(
             read_error: read_error.clone(),
             queued,
             detached,
+            max_in_flight,
             cancel: cancel.clone(),
         };
         workers.spawn(async move {
@@ -327,18 +333,37 @@ async fn fan_out(
     }
 }
 
+/// Parts one destination may have on the wire at once when several share the
+/// budget: its share of the budget, at least one. Parts in flight hold memory
+/// until they are sent; without a share, a slow link with all of its
+/// `parallel_parts` in flight holds the whole budget and the fast links wait for
+/// it (the detaching of laggards only sees parts still queued).
+fn in_flight_share(budget_bytes: u64, part_bytes: u64, destinations: usize) -> usize {
+    if destinations <= 1 {
+        return usize::MAX;
+    }
+    let parts = budget_bytes / part_bytes.max(1);
+    ((parts / destinations as u64) as usize).max(1)
+}
+
 /// How often a reader waiting for memory looks for a destination to detach.
 const LAG_CHECK: Duration = Duration::from_millis(100);
 
 /// Detaches the destination holding the most unsent parts, if it holds more than
-/// its share of the budget.
+/// `lag_limit` while another destination has nothing left to send: then it is
+/// holding the others back. When every destination still has parts queued, a
+/// full budget is plain back-pressure (the store is the bottleneck), and the
+/// parts keep being read once.
 fn detach_laggard(feeds: &mut [Feed], lag_limit: u64) {
+    let queued = |f: &Feed| f.queued_bytes.load(Ordering::Relaxed);
+    let starving = feeds.iter().filter(|f| f.live() && queued(f) == 0).count();
     let worst = feeds
         .iter_mut()
         .filter(|f| f.live())
         .max_by_key(|f| f.queued_bytes.load(Ordering::Relaxed));
     if let Some(f) = worst
-        && f.queued_bytes.load(Ordering::Relaxed) > lag_limit
+        && starving > 0
+        && queued(f) > lag_limit
     {
         f.detached.store(true, Ordering::Release);
         // Dropping the sender wakes a worker waiting in recv; the worker drops
@@ -357,6 +382,8 @@ struct Worker {
     read_error: Arc<Mutex<Option<String>>>,
     queued: Arc<AtomicU64>,
     detached: Arc<AtomicBool>,
+    /// This destination's share of parts in flight (see [`in_flight_share`]).
+    max_in_flight: usize,
     cancel: watch::Receiver<bool>,
 }
 
@@ -467,7 +494,9 @@ impl Worker {
         receipts: &mut BTreeMap<u32, PartReceipt>,
         dp: Option<&crate::progress::DestinationProgress>,
     ) -> Result<(), TransferError> {
-        let slots = Arc::new(Semaphore::new(self.dest.parallel_parts()));
+        let slots = Arc::new(Semaphore::new(
+            self.dest.parallel_parts().min(self.max_in_flight),
+        ));
         let mut tasks: JoinSet<Sent> = JoinSet::new();
         let mut self_read = rx.is_none();
         let mut rx = rx.unwrap_or_else(|| mpsc::unbounded_channel().1);
@@ -979,6 +1008,15 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn destinations_share_the_parts_in_flight() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(in_flight_share(512 * MIB, 64 * MIB, 1), usize::MAX);
+        assert_eq!(in_flight_share(512 * MIB, 64 * MIB, 2), 4);
+        assert_eq!(in_flight_share(512 * MIB, 64 * MIB, 3), 2);
+        assert_eq!(in_flight_share(128 * MIB, 64 * MIB, 3), 1);
+    }
 
     #[test]
     fn backoff_is_bounded_and_grows() {
