@@ -517,21 +517,28 @@ async fn abort_orphans(journal: &Journal, spool: &Spool, settings: &Settings) {
         .iter()
         .map(|n| n.to_string_lossy().into_owned())
         .collect();
-    let live: std::collections::HashSet<String> = journal
+    let records: Vec<(String, Option<JobRecord>)> = journal
         .names()
+        .into_iter()
+        .map(|n| {
+            let r = journal.load(&n);
+            (n, r)
+        })
+        .collect();
+    let live: std::collections::HashSet<String> = records
         .iter()
-        .filter(|n| active.contains(n))
-        .filter_map(|n| journal.load(n))
-        .flat_map(|r| r.destinations.into_values().filter_map(|d| d.upload_id))
+        .filter(|(n, _)| active.contains(n))
+        .filter_map(|(_, r)| r.as_ref())
+        .flat_map(|r| r.destinations.values().filter_map(|d| d.upload_id.clone()))
         .collect();
     for d in &settings.destinations {
         d.sweep(&live).await;
     }
-    for name in journal.names() {
+    for (name, record) in records {
         if active.contains(&name) {
             continue;
         }
-        if let Some(record) = journal.load(&name) {
+        if let Some(record) = record {
             abort_record(&record, settings).await;
         }
         if let Err(e) = journal.remove(&name) {

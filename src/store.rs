@@ -250,28 +250,24 @@ pub enum StoreError {
     Setup(String),
 }
 
-/// S3 error codes of a 400 answer that another try may cure: the body was
-/// damaged or cut short on its way, or the server was busy.
-const RETRYABLE_CODES: &[&str] = &[
-    "BadDigest",
-    "InvalidDigest",
-    "XAmzContentChecksumMismatch",
-    "XAmzContentSHA256Mismatch",
-    "IncompleteBody",
-    "RequestTimeout",
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "TooManyRequests",
-    "InternalError",
-];
-
-/// Codes that say the bytes did not arrive as sent.
+/// S3 error codes that say the bytes did not arrive as sent.
 const CHECKSUM_CODES: &[&str] = &[
     "BadDigest",
     "InvalidDigest",
     "XAmzContentChecksumMismatch",
     "XAmzContentSHA256Mismatch",
+];
+
+/// S3 error codes that ask the client to slow down.
+const SLOW_DOWN_CODES: &[&str] = &["SlowDown", "Throttling", "ThrottlingException"];
+
+/// Further codes of a 4xx answer that another try may cure (besides the two
+/// lists above): the body was cut short, or the server was busy.
+const OTHER_RETRYABLE_CODES: &[&str] = &[
+    "IncompleteBody",
+    "RequestTimeout",
+    "TooManyRequests",
+    "InternalError",
 ];
 
 /// What is known of a failed S3 request. object_store keeps its request error
@@ -345,7 +341,11 @@ impl StoreError {
                     let f = RemoteFailure::of(source);
                     match f.status {
                         Some(s) if s >= 500 || s == 408 || s == 429 => true,
-                        Some(_) => f.code_in(RETRYABLE_CODES),
+                        Some(_) => {
+                            f.code_in(CHECKSUM_CODES)
+                                || f.code_in(SLOW_DOWN_CODES)
+                                || f.code_in(OTHER_RETRYABLE_CODES)
+                        }
                         // No answer at all: the connection failed.
                         None => true,
                     }
@@ -377,7 +377,7 @@ impl StoreError {
                     "checksum"
                 } else if f.status == Some(503)
                     || f.status == Some(429)
-                    || f.code_in(&["SlowDown", "Throttling", "ThrottlingException"])
+                    || f.code_in(SLOW_DOWN_CODES)
                 {
                     "slow_down"
                 } else if f.status == Some(408)
@@ -1183,11 +1183,12 @@ mod tests {
         assert_eq!(f.status, None, "only the request error's own text counts");
         f.read("Server returned non-2xx status code: 400 Bad Request: <?xml?><Error><Code>BadDigest</Code></Error>");
         assert_eq!(f.status, Some(400));
-        assert!(f.code_in(super::RETRYABLE_CODES) && f.code_in(super::CHECKSUM_CODES));
+        assert!(f.code_in(super::CHECKSUM_CODES));
         let mut g = super::RemoteFailure::default();
         g.read("Server returned non-2xx status code: 400 Bad Request: <Error><Code>EntityTooSmall</Code></Error>");
         assert_eq!(g.code.as_deref(), Some("EntityTooSmall"));
-        assert!(!g.code_in(super::RETRYABLE_CODES));
+        assert!(!g.code_in(super::CHECKSUM_CODES) && !g.code_in(super::SLOW_DOWN_CODES));
+        assert!(!g.code_in(super::OTHER_RETRYABLE_CODES));
         let mut h = super::RemoteFailure::default();
         h.read("Server returned non-2xx status code: 503 Service Unavailable: ");
         assert_eq!((h.status, h.code), (Some(503), None));

@@ -464,9 +464,7 @@ impl Worker {
 
         let sent = self.send_parts(rx, &upload_id, &mut receipts, dp).await;
         if let Err(e) = sent {
-            let keep =
-                matches!(e, TransferError::Cancelled) || (self.job.keep_transient && e.transient());
-            if !keep {
+            if !self.keeps_upload(&e) {
                 self.abort(&upload_id).await;
             }
             return Err(e);
@@ -476,6 +474,12 @@ impl Worker {
         }
         let receipts: Vec<PartReceipt> = receipts.into_values().collect();
         self.finish(&upload_id, &receipts, started).await
+    }
+
+    /// An upload that failed with `e` is kept for a later attempt (cancelled,
+    /// or failed for a passing reason where the job resumes); else aborted.
+    fn keeps_upload(&self, e: &TransferError) -> bool {
+        matches!(e, TransferError::Cancelled) || (self.job.keep_transient && e.transient())
     }
 
     async fn abort(&self, upload_id: &str) {
@@ -638,7 +642,7 @@ impl Worker {
             );
             if self.verify(receipts).await.is_err() {
                 let e = TransferError::from(e);
-                if !(self.job.keep_transient && e.transient()) {
+                if !self.keeps_upload(&e) {
                     self.abort(upload_id).await;
                 }
                 return Err(e);
