@@ -71,13 +71,6 @@ require_license_attestation = false
     }
 }
 
-fn s3_table(s3: &S3, bucket: &str, prefix: &str, extra: &str) -> String {
-    format!(
-        "\n[destinations.ashburn]\nurl = \"s3://{bucket}/{prefix}/\"\nendpoint = \"{}\"\n{extra}\n",
-        s3.endpoint
-    )
-}
-
 fn images_in(dir: &Path) -> Vec<String> {
     list(dir)
         .into_iter()
@@ -91,7 +84,13 @@ fn images_in(dir: &Path) -> Vec<String> {
 fn ten_images_arrive_everywhere_exactly_once() {
     let Some(s3) = s3() else { return };
     let prefix = unique_prefix("ten");
-    let setup = Setup::new(&s3_table(&s3, &s3.buckets[1], &prefix, ""));
+    let setup = Setup::new(&s3_dest(
+        "ashburn",
+        &s3.buckets[1],
+        &prefix,
+        &s3.endpoint,
+        "",
+    ));
     let mut d = setup.daemon();
     let staging = setup.root.join("staging");
     std::fs::create_dir_all(&staging).unwrap();
@@ -197,7 +196,13 @@ fn kill_9_mid_upload_resumes_without_resending() {
     // Only the S3 destination, so the journal holds its parts alone.
     let setup = Setup::with(&format!(
         "[transfer]\npart_size = \"32MiB\"\n{}",
-        s3_table(&s3, &s3.buckets[2], &prefix, "parallel_parts = 4")
+        s3_dest(
+            "ashburn",
+            &s3.buckets[2],
+            &prefix,
+            &s3.endpoint,
+            "parallel_parts = 4"
+        )
     ));
     let staged = setup.root.join("big.qcow2");
     random_file(&staged, 2 << 30, 7);

@@ -16,13 +16,16 @@ struct Relay {
     child: Child,
     port: u16,
     control: PathBuf,
+    /// Holds the control file and the log of what was injected.
+    _dir: tempfile::TempDir,
 }
 
 impl Relay {
-    fn start(dir: &Path, s3: &S3) -> Relay {
+    fn start(s3: &S3) -> Relay {
         let target: u16 = s3.endpoint.rsplit(':').next().unwrap().parse().unwrap();
         let port = free_port();
-        let control = dir.join("relay.json");
+        let dir = tmpdir();
+        let control = dir.path().join("relay.json");
         std::fs::write(&control, "{}").unwrap();
         let child = Command::new("python3")
             .arg(RELAY)
@@ -38,6 +41,7 @@ impl Relay {
             child,
             port,
             control,
+            _dir: dir,
         }
     }
     fn set(&self, json: &str) {
@@ -111,12 +115,6 @@ impl Site {
     }
 }
 
-fn s3_dest(name: &str, bucket: &str, prefix: &str, endpoint: &str, extra: &str) -> String {
-    format!(
-        "[destinations.{name}]\nurl = \"s3://{bucket}/{prefix}/\"\nendpoint = \"{endpoint}\"\n{extra}\n"
-    )
-}
-
 /// Drops images; returns (name, crc) pairs.
 fn drop_images(spool: &Path, prefix: &str, n: usize, size: u64, seed: u64) -> Vec<(String, u32)> {
     (0..n)
@@ -174,8 +172,7 @@ fn assert_everywhere(site: &Site, s3: &S3, bucket: &str, prefix: &str, images: &
 fn part_503s_are_retried_and_every_object_verifies() {
     let Some(s3) = s3() else { return };
     let prefix = unique_prefix("slowdown");
-    let probe = tmpdir();
-    let relay = Relay::start(probe.path(), &s3);
+    let relay = Relay::start(&s3);
     relay.set(r#"{"part_error_every": 10, "error_status": 503}"#);
     let site = Site::new(&format!(
         "[transfer]\npart_size = \"5MiB\"\nretry_base_ms = 50\n{}",
@@ -203,8 +200,7 @@ fn part_503s_are_retried_and_every_object_verifies() {
 fn connections_reset_mid_part_are_retried() {
     let Some(s3) = s3() else { return };
     let prefix = unique_prefix("reset");
-    let probe = tmpdir();
-    let relay = Relay::start(probe.path(), &s3);
+    let relay = Relay::start(&s3);
     relay.set(r#"{"part_reset_every": 10}"#);
     let site = Site::new(&format!(
         "[transfer]\npart_size = \"5MiB\"\nretry_base_ms = 50\n{}",
@@ -232,8 +228,7 @@ fn connections_reset_mid_part_are_retried() {
 fn a_flipped_bit_is_caught_and_the_object_is_exact() {
     let Some(s3) = s3() else { return };
     let prefix = unique_prefix("flip");
-    let probe = tmpdir();
-    let relay = Relay::start(probe.path(), &s3);
+    let relay = Relay::start(&s3);
     relay.set(r#"{"flip_bit_in_parts": 1}"#);
     let site = Site::new(&format!(
         "[transfer]\npart_size = \"5MiB\"\nverify = \"readback\"\nretry_base_ms = 50\n{}",
@@ -263,8 +258,7 @@ fn a_flipped_bit_is_caught_and_the_object_is_exact() {
 fn thirty_seconds_of_outage_are_ridden_out() {
     let Some(s3) = s3() else { return };
     let prefix = unique_prefix("outage");
-    let probe = tmpdir();
-    let relay = Relay::start(probe.path(), &s3);
+    let relay = Relay::start(&s3);
     let site = Site::new(&format!(
         "[transfer]\npart_size = \"8MiB\"\nparallel_parts = 2\n{}",
         s3_dest("ashburn", &s3.buckets[0], &prefix, &relay.endpoint(), "")

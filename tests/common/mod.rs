@@ -117,6 +117,13 @@ pub struct S3 {
 
 /// The test S3 server, or `None` (with a note) when run outside `tests/run.sh`.
 /// With `FERRY_REQUIRE_S3=1` (as `tests/run.sh` sets) a missing server fails the test.
+/// A `[destinations.NAME]` table for an S3 bucket, with `extra` lines inside it.
+pub fn s3_dest(name: &str, bucket: &str, prefix: &str, endpoint: &str, extra: &str) -> String {
+    format!(
+        "[destinations.{name}]\nurl = \"s3://{bucket}/{prefix}/\"\nendpoint = \"{endpoint}\"\n{extra}\n"
+    )
+}
+
 pub fn s3() -> Option<S3> {
     match std::env::var("FERRY_TEST_S3_ENDPOINT") {
         Ok(endpoint) => Some(S3 {
