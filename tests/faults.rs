@@ -57,6 +57,14 @@ impl Relay {
     fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+    /// Part bytes the relay has passed on to the server while throttled.
+    fn slow_bytes(&self) -> u64 {
+        std::fs::read_to_string(self.control.with_extension("json.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("slow ")?.parse::<u64>().ok())
+            .sum()
+    }
 }
 
 impl Drop for Relay {
@@ -654,4 +662,69 @@ fn a_full_state_directory_pauses_work_and_loses_nothing() {
         "/readyz"
     )
     .is_some_and(|r| r.0 == 200)));
+}
+
+/// A slow region does not hold a fast one back: with a budget of three parts, the
+/// fast copy is complete while the slow link (8 MB/s through the relay) has taken
+/// less than half of the image, because the slow destination is detached and reads
+/// its own parts; then both copies are byte-identical. Without the detach the fast
+/// copy could run at most the budget ahead, so it would finish only after the slow
+/// link had taken about three quarters.
+#[test]
+fn a_slow_region_does_not_hold_back_a_fast_one() {
+    let Some(s3) = s3() else { return };
+    let prefix = unique_prefix("slowlink");
+    let relay = Relay::start(&s3);
+    relay.set(r#"{"part_bytes_per_sec": 8000000}"#);
+    let dir = tmpdir();
+    let size: u64 = 64 << 20;
+    let img = dir.path().join("slowlink.qcow2");
+    random_file(&img, size, 950);
+    let fast = dir.path().join("fast");
+    let cfg = write(
+        &dir.path().join("ferry.toml"),
+        &format!(
+            "[transfer]\npart_size = \"5MiB\"\nmemory_limit = \"16MiB\"\nparallel_parts = 4\n\
+             [destinations.fast]\nurl = \"file://{}/\"\n{}",
+            fast.display(),
+            s3_dest("slow", &s3.buckets[0], &prefix, &relay.endpoint(), "")
+        ),
+    );
+    let log = dir.path().join("push.log");
+    let mut push = s3
+        .env(ferry().args(["push", "--force", "-c"]).arg(&cfg).arg(&img))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let fast_done = wait_until(Duration::from_secs(60), || {
+        fast.join("slowlink.qcow2.manifest.json").exists()
+    });
+    let slow_then = relay.slow_bytes();
+    eprintln!("fast copy complete; the slow link had taken {slow_then} of {size} bytes");
+    let exited = wait_until(Duration::from_secs(120), || {
+        push.try_wait().unwrap().is_some()
+    });
+    if !exited {
+        let _ = push.kill();
+    }
+    let status = push.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(fast_done, "the fast copy never completed:\n{text}");
+    assert!(
+        slow_then < size / 2,
+        "the fast copy completed only when the slow link had taken {slow_then} of {size} bytes:\n{text}"
+    );
+    assert!(exited && status.success(), "push: {status:?}\n{text}");
+    assert!(
+        text.contains("slow falls behind the others"),
+        "no detach logged:\n{text}"
+    );
+    assert!(same_bytes(&fast.join("slowlink.qcow2"), &img));
+    let key = format!("{prefix}/slowlink.qcow2");
+    assert!(s3_object_equals(&s3.store(&s3.buckets[0]), &key, &img));
+    assert!(
+        relay.slow_bytes() >= size,
+        "the relay did not throttle the parts"
+    );
 }

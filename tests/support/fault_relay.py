@@ -11,6 +11,8 @@ the real server cannot be made to produce on demand:
   {"part_reset_every": 10}     close the connection in the middle of every 10th part body
   {"flip_bit_in_parts": 1}     flip one bit in the body of the next N part uploads
   {"refuse": true}             refuse new connections (and drop open ones)
+  {"part_bytes_per_sec": N}    take part bodies from ferry at N bytes/s, a slow link;
+      each part forwarded is logged as "slow <bytes>"
 
 It appends one line per injected fault to CONTROL_JSON + ".log", so a test can
 show that faults really happened. Everything else is passed through unchanged.
@@ -21,6 +23,7 @@ import random
 import socket
 import sys
 import threading
+import time
 
 LISTEN, TARGET, CONTROL = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 lock = threading.Lock()
@@ -61,14 +64,18 @@ def content_length(head):
     return 0
 
 
-def read_body(sock, rest, n):
+def read_body(sock, rest, n, rate=0):
+    """N body bytes (some already in REST); at most RATE bytes/s if RATE is set."""
     body = bytearray(rest[:n])
     extra = rest[n:]
+    start = time.monotonic()
     while len(body) < n:
-        chunk = sock.recv(min(1 << 20, n - len(body)))
+        chunk = sock.recv(min(64 << 10 if rate else 1 << 20, n - len(body)))
         if not chunk:
             return None, b""
         body += chunk
+        if rate:
+            time.sleep(max(0.0, len(body) / rate - (time.monotonic() - start)))
     return body, extra
 
 
@@ -107,7 +114,8 @@ def serve(client):
                 note("reset " + first.decode(errors="replace"))
                 client.shutdown(socket.SHUT_RDWR)
                 return
-            body, buf = read_body(client, rest, n)
+            rate = int(c.get("part_bytes_per_sec", 0)) if is_part else 0
+            body, buf = read_body(client, rest, n, rate)
             if body is None:
                 return
             if is_part and every("part_error_every"):
@@ -145,6 +153,8 @@ def serve(client):
                 if ubody is None:
                     return
             client.sendall(uhead + b"\r\n\r\n" + bytes(ubody))
+            if rate:
+                note(f"slow {n}")
             if b"connection: close" in uhead.lower():
                 return
     except OSError:
