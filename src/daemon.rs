@@ -120,6 +120,124 @@ const JOB_ATTEMPTS: u32 = 12;
 const JOB_RETRY_PAUSE: Duration = Duration::from_secs(15);
 const JOB_RETRY_MAX_PAUSE: Duration = Duration::from_secs(300);
 
+/// Jobs that failed only for passing reasons, waiting to be tried again with
+/// their uploads kept, and how many attempts each name has had.
+#[derive(Default)]
+struct Retries {
+    attempts: HashMap<OsString, u32>,
+    waiting: Vec<(Instant, Claimed)>,
+}
+
+impl Retries {
+    /// Settles an ended job. One that may still pass waits for its next attempt;
+    /// after `JOB_ATTEMPTS` it goes to `failed/`. A job that ended any other way
+    /// clears its count, so a later file of the same name starts afresh.
+    fn job_ended(&mut self, spool: &Spool, settings: &Settings, status: &Status, end: JobEnd) {
+        let name = end.claimed().name.clone();
+        let Some(c) = settle_job(spool, settings, status, end) else {
+            self.attempts.remove(&name);
+            return;
+        };
+        if let Some(c) = self.failed(c, Instant::now()) {
+            let r = report(
+                &c.name,
+                &format!(
+                    "{JOB_ATTEMPTS} attempts failed for passing reasons (network, server errors); giving up"
+                ),
+                vec![],
+                "Check the destinations named in the log and in /status, then move the file from failed/ back into the spool.",
+            );
+            settle_job(
+                spool,
+                settings,
+                status,
+                JobEnd::Failed(c, Box::new(r), false, Instant::now()),
+            );
+        }
+    }
+
+    /// Counts a failed attempt and schedules the next one (N x `JOB_RETRY_PAUSE`
+    /// after the N-th failure, at most `JOB_RETRY_MAX_PAUSE`); hands the job back
+    /// when it has had all its attempts.
+    fn failed(&mut self, c: Claimed, now: Instant) -> Option<Claimed> {
+        let n = self.attempts.entry(c.name.clone()).or_insert(0);
+        *n += 1;
+        if *n >= JOB_ATTEMPTS {
+            self.attempts.remove(&c.name);
+            return Some(c);
+        }
+        let pause = (JOB_RETRY_PAUSE * *n).min(JOB_RETRY_MAX_PAUSE);
+        warn!(
+            "{:?}: a destination is failing for a passing reason; attempt {} of {JOB_ATTEMPTS} in {}s (the upload is kept)",
+            c.name,
+            *n + 1,
+            pause.as_secs()
+        );
+        self.waiting.push((now + pause, c));
+        None
+    }
+
+    /// The jobs whose pause is over, taken out of the waiting list.
+    fn due(&mut self, now: Instant) -> Vec<Claimed> {
+        let (due, later): (Vec<_>, Vec<_>) = self.waiting.drain(..).partition(|(t, _)| *t <= now);
+        self.waiting = later;
+        due.into_iter().map(|(_, c)| c).collect()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}
+
+impl JobEnd {
+    fn claimed(&self) -> &Claimed {
+        match self {
+            JobEnd::Done(c, _)
+            | JobEnd::Failed(c, ..)
+            | JobEnd::Interrupted(c)
+            | JobEnd::Retry(c, _) => c,
+        }
+    }
+}
+
+/// The configuration file (or the embedded default) made into settings, for a reload.
+fn reload_settings(path: Option<&Path>) -> Result<Settings, crate::config::ConfigError> {
+    let config = Config::load_or_embedded(path)?;
+    Settings::new(config).map_err(|e| crate::config::ConfigError::Invalid {
+        origin: "reload".into(),
+        message: e.to_string(),
+    })
+}
+
+/// Whether the state directory takes writes; logs and reports on `/readyz`
+/// only the changes (`was_ok` is the last answer).
+fn state_dir_ok(journal: &Journal, status: &Status, was_ok: bool) -> bool {
+    match journal.writable() {
+        Ok(()) => {
+            if !was_ok {
+                info!("the state directory takes writes again; taking new files");
+                if let Ok(mut p) = status.state_problem.lock() {
+                    *p = None;
+                }
+            }
+            true
+        }
+        Err(e) => {
+            if was_ok {
+                error!(
+                    "{e}: not taking new files until the state directory takes writes again (nothing is lost: files wait in the spool)"
+                );
+            }
+            if let Ok(mut p) = status.state_problem.lock() {
+                *p = Some(format!(
+                    "state directory does not take writes ({e}); not taking new files"
+                ));
+            }
+            false
+        }
+    }
+}
+
 /// Runs the daemon until a signal stops it.
 pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let config = Config::load_or_embedded(config_path.as_deref())?;
@@ -198,8 +316,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
 
     let mut next_scan = Instant::now();
     let mut last_full_scan = Instant::now();
-    let mut attempts: HashMap<OsString, u32> = HashMap::new();
-    let mut retry_at: Vec<(Instant, Claimed)> = Vec::new();
+    let mut retries = Retries::default();
     let mut state_ok = true;
     loop {
         let wait = next_scan.saturating_duration_since(Instant::now());
@@ -207,13 +324,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
-                let path = config_path.as_deref();
-                match Config::load_or_embedded(path).and_then(|c| {
-                    Settings::new(c).map_err(|e| crate::config::ConfigError::Invalid {
-                        origin: "reload".into(),
-                        message: e.to_string(),
-                    })
-                }) {
+                match reload_settings(config_path.as_deref()) {
                     Ok(s) => {
                         spool = Spool::open(&s.config.spool_dir, Duration::from_secs(s.config.daemon.settle_secs))?;
                         settings = Arc::new(s);
@@ -236,21 +347,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
             }
             Some(ended) = jobs.join_next() => {
                 match ended {
-                    Ok(end) => {
-                        if let Some(c) = settle_job(&spool, &settings, &status, end) {
-                            let n = attempts.entry(c.name.clone()).or_insert(0);
-                            *n += 1;
-                            if *n >= JOB_ATTEMPTS {
-                                let r = report(&c.name, &format!("{} attempts failed for passing reasons (network, server errors); giving up", JOB_ATTEMPTS), vec![], "Check the destinations named in the log and in /status, then move the file from failed/ back into the spool.");
-                                attempts.remove(&c.name);
-                                settle_job(&spool, &settings, &status, JobEnd::Failed(c, Box::new(r), false, Instant::now()));
-                            } else {
-                                let pause = (JOB_RETRY_PAUSE * *n).min(JOB_RETRY_MAX_PAUSE);
-                                warn!("{:?}: a destination is failing for a passing reason; attempt {} of {JOB_ATTEMPTS} in {}s (the upload is kept)", c.name, *n + 1, pause.as_secs());
-                                retry_at.push((Instant::now() + pause, c));
-                            }
-                        }
-                    }
+                    Ok(end) => retries.job_ended(&spool, &settings, &status, end),
                     Err(e) => error!("a job task ended abnormally: {e}"),
                 }
                 next_scan = Instant::now();
@@ -267,32 +364,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                     last_full_scan = Instant::now();
                 }
                 // Jobs waiting to be tried again.
-                let now = Instant::now();
-                let (due, later): (Vec<_>, Vec<_>) = retry_at.drain(..).partition(|(t, _)| *t <= now);
-                retry_at = later;
-                for (_, c) in due {
+                for c in retries.due(Instant::now()) {
                     jobs.spawn(job(ctx(&settings), c));
                 }
                 // No new work while the state directory refuses writes.
-                match journal.writable() {
-                    Ok(()) if !state_ok => {
-                        state_ok = true;
-                        info!("the state directory takes writes again; taking new files");
-                        if let Ok(mut p) = status.state_problem.lock() {
-                            *p = None;
-                        }
-                    }
-                    Ok(()) => {}
-                    Err(e) => {
-                        if state_ok {
-                            error!("{e}: not taking new files until the state directory takes writes again (nothing is lost: files wait in the spool)");
-                        }
-                        state_ok = false;
-                        if let Ok(mut p) = status.state_problem.lock() {
-                            *p = Some(format!("state directory does not take writes ({e}); not taking new files"));
-                        }
-                    }
-                }
+                state_ok = state_dir_ok(&journal, &status, state_ok);
                 match spool.scan(Instant::now()) {
                     Ok(ready) if state_ok => {
                         for r in ready {
@@ -327,7 +403,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                     *w = spool.waiting_list();
                 }
                 next_scan = Instant::now()
-                    + if waiting > 0 || !state_ok || !retry_at.is_empty() {
+                    + if waiting > 0 || !state_ok || !retries.is_empty() {
                         Duration::from_secs(1)
                     } else {
                         Duration::from_secs(settings.config.daemon.rescan_secs)
@@ -897,5 +973,62 @@ impl Observer for ProgressLog {
         for d in &self.progress.destinations {
             info!("{}", crate::progress::line(&self.progress, d));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    fn claimed(name: &str) -> Claimed {
+        Claimed {
+            name: name.into(),
+            path: PathBuf::from("/spool/.ferry/active").join(name),
+            sidecar: None,
+        }
+    }
+
+    #[test]
+    fn a_job_failing_for_passing_reasons_gets_its_attempts_then_gives_up() {
+        let mut r = Retries::default();
+        let t0 = Instant::now();
+        let mut pauses = Vec::new();
+        for attempt in 1..JOB_ATTEMPTS {
+            assert!(
+                r.failed(claimed("a.qcow2"), t0).is_none(),
+                "attempt {attempt}"
+            );
+            assert!(r.due(t0).is_empty(), "tried again without a pause");
+            let (at, _) = r.waiting[0];
+            pauses.push((at - t0).as_secs());
+            assert_eq!(r.due(at).len(), 1);
+            assert!(r.is_empty());
+        }
+        assert_eq!(&pauses[..4], &[15, 30, 45, 60]);
+        assert_eq!(*pauses.last().unwrap(), 165);
+        assert!(pauses.iter().all(|p| *p <= JOB_RETRY_MAX_PAUSE.as_secs()));
+        // The last attempt hands the job back (to go to failed/) and forgets it.
+        let c = r.failed(claimed("a.qcow2"), t0).expect("given up");
+        assert_eq!(c.name, "a.qcow2");
+        assert!(r.is_empty() && r.attempts.is_empty());
+    }
+
+    #[test]
+    fn each_name_counts_its_own_attempts() {
+        let mut r = Retries::default();
+        let t0 = Instant::now();
+        assert!(r.failed(claimed("a"), t0).is_none());
+        assert!(r.failed(claimed("a"), t0).is_none());
+        assert!(r.failed(claimed("b"), t0).is_none());
+        assert_eq!(r.attempts[OsStr::new("a")], 2);
+        assert_eq!(r.attempts[OsStr::new("b")], 1);
+        let later = r.due(t0 + Duration::from_secs(20));
+        assert_eq!(
+            later.len(),
+            2,
+            "a after 15 s, b after 15 s; a's second after 30 s"
+        );
+        assert_eq!(r.waiting.len(), 1);
     }
 }
