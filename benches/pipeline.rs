@@ -105,6 +105,8 @@ async fn push_memory_with(
         force: true,
         ..Default::default()
     };
+    // The sender must outlive the push: a closed channel reads as "stop".
+    let never_stopped = tokio::sync::watch::channel(false);
     let started = Instant::now();
     let outcomes = transfer::push(
         &config,
@@ -113,6 +115,7 @@ async fn push_memory_with(
         Arc::new(transfer::NoObserver),
         Duration::from_secs(3600),
         status,
+        never_stopped.1,
     )
     .await
     .unwrap();

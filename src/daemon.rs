@@ -850,7 +850,7 @@ async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
         verify: config.transfer.verify,
         retry: RetryPolicy::from_config(&config.transfer),
         image: Some(report),
-        keep_transient: true,
+        resumable: true,
     });
     let outcomes = transfer::run(
         job,

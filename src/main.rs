@@ -15,6 +15,8 @@ const EXIT_OK: u8 = 0;
 const EXIT_FAILED: u8 = 1;
 /// Exit status when the input was refused before a byte was sent.
 const EXIT_REFUSED: u8 = 2;
+/// Exit status of a push stopped by SIGINT or SIGTERM (128 + SIGINT, as a shell reports Ctrl-C).
+const EXIT_INTERRUPTED: u8 = 130;
 
 #[derive(Parser)]
 #[command(
@@ -59,7 +61,9 @@ EXAMPLE:\n  cargo run --release -- daemon          # the embedded default: ./spo
         long_about = "Upload IMAGE to every destination in the config, or to those given with --to, \
 all at the same time. The object key is IMAGE's base name under each destination's prefix; \
 <name>.manifest.json is written beside it once the object verified.",
-        after_help = "EXAMPLES:\n  ferry push disk.qcow2\n  ferry push disk.qcow2 --to phoenix --to s3://images-fra/exports/\n  AWS_ENDPOINT_URL=http://127.0.0.1:8333 ferry push disk.vmdk --to s3://bucket/ --verify readback"
+        after_help = "EXIT STATUS:\n  0    every destination verified\n  1    at least one destination failed (a line says which and why)\n  2    refused before a byte was sent\n  130  interrupted\n\n\
+SIGNALS:\n  SIGINT, SIGTERM  stop: uploads not yet complete are aborted (nothing is left half-written);\n                   destinations that verified keep their objects. A second signal exits at once.\n\n\
+EXAMPLES:\n  ferry push disk.qcow2\n  ferry push disk.qcow2 --to phoenix --to s3://images-fra/exports/\n  AWS_ENDPOINT_URL=http://127.0.0.1:8333 ferry push disk.vmdk --to s3://bucket/ --verify readback"
     )]
     Push {
         /// The image file (a regular file; symlinks are refused).
@@ -195,6 +199,11 @@ async fn run(cli: Cli) -> u8 {
                 }
                 None => None,
             };
+            let (cancel_tx, cancel) = tokio::sync::watch::channel(false);
+            if let Err(e) = stop_on_signals(cancel_tx) {
+                eprintln!("ferry: cannot install signal handlers: {e}");
+                return EXIT_FAILED;
+            }
             let outcomes = match transfer::push(
                 &config,
                 &image,
@@ -202,6 +211,7 @@ async fn run(cli: Cli) -> u8 {
                 Arc::new(transfer::NoObserver),
                 Duration::from_secs(progress_secs.max(1)),
                 status,
+                cancel.clone(),
             )
             .await
             {
@@ -218,6 +228,10 @@ async fn run(cli: Cli) -> u8 {
                         "verified {} ({} bytes, crc32c {}) at {} [{}]",
                         o.key, m.file_size_bytes, m.crc32c, o.destination, m.verify
                     ),
+                    Err(transfer::TransferError::Cancelled) => eprintln!(
+                        "ferry: INTERRUPTED {}: {} ({}): the upload was aborted; nothing is left there",
+                        o.destination, o.key, o.url
+                    ),
                     Err(e) => {
                         failed = true;
                         eprintln!(
@@ -227,7 +241,13 @@ async fn run(cli: Cli) -> u8 {
                     }
                 }
             }
-            if failed { EXIT_FAILED } else { EXIT_OK }
+            if *cancel.borrow() {
+                EXIT_INTERRUPTED
+            } else if failed {
+                EXIT_FAILED
+            } else {
+                EXIT_OK
+            }
         }
     }
 }
@@ -278,4 +298,28 @@ fn inspect(
         ferry::image::Verdict::Accept => EXIT_OK,
         ferry::image::Verdict::Refuse => EXIT_REFUSED,
     }
+}
+
+/// The first SIGINT or SIGTERM stops the push (its uploads are aborted); a
+/// second one exits at once.
+fn stop_on_signals(cancel: tokio::sync::watch::Sender<bool>) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        for n in 0..2 {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            if n == 1 {
+                std::process::exit(EXIT_INTERRUPTED.into());
+            }
+            eprintln!(
+                "ferry: interrupted; aborting the uploads not yet complete (again to exit at once)"
+            );
+            let _ = cancel.send(true);
+        }
+    });
+    Ok(())
 }

@@ -69,7 +69,7 @@ pub enum TransferError {
     Read(String),
     #[error("verification failed: {0}")]
     Verify(String),
-    #[error("stopped before finishing; the upload is kept for resume")]
+    #[error("stopped before finishing")]
     Cancelled,
     #[error(
         "the file changed while uploading (size or modification time); it was kept, and nothing was completed"
@@ -149,9 +149,11 @@ pub struct Job {
     pub retry: RetryPolicy,
     /// What inspection found, for the manifest and the CreateImage body.
     pub image: Option<crate::image::Report>,
-    /// Keep an upload that failed for a passing reason (network, 5xx), so a
-    /// later attempt resumes it; otherwise every failed upload is aborted.
-    pub keep_transient: bool,
+    /// A later attempt resumes this job (the daemon, with its journal): an upload
+    /// that was stopped or failed for a passing reason (network, 5xx) is kept for
+    /// it. Nothing resumes a `ferry push`: every upload it does not complete is
+    /// aborted, including when it is interrupted.
+    pub resumable: bool,
 }
 
 impl TransferError {
@@ -476,10 +478,10 @@ impl Worker {
         self.finish(&upload_id, &receipts, started).await
     }
 
-    /// An upload that failed with `e` is kept for a later attempt (cancelled,
-    /// or failed for a passing reason where the job resumes); else aborted.
+    /// An upload that failed with `e` is kept for a later attempt (stopped, or
+    /// failed for a passing reason, in a job that resumes); else aborted.
     fn keeps_upload(&self, e: &TransferError) -> bool {
-        matches!(e, TransferError::Cancelled) || (self.job.keep_transient && e.transient())
+        self.job.resumable && (matches!(e, TransferError::Cancelled) || e.transient())
     }
 
     async fn abort(&self, upload_id: &str) {
@@ -533,7 +535,7 @@ impl Worker {
             }
             let slot = tokio::select! {
                 s = slots.clone().acquire_owned() => s.expect("never closed"),
-                _ = cancel.wait_for(|c| *c) => break,
+                Ok(_) = cancel.wait_for(|c| *c) => break, // a closed channel never stops it
             };
             while let Some(r) = tasks.try_join_next() {
                 reap(r, receipts)?;
@@ -589,6 +591,12 @@ impl Worker {
                 .await
                 .map(|r| (r, started.elapsed()))
             });
+        }
+        if *self.cancel.borrow() && !self.job.resumable {
+            // Nothing resumes this upload: drop the parts on the wire at once.
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+            return Err(TransferError::Cancelled);
         }
         while let Some(r) = tasks.join_next().await {
             reap(r, receipts)?;
@@ -886,7 +894,9 @@ pub fn destinations(
         .collect()
 }
 
-/// `ferry push`: one file to every chosen destination, with progress.
+/// `ferry push`: one file to every chosen destination, with progress. When
+/// `cancel` turns true, uploads not yet complete are aborted and end
+/// `Cancelled`; destinations that verified before keep their objects.
 pub async fn push(
     config: &crate::config::Config,
     path: &std::path::Path,
@@ -894,6 +904,7 @@ pub async fn push(
     observer: Arc<dyn Observer>,
     progress_every: Duration,
     status: Option<Arc<crate::http::Status>>,
+    cancel: watch::Receiver<bool>,
 ) -> Result<Vec<Outcome>, PushError> {
     let started = std::time::Instant::now();
     let source = chunk::Source::open(path)?;
@@ -952,9 +963,8 @@ pub async fn push(
         verify: opts.verify.unwrap_or(config.transfer.verify),
         retry: RetryPolicy::from_config(&config.transfer),
         image: Some(report),
-        keep_transient: false,
+        resumable: false,
     });
-    let (_cancel_tx, cancel) = watch::channel(false);
     let outcomes = run(
         job,
         dests,

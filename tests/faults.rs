@@ -728,3 +728,84 @@ fn a_slow_region_does_not_hold_back_a_fast_one() {
         "the relay did not throttle the parts"
     );
 }
+
+/// `ferry push` interrupted (SIGINT) in the middle of a slow S3 upload: exit 130,
+/// the destination that had verified keeps its copy, the S3 upload is aborted (no
+/// object, no multipart upload left open to cost storage), and it says so.
+#[test]
+fn an_interrupted_push_aborts_what_it_cannot_finish() {
+    let Some(s3) = s3() else { return };
+    let prefix = unique_prefix("interrupted");
+    let relay = Relay::start(&s3);
+    relay.set(r#"{"part_bytes_per_sec": 8000000}"#);
+    let dir = tmpdir();
+    let img = dir.path().join("halfway.qcow2");
+    random_file(&img, 64 << 20, 960);
+    let fast = dir.path().join("fast");
+    let cfg = write(
+        &dir.path().join("ferry.toml"),
+        &format!(
+            "[transfer]\npart_size = \"5MiB\"\nmemory_limit = \"16MiB\"\nparallel_parts = 2\n\
+             [destinations.fast]\nurl = \"file://{}/\"\n{}",
+            fast.display(),
+            s3_dest("slow", &s3.buckets[1], &prefix, &relay.endpoint(), "")
+        ),
+    );
+    let (out, err) = (dir.path().join("push.out"), dir.path().join("push.err"));
+    let mut push = s3
+        .env(ferry().args(["push", "--force", "-c"]).arg(&cfg).arg(&img))
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    // The directory has its copy and the slow link has taken a part of the rest.
+    let midway = wait_until(Duration::from_secs(60), || {
+        fast.join("halfway.qcow2.manifest.json").exists() && relay.slow_bytes() > 0
+    });
+    let open_before = s3.open_uploads(&s3.buckets[1], &prefix);
+    unsafe { libc::kill(push.id() as i32, libc::SIGINT) };
+    let exited = wait_until(Duration::from_secs(30), || {
+        push.try_wait().unwrap().is_some()
+    });
+    if !exited {
+        let _ = push.kill();
+    }
+    let status = push.wait().unwrap();
+    let (stdout, stderr) = (
+        std::fs::read_to_string(&out).unwrap_or_default(),
+        std::fs::read_to_string(&err).unwrap_or_default(),
+    );
+    assert!(midway, "the push never got midway:\n{stderr}");
+    assert_eq!(
+        open_before,
+        vec![format!("{prefix}/halfway.qcow2")],
+        "the S3 upload was not open before the signal"
+    );
+    assert!(exited, "no exit within 30 s of SIGINT:\n{stderr}");
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(
+        stdout.contains("halfway.qcow2 (67108864 bytes") && stdout.contains("at fast"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("INTERRUPTED slow") && stderr.contains("the upload was aborted"),
+        "{stderr}"
+    );
+    assert!(same_bytes(&fast.join("halfway.qcow2"), &img));
+    assert_eq!(
+        std::fs::read_dir(&fast).unwrap().count(),
+        2,
+        "the directory holds more than the image and its manifest"
+    );
+    let store = s3.store(&s3.buckets[1]);
+    assert!(!s3_object_equals(
+        &store,
+        &format!("{prefix}/halfway.qcow2"),
+        &img
+    ));
+    assert_eq!(
+        s3.open_uploads(&s3.buckets[1], &prefix),
+        Vec::<String>::new(),
+        "a multipart upload was left open"
+    );
+}

@@ -150,6 +150,35 @@ impl S3 {
         s3_store(&self.endpoint, bucket)
     }
 
+    /// Keys of the multipart uploads still open under `prefix` (S3
+    /// ListMultipartUploads, signed by curl; object_store has no call for it).
+    pub fn open_uploads(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--fail",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+                "--user",
+            ])
+            .arg(format!("{}:{}", key_id(), secret()))
+            // Sorted, with `uploads=`: curl 7.88 signs it the way the server checks it.
+            .arg(format!(
+                "{}/{bucket}/?prefix={}&uploads=",
+                self.endpoint,
+                prefix.replace('/', "%2F")
+            ))
+            .output()
+            .expect("curl runs");
+        assert!(out.status.success(), "ListMultipartUploads: {out:?}");
+        let xml = String::from_utf8_lossy(&out.stdout);
+        assert!(xml.contains("<ListMultipartUploadsResult"), "{xml}");
+        xml.split("<Upload>")
+            .skip(1)
+            .filter_map(|u| Some(u.split("<Key>").nth(1)?.split("</Key>").next()?.to_string()))
+            .collect()
+    }
+
     /// Adds the endpoint and credentials to a ferry command.
     pub fn env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
         cmd.env("AWS_ENDPOINT_URL", &self.endpoint)
