@@ -5,6 +5,8 @@
 #   tests/support/seaweedfs.sh bucket S3PORT NAME...  # creates buckets (idempotent)
 #   tests/support/seaweedfs.sh stop DIR          # also unmounts DIR if it is a mount point
 #
+# WEED_EXTRA adds flags to `weed server`, e.g. WEED_EXTRA="-debug -debug.port=16060"
+# serves Go's CPU profiles (benches/pprof_top.py reads them).
 # DIR holds the data, the log and the pid. Every gRPC port is its HTTP port + 10000,
 # so the HTTP ports are picked below 55000 (see ../shared/TESTING.md).
 set -euo pipefail
@@ -22,7 +24,7 @@ JSON
   "$weed" server -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -master.port=$base -master.telemetry=false -master.volumeSizeLimitMB=1024 -volume.max=512 \
     -volume.port=$((base + 1)) -filer -filer.port=$((base + 2)) \
-    -s3 -s3.port="$s3" -s3.config="$dir/s3.json" -s3.port.iceberg=0 -s3.port.lance=0 \
+    -s3 -s3.port="$s3" -s3.config="$dir/s3.json" -s3.port.iceberg=0 -s3.port.lance=0 ${WEED_EXTRA:-} \
     > "$dir/weed.log" 2>&1 &
   echo $! > "$dir/weed.pid"
   # Ready when the S3 port answers an HTTP request (bounded: 60 s).
