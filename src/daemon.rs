@@ -10,7 +10,8 @@
 //!   `shutdown_timeout_secs`, write every journal record, and exit 0; a second
 //!   signal exits at once (records on disk are always whole, so the state stays
 //!   consistent); SIGHUP reloads destinations and limits for new jobs without
-//!   touching jobs in flight;
+//!   touching jobs in flight, except `memory_limit`, which binds every job at
+//!   once (one budget, resized);
 //! - a bad file in the spool never stops the daemon: it is refused and logged.
 //!
 //! Design choice: one loop owns the spool (claims and moves happen in one place,
@@ -200,13 +201,21 @@ impl JobEnd {
     }
 }
 
-/// The configuration file (or the embedded default) made into settings, for a reload.
-fn reload_settings(path: Option<&Path>) -> Result<Settings, crate::config::ConfigError> {
+/// The configuration file (or the embedded default) made into settings, for a
+/// reload. The memory budget stays the one every job shares, resized to the new
+/// `memory_limit`, so jobs started before and after the reload stay within it.
+fn reload_settings(
+    path: Option<&Path>,
+    budget: &Budget,
+) -> Result<Settings, crate::config::ConfigError> {
     let config = Config::load_or_embedded(path)?;
-    Settings::new(config).map_err(|e| crate::config::ConfigError::Invalid {
+    let mut s = Settings::new(config).map_err(|e| crate::config::ConfigError::Invalid {
         origin: "reload".into(),
         message: e.to_string(),
-    })
+    })?;
+    budget.resize(s.config.transfer.memory_limit.as_u64());
+    s.budget = budget.clone();
+    Ok(s)
 }
 
 /// Whether the state directory takes writes; logs and reports on `/readyz`
@@ -324,13 +333,10 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
-                match reload_settings(config_path.as_deref()) {
+                match reload_settings(config_path.as_deref(), &settings.budget) {
                     Ok(s) => {
                         spool = Spool::open(&s.config.spool_dir, Duration::from_secs(s.config.daemon.settle_secs))?;
                         settings = Arc::new(s);
-                        if let Ok(mut b) = status.budget.lock() {
-                            *b = Some(settings.budget.clone());
-                        }
                         prober.abort();
                         prober = tokio::spawn(probe_destinations(settings.clone(), status.clone()));
                         info!("configuration reloaded; jobs in flight keep their destinations");
