@@ -365,6 +365,86 @@ fn symlinks_fifos_and_directories_are_left_alone() {
     }
 }
 
+/// SIGHUP reloads the config: a destination added takes the next image and a new
+/// memory_limit shows on /metrics at once; a config with a typo is refused, named
+/// in the log, and the running config keeps working.
+#[test]
+fn sighup_reloads_the_config_and_refuses_a_broken_one() {
+    let setup = Setup::with(
+        "[transfer]\nmemory_limit = \"64MiB\"\n\n[destinations.phoenix]\nurl = \"file://ROOT/phoenix/\"\n",
+    );
+    let d = setup.daemon();
+    let mut port = 0u16;
+    assert!(wait_until(Duration::from_secs(20), || {
+        let log = d.log_text();
+        let Some(rest) = log.split("serving http://127.0.0.1:").nth(1) else {
+            return false;
+        };
+        port = rest.split('/').next().unwrap().parse().unwrap();
+        true
+    }));
+    let limit = || {
+        http_get(port, "/metrics").and_then(|(_, body)| {
+            body.lines()
+                .find(|l| l.starts_with("ferry_buffer_bytes_limit "))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        })
+    };
+    let arrives =
+        |name: &str| wait_until(Duration::from_secs(30), || setup.done().join(name).exists());
+    drop_image(&setup.spool, "before.img", 1 << 20, 21);
+    assert!(arrives("before.img"));
+    assert_eq!(limit(), Some((64u64 << 20) as f64));
+
+    let original = std::fs::read_to_string(&setup.config).unwrap();
+    let grown = original.replace("\"64MiB\"", "\"96MiB\"")
+        + &format!(
+            "\n[destinations.frankfurt]\nurl = \"file://{}/frankfurt/\"\n",
+            setup.root.display()
+        );
+    std::fs::write(&setup.config, &grown).unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(20), || d
+        .log_text()
+        .contains("configuration reloaded")));
+    assert!(
+        wait_until(Duration::from_secs(20), || limit()
+            == Some((96u64 << 20) as f64)),
+        "memory_limit not applied: {:?}",
+        limit()
+    );
+    drop_image(&setup.spool, "after.img", 1 << 20, 22);
+    assert!(arrives("after.img"));
+    assert_eq!(images_in(&setup.root.join("frankfurt")), vec!["after.img"]);
+    assert_eq!(
+        images_in(&setup.root.join("phoenix")),
+        vec!["after.img", "before.img"]
+    );
+
+    std::fs::write(&setup.config, grown + "\n[daemon2]\nsettle_secs = 1\n").unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(20), || d
+            .log_text()
+            .contains("reload refused")),
+        "{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    let refusal = log.lines().find(|l| l.contains("reload refused")).unwrap();
+    assert!(
+        refusal.contains("daemon2"),
+        "the typo is not named: {refusal}"
+    );
+    drop_image(&setup.spool, "third.img", 1 << 20, 23);
+    assert!(arrives("third.img"), "the running config stopped working");
+    assert_eq!(
+        images_in(&setup.root.join("frankfurt")),
+        vec!["after.img", "third.img"]
+    );
+    assert_eq!(limit(), Some((96u64 << 20) as f64));
+}
+
 /// Acceptance 6: the systemd unit passes `systemd-analyze verify`.
 #[test]
 fn systemd_unit_verifies() {
