@@ -664,67 +664,109 @@ fn a_full_state_directory_pauses_work_and_loses_nothing() {
     .is_some_and(|r| r.0 == 200)));
 }
 
+/// `ferry push` of a 64 MiB image to a directory ("fast") and to S3 through the
+/// relay at 8 MB/s ("slow"), with a budget of three 5 MiB parts.
+struct SlowLinkPush {
+    relay: Relay,
+    img: PathBuf,
+    fast: PathBuf,
+    push: Child,
+    out: PathBuf,
+    err: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+const SLOW_LINK_IMAGE_BYTES: u64 = 64 << 20;
+
+impl SlowLinkPush {
+    fn start(s3: &S3, bucket: &str, prefix: &str, name: &str, seed: u64) -> SlowLinkPush {
+        let relay = Relay::start(s3);
+        relay.set(r#"{"part_bytes_per_sec": 8000000}"#);
+        let dir = tmpdir();
+        let img = dir.path().join(name);
+        random_file(&img, SLOW_LINK_IMAGE_BYTES, seed);
+        let fast = dir.path().join("fast");
+        let cfg = write(
+            &dir.path().join("ferry.toml"),
+            &format!(
+                "[transfer]\npart_size = \"5MiB\"\nmemory_limit = \"16MiB\"\nparallel_parts = 4\n\
+                 [destinations.fast]\nurl = \"file://{}/\"\n{}",
+                fast.display(),
+                s3_dest("slow", bucket, prefix, &relay.endpoint(), "")
+            ),
+        );
+        let (out, err) = (dir.path().join("push.out"), dir.path().join("push.err"));
+        let push = s3
+            .env(ferry().args(["push", "--force", "-c"]).arg(&cfg).arg(&img))
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        SlowLinkPush {
+            relay,
+            img,
+            fast,
+            push,
+            out,
+            err,
+            _dir: dir,
+        }
+    }
+
+    /// Whether the directory's copy is complete (its manifest written).
+    fn fast_done(&self) -> bool {
+        let mut m = self.img.file_name().unwrap().to_os_string();
+        m.push(".manifest.json");
+        self.fast.join(m).exists()
+    }
+
+    /// Waits (bounded) for the push to exit; its status (None if it did not
+    /// exit and was killed), stdout and stderr.
+    fn wait(&mut self, limit: Duration) -> (Option<std::process::ExitStatus>, String, String) {
+        let exited = wait_until(limit, || self.push.try_wait().unwrap().is_some());
+        if !exited {
+            let _ = self.push.kill();
+        }
+        let status = self.push.wait().unwrap();
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        (exited.then_some(status), read(&self.out), read(&self.err))
+    }
+}
+
 /// A slow region does not hold a fast one back: with a budget of three parts, the
-/// fast copy is complete while the slow link (8 MB/s through the relay) has taken
-/// less than half of the image, because the slow destination is detached and reads
-/// its own parts; then both copies are byte-identical. Without the detach the fast
-/// copy could run at most the budget ahead, so it would finish only after the slow
-/// link had taken about three quarters.
+/// fast copy is complete while the slow link has taken less than half of the
+/// image, because the slow destination is detached and reads its own parts; then
+/// both copies are byte-identical. Without the detach the fast copy could run at
+/// most the budget ahead, so it would finish only after the slow link had taken
+/// about three quarters.
 #[test]
 fn a_slow_region_does_not_hold_back_a_fast_one() {
     let Some(s3) = s3() else { return };
     let prefix = unique_prefix("slowlink");
-    let relay = Relay::start(&s3);
-    relay.set(r#"{"part_bytes_per_sec": 8000000}"#);
-    let dir = tmpdir();
-    let size: u64 = 64 << 20;
-    let img = dir.path().join("slowlink.qcow2");
-    random_file(&img, size, 950);
-    let fast = dir.path().join("fast");
-    let cfg = write(
-        &dir.path().join("ferry.toml"),
-        &format!(
-            "[transfer]\npart_size = \"5MiB\"\nmemory_limit = \"16MiB\"\nparallel_parts = 4\n\
-             [destinations.fast]\nurl = \"file://{}/\"\n{}",
-            fast.display(),
-            s3_dest("slow", &s3.buckets[0], &prefix, &relay.endpoint(), "")
-        ),
-    );
-    let log = dir.path().join("push.log");
-    let mut push = s3
-        .env(ferry().args(["push", "--force", "-c"]).arg(&cfg).arg(&img))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let fast_done = wait_until(Duration::from_secs(60), || {
-        fast.join("slowlink.qcow2.manifest.json").exists()
-    });
-    let slow_then = relay.slow_bytes();
+    let mut p = SlowLinkPush::start(&s3, &s3.buckets[0], &prefix, "slowlink.qcow2", 950);
+    let fast_done = wait_until(Duration::from_secs(60), || p.fast_done());
+    let slow_then = p.relay.slow_bytes();
+    let size = SLOW_LINK_IMAGE_BYTES;
     eprintln!("fast copy complete; the slow link had taken {slow_then} of {size} bytes");
-    let exited = wait_until(Duration::from_secs(120), || {
-        push.try_wait().unwrap().is_some()
-    });
-    if !exited {
-        let _ = push.kill();
-    }
-    let status = push.wait().unwrap();
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(fast_done, "the fast copy never completed:\n{text}");
+    let (status, _, err) = p.wait(Duration::from_secs(120));
+    assert!(fast_done, "the fast copy never completed:\n{err}");
     assert!(
         slow_then < size / 2,
-        "the fast copy completed only when the slow link had taken {slow_then} of {size} bytes:\n{text}"
+        "the fast copy completed only when the slow link had taken {slow_then} of {size} bytes:\n{err}"
     );
-    assert!(exited && status.success(), "push: {status:?}\n{text}");
     assert!(
-        text.contains("slow falls behind the others"),
-        "no detach logged:\n{text}"
+        status.is_some_and(|s| s.success()),
+        "push: {status:?}\n{err}"
     );
-    assert!(same_bytes(&fast.join("slowlink.qcow2"), &img));
+    assert!(
+        err.contains("slow falls behind the others"),
+        "no detach logged:\n{err}"
+    );
+    assert!(same_bytes(&p.fast.join("slowlink.qcow2"), &p.img));
     let key = format!("{prefix}/slowlink.qcow2");
-    assert!(s3_object_equals(&s3.store(&s3.buckets[0]), &key, &img));
+    assert!(s3_object_equals(&s3.store(&s3.buckets[0]), &key, &p.img));
     assert!(
-        relay.slow_bytes() >= size,
+        p.relay.slow_bytes() >= size,
         "the relay did not throttle the parts"
     );
 }
@@ -736,53 +778,22 @@ fn a_slow_region_does_not_hold_back_a_fast_one() {
 fn an_interrupted_push_aborts_what_it_cannot_finish() {
     let Some(s3) = s3() else { return };
     let prefix = unique_prefix("interrupted");
-    let relay = Relay::start(&s3);
-    relay.set(r#"{"part_bytes_per_sec": 8000000}"#);
-    let dir = tmpdir();
-    let img = dir.path().join("halfway.qcow2");
-    random_file(&img, 64 << 20, 960);
-    let fast = dir.path().join("fast");
-    let cfg = write(
-        &dir.path().join("ferry.toml"),
-        &format!(
-            "[transfer]\npart_size = \"5MiB\"\nmemory_limit = \"16MiB\"\nparallel_parts = 2\n\
-             [destinations.fast]\nurl = \"file://{}/\"\n{}",
-            fast.display(),
-            s3_dest("slow", &s3.buckets[1], &prefix, &relay.endpoint(), "")
-        ),
-    );
-    let (out, err) = (dir.path().join("push.out"), dir.path().join("push.err"));
-    let mut push = s3
-        .env(ferry().args(["push", "--force", "-c"]).arg(&cfg).arg(&img))
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
+    let bucket = &s3.buckets[1];
+    let mut p = SlowLinkPush::start(&s3, bucket, &prefix, "halfway.qcow2", 960);
     // The directory has its copy and the slow link has taken a part of the rest.
     let midway = wait_until(Duration::from_secs(60), || {
-        fast.join("halfway.qcow2.manifest.json").exists() && relay.slow_bytes() > 0
+        p.fast_done() && p.relay.slow_bytes() > 0
     });
-    let open_before = s3.open_uploads(&s3.buckets[1], &prefix);
-    unsafe { libc::kill(push.id() as i32, libc::SIGINT) };
-    let exited = wait_until(Duration::from_secs(30), || {
-        push.try_wait().unwrap().is_some()
-    });
-    if !exited {
-        let _ = push.kill();
-    }
-    let status = push.wait().unwrap();
-    let (stdout, stderr) = (
-        std::fs::read_to_string(&out).unwrap_or_default(),
-        std::fs::read_to_string(&err).unwrap_or_default(),
-    );
+    let open_before = s3.open_uploads(bucket, &prefix);
+    unsafe { libc::kill(p.push.id() as i32, libc::SIGINT) };
+    let (status, stdout, stderr) = p.wait(Duration::from_secs(30));
     assert!(midway, "the push never got midway:\n{stderr}");
     assert_eq!(
         open_before,
         vec![format!("{prefix}/halfway.qcow2")],
         "the S3 upload was not open before the signal"
     );
-    assert!(exited, "no exit within 30 s of SIGINT:\n{stderr}");
-    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert_eq!(status.and_then(|s| s.code()), Some(130), "{stderr}");
     assert!(
         stdout.contains("halfway.qcow2 (67108864 bytes") && stdout.contains("at fast"),
         "{stdout}"
@@ -791,20 +802,16 @@ fn an_interrupted_push_aborts_what_it_cannot_finish() {
         stderr.contains("INTERRUPTED slow") && stderr.contains("the upload was aborted"),
         "{stderr}"
     );
-    assert!(same_bytes(&fast.join("halfway.qcow2"), &img));
+    assert!(same_bytes(&p.fast.join("halfway.qcow2"), &p.img));
     assert_eq!(
-        std::fs::read_dir(&fast).unwrap().count(),
+        std::fs::read_dir(&p.fast).unwrap().count(),
         2,
         "the directory holds more than the image and its manifest"
     );
-    let store = s3.store(&s3.buckets[1]);
-    assert!(!s3_object_equals(
-        &store,
-        &format!("{prefix}/halfway.qcow2"),
-        &img
-    ));
+    let key = format!("{prefix}/halfway.qcow2");
+    assert!(!s3_object_equals(&s3.store(bucket), &key, &p.img));
     assert_eq!(
-        s3.open_uploads(&s3.buckets[1], &prefix),
+        s3.open_uploads(bucket, &prefix),
         Vec::<String>::new(),
         "a multipart upload was left open"
     );
