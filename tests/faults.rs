@@ -47,20 +47,19 @@ impl Relay {
     fn set(&self, json: &str) {
         std::fs::write(&self.control, json).unwrap();
     }
+    /// What the relay logged: one line per injected fault or throttled part.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.control.with_extension("json.log")).unwrap_or_default()
+    }
     fn injected(&self, what: &str) -> usize {
-        std::fs::read_to_string(self.control.with_extension("json.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.starts_with(what))
-            .count()
+        self.log().lines().filter(|l| l.starts_with(what)).count()
     }
     fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
     /// Part bytes the relay has passed on to the server while throttled.
     fn slow_bytes(&self) -> u64 {
-        std::fs::read_to_string(self.control.with_extension("json.log"))
-            .unwrap_or_default()
+        self.log()
             .lines()
             .filter_map(|l| l.strip_prefix("slow ")?.parse::<u64>().ok())
             .sum()

@@ -115,8 +115,6 @@ pub struct S3 {
     pub buckets: Vec<String>,
 }
 
-/// The test S3 server, or `None` (with a note) when run outside `tests/run.sh`.
-/// With `FERRY_REQUIRE_S3=1` (as `tests/run.sh` sets) a missing server fails the test.
 /// A `[destinations.NAME]` table for an S3 bucket, with `extra` lines inside it.
 pub fn s3_dest(name: &str, bucket: &str, prefix: &str, endpoint: &str, extra: &str) -> String {
     format!(
@@ -124,6 +122,8 @@ pub fn s3_dest(name: &str, bucket: &str, prefix: &str, endpoint: &str, extra: &s
     )
 }
 
+/// The test S3 server, or `None` (with a note) when run outside `tests/run.sh`.
+/// With `FERRY_REQUIRE_S3=1` (as `tests/run.sh` sets) a missing server fails the test.
 pub fn s3() -> Option<S3> {
     match std::env::var("FERRY_TEST_S3_ENDPOINT") {
         Ok(endpoint) => Some(S3 {
