@@ -2,6 +2,10 @@
 //! the real `ferry` binary, and the SeaweedFS server that `tests/run.sh` starts.
 #![allow(dead_code)]
 
+mod site;
+#[allow(unused_imports)]
+pub use site::*;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -153,6 +157,55 @@ impl S3 {
     /// Keys of the multipart uploads still open under `prefix` (S3
     /// ListMultipartUploads, signed by curl; object_store has no call for it).
     pub fn open_uploads(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        self.open_upload_ids(bucket, prefix)
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect()
+    }
+
+    /// Keys and upload ids of the multipart uploads still open under `prefix`.
+    pub fn open_upload_ids(&self, bucket: &str, prefix: &str) -> Vec<(String, String)> {
+        let xml = self.signed_get(&format!(
+            "{bucket}/?prefix={}&uploads=",
+            query_escape(prefix)
+        ));
+        assert!(xml.contains("<ListMultipartUploadsResult"), "{xml}");
+        xml.split("<Upload>")
+            .skip(1)
+            .filter_map(|u| {
+                let key = xml_unescape(u.split("<Key>").nth(1)?.split("</Key>").next()?);
+                let id = u.split("<UploadId>").nth(1)?.split("</UploadId>").next()?;
+                Some((key, id.to_string()))
+            })
+            .collect()
+    }
+
+    /// Every key under `prefix`, exactly as the server stores it (S3
+    /// ListObjectsV2, signed by curl, the XML read here: no client library
+    /// between the test and the server's own names).
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let xml = self.signed_get(&format!(
+            "{bucket}/?list-type=2&prefix={}",
+            query_escape(prefix)
+        ));
+        assert!(xml.contains("<ListBucketResult"), "{xml}");
+        let mut keys: Vec<String> = xml
+            .split("<Contents>")
+            .skip(1)
+            .filter_map(|c| {
+                Some(xml_unescape(
+                    c.split("<Key>").nth(1)?.split("</Key>").next()?,
+                ))
+            })
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// A GET of `path_and_query` on the server, signed with SigV4 by curl (the
+    /// query sorted, each parameter with `=`: curl 7.88 signs it the way the
+    /// server checks it).
+    fn signed_get(&self, path_and_query: &str) -> String {
         let out = Command::new("curl")
             .args([
                 "-sS",
@@ -162,21 +215,11 @@ impl S3 {
                 "--user",
             ])
             .arg(format!("{}:{}", key_id(), secret()))
-            // Sorted, with `uploads=`: curl 7.88 signs it the way the server checks it.
-            .arg(format!(
-                "{}/{bucket}/?prefix={}&uploads=",
-                self.endpoint,
-                prefix.replace('/', "%2F")
-            ))
+            .arg(format!("{}/{path_and_query}", self.endpoint))
             .output()
             .expect("curl runs");
-        assert!(out.status.success(), "ListMultipartUploads: {out:?}");
-        let xml = String::from_utf8_lossy(&out.stdout);
-        assert!(xml.contains("<ListMultipartUploadsResult"), "{xml}");
-        xml.split("<Upload>")
-            .skip(1)
-            .filter_map(|u| Some(u.split("<Key>").nth(1)?.split("</Key>").next()?.to_string()))
-            .collect()
+        assert!(out.status.success(), "GET {path_and_query}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Adds the endpoint and credentials to a ferry command.
@@ -186,6 +229,74 @@ impl S3 {
             .env("AWS_SECRET_ACCESS_KEY", secret())
             .env("AWS_REGION", "us-east-1")
     }
+}
+
+/// A query parameter value, percent-encoded (RFC 3986 unreserved kept).
+pub fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Percent-decoding of a URL path (`%XX` to the byte), as UTF-8.
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8(out).expect("UTF-8")
+}
+
+/// The five predefined XML entities and numeric character references.
+pub fn xml_unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find('&') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at..];
+        let Some(end) = after.find(';') else {
+            out.push_str(after);
+            return out;
+        };
+        let entity = &after[1..end];
+        let c = match entity {
+            "amp" => Some('&'),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            e => e
+                .strip_prefix("#x")
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                .or_else(|| e.strip_prefix('#').and_then(|d| d.parse().ok()))
+                .and_then(char::from_u32),
+        };
+        match c {
+            Some(c) => out.push(c),
+            None => out.push_str(&after[..=end]),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 pub fn key_id() -> String {
@@ -217,10 +328,16 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// The object path of `key` exactly as written: `ObjPath::from` would
+/// percent-encode characters such as `%`, `#` or `[` into the key.
+pub fn obj_path(key: &str) -> ObjPath {
+    ObjPath::parse(key).expect("a key without control characters or empty segments")
+}
+
 /// True when the object at `key` holds exactly the bytes of `file`.
 pub fn s3_object_equals(store: &AmazonS3, key: &str, file: &Path) -> bool {
     block_on(async {
-        let Ok(got) = store.get(&ObjPath::from(key)).await else {
+        let Ok(got) = store.get(&obj_path(key)).await else {
             return false;
         };
         let mut f = std::fs::File::open(file).unwrap();
@@ -244,7 +361,7 @@ pub fn s3_object_equals(store: &AmazonS3, key: &str, file: &Path) -> bool {
 /// The part count from an S3 multipart ETag (`"...-N"`).
 pub fn s3_part_count(store: &AmazonS3, key: &str) -> Option<u32> {
     block_on(async {
-        let meta = store.head(&ObjPath::from(key)).await.ok()?;
+        let meta = store.head(&obj_path(key)).await.ok()?;
         meta.e_tag?
             .trim_matches('"')
             .rsplit_once('-')?
@@ -256,7 +373,7 @@ pub fn s3_part_count(store: &AmazonS3, key: &str) -> Option<u32> {
 
 pub fn s3_get(store: &AmazonS3, key: &str) -> Option<Vec<u8>> {
     block_on(async {
-        let got = store.get(&ObjPath::from(key)).await.ok()?;
+        let got = store.get(&obj_path(key)).await.ok()?;
         Some(got.bytes().await.ok()?.to_vec())
     })
 }
@@ -292,21 +409,27 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path, log: &Path) -> Daemon {
+        Daemon::start_with(config, log, |_| {})
+    }
+
+    /// Starts a daemon after `adjust` had its say on the command (environment,
+    /// limits).
+    pub fn start_with(config: &Path, log: &Path, adjust: impl FnOnce(&mut Command)) -> Daemon {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let child = ferry()
-            .arg("daemon")
+        let mut cmd = ferry();
+        cmd.arg("daemon")
             .arg("--config")
             .arg(config)
             .env("AWS_ACCESS_KEY_ID", key_id())
             .env("AWS_SECRET_ACCESS_KEY", secret())
             .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
+            .stderr(out);
+        adjust(&mut cmd);
+        let child = cmd.spawn().unwrap();
         Daemon {
             child,
             log: log.to_path_buf(),
