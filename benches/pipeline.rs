@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry::chunk::{self, Budget, PartLimits, PartPlan, Source};
+use ferry::chunk::{self, Budget, FirstReads, PartLimits, PartPlan};
 use ferry::config::{Config, ReaderKind};
+use ferry::source::Source;
 use ferry::transfer::{self, PushOptions};
 
 const GIB: u64 = 1 << 30;
@@ -66,7 +67,7 @@ async fn read_all(path: &Path, kind: ReaderKind) -> Duration {
     let src = Source::open(path).unwrap();
     let plan = PartPlan::new(src.size_bytes, 64 << 20, PartLimits::S3).unwrap();
     let budget = Budget::new(512 << 20);
-    let reader = chunk::reader(kind, src.file.clone(), plan);
+    let reader = chunk::reader(kind, src, plan, Arc::new(FirstReads::new(plan.count)));
     let started = Instant::now();
     // Two reads in flight, as the pipeline keeps the disk busy.
     let mut crc = Vec::new();

@@ -8,14 +8,17 @@
 //!   part CRCs ([`combine`]), never a second pass over the data;
 //! - a part's bytes are a [`Bytes`] that every destination shares without a copy,
 //!   and they hold a share of the [`Budget`] until the last destination lets go, so
-//!   the bytes of all parts in memory never exceed the budget.
+//!   the bytes of all parts in memory never exceed the budget;
+//! - a part is handed out only while its source is unchanged (`Source::check`
+//!   after every read) and only if its CRC32C equals that of the part's first
+//!   read in this job ([`FirstReads`]); otherwise the read fails as
+//!   [`ReadError::Changed`], never as a part with other bytes.
 //!
 //! Design choice: the budget is a semaphore counted in 4 KiB pages whose permit
 //! lives *inside* the part's `Bytes` owner (`Bytes::from_owner`). Memory is returned
 //! exactly when the last clone drops, wherever that happens, with no bookkeeping
 //! by the destinations.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,132 +26,10 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::source::{Change, Source};
+
 const MIB: u64 = 1024 * 1024;
 const PAGE: u64 = 4096;
-
-/// Why a file cannot be a source. Each is a refusal of this file, never retryable.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error("{path}: no such file")]
-    Missing { path: String },
-    #[error(
-        "{path}: is a symbolic link; ferry reads regular files only, give the file it points to"
-    )]
-    Symlink { path: String },
-    #[error("{path}: is a {kind}, not a regular file")]
-    NotRegular { path: String, kind: &'static str },
-    #[error("{path}: is empty; there is nothing to upload")]
-    Empty { path: String },
-    #[error("{path}: its name is not valid UTF-8; rename it before uploading")]
-    BadName { path: String },
-    #[error("{path}: cannot open: {source}")]
-    Open {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// An open source file, identified by device, inode, size and mtime.
-#[derive(Debug, Clone)]
-pub struct Source {
-    pub path: std::path::PathBuf,
-    pub name: String,
-    pub file: Arc<File>,
-    pub size_bytes: u64,
-    pub dev: u64,
-    pub ino: u64,
-    pub mtime_ns: i128,
-}
-
-impl Source {
-    /// Opens a regular, non-empty file without following a symlink and without
-    /// blocking on a FIFO.
-    pub fn open(path: &std::path::Path) -> Result<Source, SourceError> {
-        use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-        let shown = path.display().to_string();
-        let lmeta = std::fs::symlink_metadata(path).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                SourceError::Missing {
-                    path: shown.clone(),
-                }
-            } else {
-                SourceError::Open {
-                    path: shown.clone(),
-                    source,
-                }
-            }
-        })?;
-        let ft = lmeta.file_type();
-        let kind = if ft.is_symlink() {
-            return Err(SourceError::Symlink { path: shown });
-        } else if ft.is_dir() {
-            Some("directory")
-        } else if ft.is_fifo() {
-            Some("FIFO")
-        } else if ft.is_socket() {
-            Some("socket")
-        } else if ft.is_block_device() || ft.is_char_device() {
-            Some("device")
-        } else {
-            None
-        };
-        if let Some(kind) = kind {
-            return Err(SourceError::NotRegular { path: shown, kind });
-        }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|source| SourceError::Open {
-                path: shown.clone(),
-                source,
-            })?;
-        let meta = file.metadata().map_err(|source| SourceError::Open {
-            path: shown.clone(),
-            source,
-        })?;
-        if !meta.file_type().is_file() {
-            return Err(SourceError::NotRegular {
-                path: shown,
-                kind: "special file",
-            });
-        }
-        if meta.len() == 0 {
-            return Err(SourceError::Empty { path: shown });
-        }
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| SourceError::BadName {
-                path: shown.clone(),
-            })?
-            .to_string();
-        Ok(Source {
-            path: path.to_path_buf(),
-            name,
-            file: Arc::new(file),
-            size_bytes: meta.len(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-        })
-    }
-
-    /// True when the file on disk is no longer the one that was opened or it
-    /// changed size or mtime.
-    pub fn changed(&self) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        match self.file.metadata() {
-            Ok(m) => {
-                m.len() != self.size_bytes
-                    || i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
-                        != self.mtime_ns
-            }
-            Err(_) => true,
-        }
-    }
-}
 
 /// Limits of a store's multipart upload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -369,13 +250,86 @@ impl Budget {
     }
 }
 
+/// Why a part could not be handed out.
 #[derive(Debug, thiserror::Error)]
-#[error("reading part {index} at offset {offset}: {source}")]
-pub struct ReadError {
-    pub index: u32,
-    pub offset: u64,
-    #[source]
-    pub source: std::io::Error,
+pub enum ReadError {
+    /// The file could not be read (and did not change).
+    #[error("reading part {index} at offset {offset}: {source}")]
+    Io {
+        index: u32,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The source changed since it was opened: nothing read from it now may
+    /// be shipped.
+    #[error("{0}")]
+    Changed(#[from] Change),
+}
+
+/// The CRC32C of each part's first read in a job, shared by every reader of
+/// it (the fan-out, detached destinations, restarted uploads) and seeded from
+/// the journal when a job resumes. A part read again must give the same
+/// CRC32C: a source that changed in a way its change time does not show still
+/// cannot mix old and new bytes.
+#[derive(Debug)]
+pub struct FirstReads {
+    /// Per part: 0 when not yet read, else `1 << 32 | crc32c`.
+    crcs: Vec<AtomicU64>,
+}
+
+impl FirstReads {
+    pub fn new(count: u32) -> FirstReads {
+        FirstReads {
+            crcs: (0..count).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Records `crc` as the CRC32C of part `index`; `Err(first)` when the part
+    /// was read before with another CRC32C. An index outside the plan is
+    /// ignored (the plan bounds every read).
+    pub fn record(&self, index: u32, crc: u32) -> Result<(), u32> {
+        let Some(slot) = self.crcs.get(index as usize) else {
+            return Ok(());
+        };
+        let new = 1u64 << 32 | u64::from(crc);
+        match slot.compare_exchange(0, new, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => Ok(()),
+            Err(first) if first == new => Ok(()),
+            Err(first) => Err(first as u32),
+        }
+    }
+}
+
+/// What every reader does with what it read: a part is handed out only while
+/// the source is unchanged and only if it matches its first read.
+fn checked(
+    source: &Source,
+    first: &FirstReads,
+    read: Result<Part, std::io::Error>,
+    index: u32,
+    offset: u64,
+) -> Result<Part, ReadError> {
+    let part = match read {
+        Ok(p) => p,
+        Err(e) => {
+            // A short read of a file that was cut is the file's doing.
+            source.check()?;
+            return Err(ReadError::Io {
+                index,
+                offset,
+                source: e,
+            });
+        }
+    };
+    if let Err(was) = first.record(index, part.crc32c) {
+        return Err(ReadError::Changed(source.note_change(format!(
+            "part {index} (offset {offset}) read again gave CRC32C {:08x}, its first read {was:08x}",
+            part.crc32c
+        ))));
+    }
+    source.check()?;
+    Ok(part)
 }
 
 /// A share of the budget for one part, possibly with a buffer to reuse.
@@ -463,7 +417,7 @@ pub async fn read_leased(
     tokio::task::spawn_blocking(move || reader.read(index, lease))
         .await
         .unwrap_or_else(|e| {
-            Err(ReadError {
+            Err(ReadError::Io {
                 index,
                 offset,
                 source: std::io::Error::other(e),
@@ -471,11 +425,21 @@ pub async fn read_leased(
         })
 }
 
-/// Builds the configured reader over an open file.
-pub fn reader(kind: crate::config::ReaderKind, file: Arc<File>, plan: PartPlan) -> Arc<dyn Reader> {
+/// Builds the configured reader over an open source; `first` holds (or will
+/// hold) the CRC32C of every part's first read in this job.
+pub fn reader(
+    kind: crate::config::ReaderKind,
+    source: Source,
+    plan: PartPlan,
+    first: Arc<FirstReads>,
+) -> Arc<dyn Reader> {
     match kind {
-        crate::config::ReaderKind::Pread => Arc::new(PreadReader::new(file, plan)),
-        crate::config::ReaderKind::Mmap => Arc::new(MmapReader { file, plan }),
+        crate::config::ReaderKind::Pread => Arc::new(PreadReader::new(source, plan, first)),
+        crate::config::ReaderKind::Mmap => Arc::new(MmapReader {
+            source,
+            plan,
+            first,
+        }),
     }
 }
 
@@ -489,8 +453,9 @@ type Pool = Arc<PoolInner>;
 
 /// `pread` into buffers that are reused once every destination is done with them.
 pub struct PreadReader {
-    file: Arc<File>,
+    source: Source,
     plan: PartPlan,
+    first: Arc<FirstReads>,
     pool: Pool,
 }
 
@@ -501,10 +466,11 @@ pub struct PreadReader {
 const POOL_IDLE_MAX: usize = 16;
 
 impl PreadReader {
-    pub fn new(file: Arc<File>, plan: PartPlan) -> PreadReader {
+    pub fn new(source: Source, plan: PartPlan, first: Arc<FirstReads>) -> PreadReader {
         PreadReader {
-            file,
+            source,
             plan,
+            first,
             pool: Arc::default(),
         }
     }
@@ -554,48 +520,49 @@ impl Reader for PreadReader {
 
     fn read(&self, index: u32, lease: Lease) -> Result<Part, ReadError> {
         let offset = self.plan.offset(index);
-        let len = self.plan.len(index) as usize;
-        let err = |source| ReadError {
-            index,
-            offset,
-            source,
-        };
-        let mut buf = match lease.buf {
-            Some(b) if b.len() >= len => b,
-            _ => buffer(self.plan.part_bytes.max(len as u64) as usize).map_err(err)?,
-        };
-        self.file
-            .read_exact_at(&mut buf[..len], offset)
-            .map_err(err)?;
-        let crc32c = crc32c::crc32c(&buf[..len]);
-        let owner = PooledBuf {
-            buf: Some(buf),
-            len,
-            pool: self.pool.clone(),
-            permit: Some(lease.permit),
-        };
-        Ok(Part {
-            index,
-            offset,
-            bytes: Bytes::from_owner(owner),
-            crc32c,
-            budget: None,
-        })
+        let read = pread_part(&self.source, &self.plan, &self.pool, index, lease);
+        checked(&self.source, &self.first, read, index, offset)
     }
+}
+
+/// Reads part `index` into a pooled buffer (or a new one), CRC32C while hot.
+fn pread_part(
+    source: &Source,
+    plan: &PartPlan,
+    pool: &Pool,
+    index: u32,
+    lease: Lease,
+) -> std::io::Result<Part> {
+    let offset = plan.offset(index);
+    let len = plan.len(index) as usize;
+    let mut buf = match lease.buf {
+        Some(b) if b.len() >= len => b,
+        _ => buffer(plan.part_bytes.max(len as u64) as usize)?,
+    };
+    source.file.read_exact_at(&mut buf[..len], offset)?;
+    let crc32c = crc32c::crc32c(&buf[..len]);
+    let owner = PooledBuf {
+        buf: Some(buf),
+        len,
+        pool: pool.clone(),
+        permit: Some(lease.permit),
+    };
+    Ok(Part {
+        index,
+        offset,
+        bytes: Bytes::from_owner(owner),
+        crc32c,
+        budget: None,
+    })
 }
 
 /// One read-only, pre-faulted mapping per part, unmapped when the part drops.
+/// Mappings are guarded (`mapping`): a truncation under them cannot kill the
+/// process. Where no guard can be had the part is read with pread.
 pub struct MmapReader {
-    file: Arc<File>,
+    source: Source,
     plan: PartPlan,
-}
-
-struct MappedPart(memmap2::Mmap);
-
-impl AsRef<[u8]> for MappedPart {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
+    first: Arc<FirstReads>,
 }
 
 impl Reader for MmapReader {
@@ -604,48 +571,25 @@ impl Reader for MmapReader {
     }
 
     fn read(&self, index: u32, lease: Lease) -> Result<Part, ReadError> {
-        let permit = lease.permit;
         let offset = self.plan.offset(index);
         let len = self.plan.len(index) as usize;
-        let err = |source| ReadError {
-            index,
-            offset,
-            source,
+        // Never map past the end of a file that was cut before this read.
+        self.source.check()?;
+        let read = match crate::mapping::Mapped::new(&self.source.file, offset, len) {
+            Ok(Some(map)) => {
+                let crc32c = crc32c::crc32c(map.as_ref());
+                Ok(Part {
+                    index,
+                    offset,
+                    bytes: Bytes::from_owner(map),
+                    crc32c,
+                    budget: Some(Arc::new(lease.permit)),
+                })
+            }
+            Ok(None) => pread_part(&self.source, &self.plan, &Pool::default(), index, lease),
+            Err(e) => Err(e),
         };
-        if len == 0 {
-            return Ok(Part {
-                index,
-                offset,
-                bytes: Bytes::new(),
-                crc32c: 0,
-                budget: Some(Arc::new(permit)),
-            });
-        }
-        // SAFETY: the mapping is read-only and private to this part. A concurrent
-        // truncation of the file would raise SIGBUS; ferry only maps files it has
-        // claimed, and the spool contract says producers are done with them.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(offset)
-                .len(len)
-                .populate()
-                .map(&*self.file)
-        }
-        .map_err(err)?;
-        if map.len() != len {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "file is shorter than planned",
-            )));
-        }
-        let crc32c = crc32c::crc32c(&map);
-        Ok(Part {
-            index,
-            offset,
-            bytes: Bytes::from_owner(MappedPart(map)),
-            crc32c,
-            budget: Some(Arc::new(permit)),
-        })
+        checked(&self.source, &self.first, read, index, offset)
     }
 }
 
@@ -710,15 +654,17 @@ mod tests {
             .map(|i| (i * 31 % 251) as u8)
             .collect();
         f.write_all(&data).unwrap();
-        let file = Arc::new(File::open(f.path()).unwrap());
+        let source = Source::open(f.path()).unwrap();
         let plan = PartPlan::new(data.len() as u64, 5 * MIB, PartLimits::S3).unwrap();
         assert_eq!(plan.count, 3);
         let budget = Budget::new(64 * MIB);
+        // One table for both: the second reader's parts match the first's.
+        let first = Arc::new(FirstReads::new(plan.count));
         for kind in [
             crate::config::ReaderKind::Pread,
             crate::config::ReaderKind::Mmap,
         ] {
-            let r = reader(kind, file.clone(), plan);
+            let r = reader(kind, source.clone(), plan, first.clone());
             let mut crcs = Vec::new();
             for i in 0..plan.count {
                 let part = read(r.clone(), &budget, i).await.unwrap();
@@ -731,6 +677,48 @@ mod tests {
             drop(r);
             assert_eq!(budget.in_use_bytes(), 0, "{kind:?} leaked budget");
         }
+    }
+
+    #[tokio::test]
+    async fn a_part_read_again_must_match_its_first_read() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&vec![9u8; 12 * MIB as usize]).unwrap();
+        let source = Source::open(f.path()).unwrap();
+        let plan = PartPlan::new(12 * MIB, 5 * MIB, PartLimits::S3).unwrap();
+        let first = Arc::new(FirstReads::new(plan.count));
+        // As a resumed job's journal would say: part 1 was read before, and
+        // gave another CRC32C than the file gives now.
+        let now = crc32c::crc32c(&vec![9u8; 5 * MIB as usize]);
+        first.record(1, now ^ 1).unwrap();
+        let budget = Budget::new(64 * MIB);
+        for kind in [
+            crate::config::ReaderKind::Pread,
+            crate::config::ReaderKind::Mmap,
+        ] {
+            let r = reader(kind, source.clone(), plan, first.clone());
+            let e = read(r, &budget, 1).await.unwrap_err();
+            assert!(matches!(e, ReadError::Changed(_)), "{kind:?}: {e}");
+            assert!(e.to_string().contains("read again"), "{e}");
+        }
+        // The source stays changed for every later check, and every part fails.
+        assert!(source.check().is_err());
+        let r = reader(crate::config::ReaderKind::Pread, source, plan, first);
+        assert!(matches!(
+            read(r, &budget, 0).await,
+            Err(ReadError::Changed(_))
+        ));
+        assert_eq!(budget.in_use_bytes(), 0, "a refused part kept its memory");
+    }
+
+    #[test]
+    fn first_reads_keep_the_first_crc() {
+        let f = FirstReads::new(2);
+        assert_eq!(f.record(0, 7), Ok(()));
+        assert_eq!(f.record(0, 7), Ok(()));
+        assert_eq!(f.record(0, 8), Err(7));
+        assert_eq!(f.record(1, 0), Ok(()), "a CRC32C of 0 is a CRC32C");
+        assert_eq!(f.record(1, 1), Err(0));
+        assert_eq!(f.record(5, 1), Ok(()), "outside the plan: ignored");
     }
 
     #[tokio::test]

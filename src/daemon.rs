@@ -30,13 +30,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-use crate::chunk::{Budget, Source};
+use crate::chunk::{Budget, FirstReads};
 use crate::config::{Config, OnSuccess};
 use crate::http::Status;
 use crate::journal::{DestinationRecord, JobJournal, JobRecord, Journal};
 use crate::manifest;
 use crate::metrics::{JobMetrics, Metrics};
 use crate::progress::{Board, Progress};
+use crate::source::Source;
 use crate::spool::{ClaimOutcome, Claimed, DestinationError, ErrorReport, Spool};
 use crate::store::Destination;
 use crate::transfer::{
@@ -758,16 +759,17 @@ async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
         }
     };
 
-    // Resume from the journal when the record is for this very file and plan.
+    // Resume from the journal only what is known to be this very file, unchanged.
     let mut resume = HashMap::new();
-    let previous = journal.load(&name);
-    let fresh_record = JobRecord {
+    let first_reads = Arc::new(FirstReads::new(plan.count));
+    let mut record = JobRecord {
         format_version: crate::journal::FORMAT_VERSION,
         name: name.clone(),
-        dev: source.dev,
-        ino: source.ino,
-        size_bytes: source.size_bytes,
-        mtime_ns: source.mtime_ns,
+        dev: source.identity.dev,
+        ino: source.identity.ino,
+        size_bytes: source.identity.size_bytes,
+        mtime_ns: source.identity.mtime_ns,
+        ctime_ns: Some(source.identity.ctime_ns),
         part_size_bytes: plan.part_bytes,
         part_count: plan.count,
         destinations: dests
@@ -785,53 +787,65 @@ async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
             })
             .collect(),
     };
-    let mut record = fresh_record.clone();
-    if let Some(prev) = previous {
-        let same_file = prev.dev == source.dev
-            && prev.ino == source.ino
-            && prev.size_bytes == source.size_bytes
-            && prev.mtime_ns == source.mtime_ns
-            && prev.part_size_bytes == plan.part_bytes;
-        if same_file {
-            // Destinations that verified before the interruption are done.
-            let verified: Vec<&String> = prev
-                .destinations
-                .iter()
-                .filter(|(n, d)| {
-                    d.verified && dests.iter().any(|x| x.name() == *n && x.url() == d.url)
-                })
-                .map(|(n, _)| n)
-                .collect();
-            if !verified.is_empty() {
-                info!("{name}: already verified at {verified:?}");
-                dests.retain(|d| !verified.iter().any(|v| *v == d.name()));
-                record.destinations.retain(|n, _| !verified.contains(&n));
-            }
-            for (dname, d) in &prev.destinations {
-                let still_configured = dests.iter().any(|x| x.name() == dname && x.url() == d.url);
-                if let (true, Some(id)) = (still_configured, &d.upload_id) {
-                    resume.insert(
-                        dname.clone(),
-                        Resume {
-                            upload_id: id.clone(),
-                            receipts: d.parts.clone(),
-                        },
-                    );
-                    if let Some(r) = record.destinations.get_mut(dname) {
-                        r.upload_id = Some(id.clone());
-                        r.parts = d.parts.clone();
+    if let Some(prev) = journal.load(&name) {
+        match continuation(&prev, &source, plan.part_bytes, &first_reads) {
+            Continuation::Resume => {
+                // Destinations that verified before the interruption are done.
+                let verified: Vec<String> = prev
+                    .destinations
+                    .iter()
+                    .filter(|(n, d)| {
+                        d.verified && dests.iter().any(|x| x.name() == *n && x.url() == d.url)
+                    })
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                if !verified.is_empty() {
+                    info!("{name}: already verified at {verified:?}");
+                    dests.retain(|d| !verified.iter().any(|v| v == d.name()));
+                    record.destinations.retain(|n, _| !verified.contains(n));
+                }
+                for (dname, d) in &prev.destinations {
+                    let configured = dests.iter().any(|x| x.name() == dname && x.url() == d.url);
+                    if let (true, Some(id)) = (configured, &d.upload_id) {
+                        resume.insert(
+                            dname.clone(),
+                            Resume {
+                                upload_id: id.clone(),
+                                receipts: d.parts.clone(),
+                            },
+                        );
+                        if let Some(r) = record.destinations.get_mut(dname) {
+                            r.upload_id = Some(id.clone());
+                            r.parts = d.parts.clone();
+                        }
                     }
                 }
+                // Uploads for destinations no longer configured cannot finish.
+                let mut gone = prev.clone();
+                gone.destinations.retain(|n, d| {
+                    !d.verified && !dests.iter().any(|x| x.name() == n && x.url() == d.url)
+                });
+                abort_record(&gone, &settings).await;
             }
-            // Uploads for destinations no longer configured cannot finish.
-            let mut gone = prev.clone();
-            gone.destinations.retain(|n, d| {
-                !d.verified && !dests.iter().any(|x| x.name() == n && x.url() == d.url)
-            });
-            abort_record(&gone, &settings).await;
-        } else {
-            info!("{name}: the journal record is for another file or plan; starting over");
-            abort_record(&prev, &settings).await;
+            Continuation::StartOver(why) => {
+                info!("{name}: {why}; starting over");
+                abort_record(&prev, &settings).await;
+            }
+            Continuation::Changed(why) => {
+                abort_record(&prev, &settings).await;
+                if let Err(e) = journal.remove(&name) {
+                    error!("{e}");
+                }
+                let r = self::report(
+                    &claimed.name,
+                    &format!(
+                        "changed while uploading: between two attempts (ferry stopped, or waiting to try again), {why}; every upload of it was aborted"
+                    ),
+                    vec![],
+                    CHANGED_ADVICE,
+                );
+                return JobEnd::Failed(claimed, Box::new(r), false, started);
+            }
         }
     }
     let job_journal = JobJournal::new(journal.clone(), record);
@@ -851,6 +865,7 @@ async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
     let job = Arc::new(Job {
         name: name.clone(),
         source,
+        first_reads,
         plan,
         reader: config.transfer.reader,
         verify: config.transfer.verify,
@@ -878,6 +893,59 @@ async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
         started,
     )
 }
+
+/// What a journal record left by an earlier attempt allows.
+enum Continuation {
+    /// The same file, unchanged, with the same plan: continue its uploads.
+    Resume,
+    /// Nothing is known to be wrong, but the uploads cannot be continued.
+    StartOver(String),
+    /// The claimed file changed since the record was written.
+    Changed(String),
+}
+
+/// Compares a record with the file as it is now. Every part the record says
+/// was sent is taken into `first`: a part read again must give its CRC32C.
+fn continuation(
+    prev: &JobRecord,
+    source: &Source,
+    part_bytes: u64,
+    first: &FirstReads,
+) -> Continuation {
+    let Some(ctime_ns) = prev.ctime_ns else {
+        return Continuation::StartOver(
+            "its journal record is from an older ferry, without the change time that shows the file unchanged".into(),
+        );
+    };
+    let then = crate::source::Identity {
+        dev: prev.dev,
+        ino: prev.ino,
+        size_bytes: prev.size_bytes,
+        mtime_ns: prev.mtime_ns,
+        ctime_ns,
+    };
+    if let Some(why) = then.difference(&source.identity) {
+        return Continuation::Changed(why);
+    }
+    // Another plan numbers its parts differently: nothing to compare or keep.
+    if prev.part_size_bytes != part_bytes {
+        return Continuation::StartOver("the part size changed".into());
+    }
+    for d in prev.destinations.values() {
+        for p in &d.parts {
+            if let Err(was) = first.record(p.index, p.crc32c) {
+                return Continuation::Changed(format!(
+                    "part {} was sent with CRC32C {:08x} to one destination and {was:08x} to another",
+                    p.index, p.crc32c
+                ));
+            }
+        }
+    }
+    Continuation::Resume
+}
+
+/// What to do about an image that changed while ferry had it.
+const CHANGED_ADVICE: &str = "Make sure the producer has finished writing before the file appears in the spool (write X.partial, then rename it to X) and that nothing writes to it afterwards; then put it back. Nothing was completed from the changed bytes.";
 
 fn conclude(
     claimed: Claimed,
@@ -925,14 +993,25 @@ fn conclude(
     if failures.is_empty() {
         return JobEnd::Done(claimed, started);
     }
-    let changed = outcomes
-        .iter()
-        .any(|o| matches!(o.result, Err(TransferError::Changed)));
-    let (reason, what) = if changed {
-        (
-            "changed while uploading: the file's size or modification time changed after it was claimed".to_string(),
-            "Make sure the producer has finished writing before the file appears in the spool (write X.partial, then rename it to X), then put it back.",
-        )
+    let changed = outcomes.iter().find_map(|o| match &o.result {
+        Err(TransferError::Changed(c)) => Some(c.clone()),
+        _ => None,
+    });
+    let (reason, what) = if let Some(c) = changed {
+        let before: Vec<&str> = outcomes
+            .iter()
+            .filter(|o| o.result.is_ok())
+            .map(|o| o.destination.as_str())
+            .collect();
+        let mut reason =
+            format!("changed while uploading: {c}; every unfinished upload of it was aborted");
+        if !before.is_empty() {
+            reason += &format!(
+                " ({} had verified it before the change, with the bytes as claimed)",
+                before.join(", ")
+            );
+        }
+        (reason, CHANGED_ADVICE)
     } else {
         (
             format!(

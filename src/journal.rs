@@ -2,12 +2,15 @@
 //! without sending again what was already sent.
 //!
 //! Promises: a job's record (`STATE_DIR/jobs/<name>.json`) holds the file's
-//! identity (device, inode, size, mtime), the part plan, and per destination the
-//! upload id and every finished part's id and CRC32C. It is written temp file ->
+//! identity (device, inode, size, mtime, ctime), the part plan, and per
+//! destination the upload id and every finished part's id and CRC32C. It is
+//! written temp file ->
 //! fsync -> rename -> fsync of the directory, with a format version, so after a
 //! crash it is either the old record or the new one, never a torn one. A record
-//! with another version, or that does not parse, is set aside (renamed `.bad`)
-//! and its job starts over: never trusted, never silently deleted.
+//! with an unknown version, or that does not parse, is set aside (renamed
+//! `.bad`) and its job starts over: never trusted, never silently deleted. A
+//! version 1 record (before ctime was kept) is read; its job starts over,
+//! since it cannot show that the file is unchanged.
 //!
 //! Design choice: parts finish far more often than a record can be rewritten
 //! (6,400 parts for a 400 GiB image). The record in memory is the truth; it is
@@ -25,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::PartReceipt;
 
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,9 @@ pub struct JobRecord {
     pub ino: u64,
     pub size_bytes: u64,
     pub mtime_ns: i128,
+    /// The change time when the job began (version 2 on).
+    #[serde(default)]
+    pub ctime_ns: Option<i128>,
     pub part_size_bytes: u64,
     pub part_count: u32,
     pub destinations: BTreeMap<String, DestinationRecord>,
@@ -114,7 +120,7 @@ impl Journal {
         let path = self.path(name);
         let bytes = std::fs::read(&path).ok()?;
         match serde_json::from_slice::<JobRecord>(&bytes) {
-            Ok(r) if r.format_version == FORMAT_VERSION && r.name == name => Some(r),
+            Ok(r) if (1..=FORMAT_VERSION).contains(&r.format_version) && r.name == name => Some(r),
             other => {
                 let why = match other {
                     Ok(r) => format!("format version {}", r.format_version),
@@ -324,6 +330,7 @@ mod tests {
             ino: 2,
             size_bytes: 3,
             mtime_ns: 4,
+            ctime_ns: Some(6),
             part_size_bytes: 5 << 20,
             part_count: 1,
             destinations: BTreeMap::from([(
@@ -367,6 +374,22 @@ mod tests {
         assert_eq!(names, want);
         j.remove("disk.qcow2").unwrap();
         assert_eq!(j.load("disk.qcow2"), None);
+    }
+
+    #[test]
+    fn a_version_1_record_is_read_without_ctime() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        std::fs::write(
+            d.path().join("jobs/old.json"),
+            br#"{"format_version":1,"name":"old","dev":1,"ino":2,"size_bytes":3,"mtime_ns":4,
+                "part_size_bytes":5242880,"part_count":1,"destinations":{"a":{"url":"s3://b/",
+                "upload_id":"u","parts":[],"verified":false}}}"#,
+        )
+        .unwrap();
+        let r = j.load("old").expect("version 1 is read");
+        assert_eq!(r.ctime_ns, None);
+        assert_eq!(r.destinations["a"].upload_id.as_deref(), Some("u"));
     }
 
     #[test]

@@ -27,10 +27,11 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::chunk::{self, Budget, Part, PartPlan};
+use crate::chunk::{self, Budget, FirstReads, Part, PartPlan};
 use crate::config::{ReaderKind, TransferConfig, VerifyMode};
 use crate::manifest::{self, DestinationEntry, Manifest, PartEntry};
 use crate::progress::{Phase, Progress};
+use crate::source::{Change, Source};
 use crate::store::{Destination, PartReceipt, StoreError};
 
 /// How requests are retried.
@@ -71,10 +72,9 @@ pub enum TransferError {
     Verify(String),
     #[error("stopped before finishing")]
     Cancelled,
-    #[error(
-        "the file changed while uploading (size or modification time); it was kept, and nothing was completed"
-    )]
-    Changed,
+    /// The source changed: nothing read from it may be completed anywhere.
+    #[error("the source changed while uploading: {0}")]
+    Changed(Change),
 }
 
 /// Hooks for whoever keeps state or counts (the journal, metrics).
@@ -141,8 +141,11 @@ pub struct Resume {
 pub struct Job {
     /// The object's name under each destination's prefix.
     pub name: String,
-    /// The open file, checked for changes before each object is completed.
-    pub source: chunk::Source,
+    /// The open file, checked for changes after each part read and before each
+    /// object is completed.
+    pub source: Source,
+    /// The CRC32C of each part's first read (seeded from the journal on resume).
+    pub first_reads: Arc<FirstReads>,
     pub plan: PartPlan,
     pub reader: ReaderKind,
     pub verify: VerifyMode,
@@ -195,7 +198,12 @@ pub async fn run(
     observer: Arc<dyn Observer>,
     cancel: watch::Receiver<bool>,
 ) -> Vec<Outcome> {
-    let reader = chunk::reader(job.reader, job.source.file.clone(), job.plan);
+    let reader = chunk::reader(
+        job.reader,
+        job.source.clone(),
+        job.plan,
+        job.first_reads.clone(),
+    );
     let read_error: Arc<Mutex<Option<String>>> = Arc::default();
     // More than a part queued while another destination starves (see detach_laggard).
     let lag_limit = if destinations.len() <= 1 {
@@ -246,6 +254,7 @@ pub async fn run(
         });
     }
 
+    let zeroed_before = crate::mapping::zeroed_faults();
     let fan_out = tokio::spawn(fan_out(
         reader, budget, feeds, lag_limit, read_error, observer, cancel,
     ));
@@ -259,6 +268,13 @@ pub async fn run(
         }
     }
     let _ = fan_out.await;
+    let zeroed = crate::mapping::zeroed_faults().saturating_sub(zeroed_before);
+    if zeroed > 0 {
+        warn!(
+            "{}: {zeroed} read(s) of mapped pages that a truncation cut off were answered with zeros instead of ending ferry (SIGBUS); the source's change is caught before anything completes",
+            job.name
+        );
+    }
     destinations
         .iter()
         .zip(results)
@@ -397,7 +413,7 @@ impl Worker {
     ) -> Result<Manifest, TransferError> {
         let was_resumed = resumed.is_some();
         let dp = self.progress.get(self.dest.name());
-        let result = self.attempt(Some(rx), resumed, dp.as_deref()).await;
+        let result = self.blame(self.attempt(Some(rx), resumed, dp.as_deref()).await);
         let result = match result {
             Err(TransferError::Store(e)) if was_resumed && !e.retryable() => {
                 // The store no longer knows the upload (expired, aborted by hand,
@@ -411,7 +427,7 @@ impl Worker {
                 if let Some(dp) = &dp {
                     dp.reset();
                 }
-                self.attempt(None, None, dp.as_deref()).await
+                self.blame(self.attempt(None, None, dp.as_deref()).await)
             }
             other => other,
         };
@@ -426,6 +442,30 @@ impl Worker {
             self.observer.verified(self.dest.name());
         }
         result
+    }
+
+    /// A failure while the source changed is the source's doing, whatever the
+    /// destination answered (a short read, a part the store refused): say so.
+    fn blame(&self, r: Result<Manifest, TransferError>) -> Result<Manifest, TransferError> {
+        r.map_err(|e| self.blamed(e))
+    }
+
+    fn blamed(&self, e: TransferError) -> TransferError {
+        if matches!(e, TransferError::Changed(_) | TransferError::Cancelled) {
+            return e;
+        }
+        match self.job.source.check() {
+            Err(c) => TransferError::Changed(c),
+            Ok(()) => e,
+        }
+    }
+
+    /// What ends this destination's retries early.
+    fn halt(&self) -> Halt {
+        Halt {
+            cancel: self.cancel.clone(),
+            source: Some(self.job.source.clone()),
+        }
     }
 
     /// One go at the upload; without `rx` it reads every part itself.
@@ -451,9 +491,13 @@ impl Worker {
                 (r.upload_id, done)
             }
             None => {
-                let id = retry(&self.job.retry, self.dest.name(), &*self.observer, || {
-                    self.dest.begin(&name)
-                })
+                let id = retry(
+                    &self.job.retry,
+                    self.dest.name(),
+                    &*self.observer,
+                    &self.halt(),
+                    || self.dest.begin(&name),
+                )
                 .await?;
                 crate::failpoint::reached("begin");
                 (id, BTreeMap::new())
@@ -466,6 +510,8 @@ impl Worker {
 
         let sent = self.send_parts(rx, &upload_id, &mut receipts, dp).await;
         if let Err(e) = sent {
+            // Blamed before deciding: an upload of a changed source is never kept.
+            let e = self.blamed(e);
             if !self.keeps_upload(&e) {
                 self.abort(&upload_id).await;
             }
@@ -508,7 +554,7 @@ impl Worker {
         let mut rx = rx.unwrap_or_else(|| mpsc::unbounded_channel().1);
         let mut cancel = self.cancel.clone();
         let plan = self.job.plan;
-        type Sent = Result<(PartReceipt, Duration), StoreError>;
+        type Sent = Result<(PartReceipt, Duration), TransferError>;
         let reap = |r: Result<Sent, tokio::task::JoinError>,
                     receipts: &mut BTreeMap<u32, PartReceipt>|
          -> Result<(), TransferError> {
@@ -524,7 +570,7 @@ impl Worker {
                 }
                 Ok(Err(e)) => {
                     self.observer.part_failed(self.dest.name());
-                    Err(e.into())
+                    Err(e)
                 }
                 Err(e) => Err(TransferError::Read(format!("part task failed: {e}"))),
             }
@@ -566,6 +612,8 @@ impl Worker {
                         if *cancel.borrow() {
                             break;
                         }
+                        // The reader stopped: a changed source is the usual reason.
+                        self.job.source.check().map_err(TransferError::Changed)?;
                         let why = self
                             .read_error
                             .lock()
@@ -582,10 +630,11 @@ impl Worker {
             let id = upload_id.to_string();
             let policy = self.job.retry;
             let observer = self.observer.clone();
+            let halt = self.halt();
             tasks.spawn(async move {
                 let _slot = slot;
                 let started = std::time::Instant::now();
-                retry(&policy, dest.name(), &*observer, || {
+                retry(&policy, dest.name(), &*observer, &halt, || {
                     dest.put_part(&name, &id, &part)
                 })
                 .await
@@ -618,7 +667,10 @@ impl Worker {
     async fn read_self(&self, index: u32) -> Result<Part, TransferError> {
         let part = chunk::read(self.reader.clone(), &self.budget, index)
             .await
-            .map_err(|e| TransferError::Read(e.to_string()))?;
+            .map_err(|e| match e {
+                chunk::ReadError::Changed(c) => TransferError::Changed(c),
+                e => TransferError::Read(e.to_string()),
+            })?;
         self.observer.read_bytes(part.len());
         Ok(part)
     }
@@ -633,11 +685,14 @@ impl Worker {
         let plan = self.job.plan;
         let policy = &self.job.retry;
         let dn = self.dest.name();
-        if self.job.source.changed() {
+        // Every part was sent before this check: a change it does not see
+        // happened after the last byte left, and cannot be in the object.
+        if let Err(c) = self.job.source.check() {
             self.abort(upload_id).await;
-            return Err(TransferError::Changed);
+            return Err(TransferError::Changed(c));
         }
-        let complete = retry(policy, dn, &*self.observer, || {
+        let halt = self.halt();
+        let complete = retry(policy, dn, &*self.observer, &halt, || {
             self.dest.complete(name, upload_id, receipts)
         })
         .await;
@@ -649,7 +704,7 @@ impl Worker {
                 "completing {name} failed ({e}); checking the object"
             );
             if self.verify(receipts).await.is_err() {
-                let e = TransferError::from(e);
+                let e = self.blamed(e);
                 if !self.keeps_upload(&e) {
                     self.abort(upload_id).await;
                 }
@@ -699,7 +754,7 @@ impl Worker {
         };
         let body = bytes::Bytes::from(m.to_json());
         let mname = format!("{name}{}", manifest::MANIFEST_SUFFIX);
-        retry(policy, dn, &*self.observer, || {
+        retry(policy, dn, &*self.observer, &halt, || {
             self.dest.put_small(&mname, body.clone())
         })
         .await?;
@@ -750,7 +805,7 @@ impl Worker {
         let dn = self.dest.name();
         match self.job.verify {
             VerifyMode::Head => {
-                let info = retry(&self.job.retry, dn, &*self.observer, || {
+                let info = retry(&self.job.retry, dn, &*self.observer, &self.halt(), || {
                     self.dest.head(name)
                 })
                 .await?;
@@ -770,7 +825,7 @@ impl Worker {
                 }
             }
             VerifyMode::Readback => {
-                let (size, got) = retry(&self.job.retry, dn, &*self.observer, || {
+                let (size, got) = retry(&self.job.retry, dn, &*self.observer, &self.halt(), || {
                     self.dest.readback(name)
                 })
                 .await?;
@@ -803,7 +858,7 @@ pub struct PushOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
     #[error(transparent)]
-    Source(#[from] chunk::SourceError),
+    Source(#[from] crate::source::SourceError),
     #[error("{0}")]
     Destination(String),
     #[error("{path}: {source}")]
@@ -847,7 +902,7 @@ pub fn inspect_source(
 
 /// The plan for a file against every destination's limits and the budget.
 pub fn plan_for(
-    source: &chunk::Source,
+    source: &Source,
     destinations: &[Arc<Destination>],
     part_size_bytes: u64,
     budget: &Budget,
@@ -907,7 +962,7 @@ pub async fn push(
     cancel: watch::Receiver<bool>,
 ) -> Result<Vec<Outcome>, PushError> {
     let started = std::time::Instant::now();
-    let source = chunk::Source::open(path)?;
+    let source = Source::open(path)?;
     let mut sidecar = path.as_os_str().to_os_string();
     sidecar.push(crate::spool::SIDECAR_SUFFIX);
     let sidecar = std::path::PathBuf::from(sidecar);
@@ -958,6 +1013,7 @@ pub async fn push(
     let job = Arc::new(Job {
         name: source.name.clone(),
         source: source.clone(),
+        first_reads: Arc::new(FirstReads::new(plan.count)),
         plan,
         reader: config.transfer.reader,
         verify: opts.verify.unwrap_or(config.transfer.verify),
@@ -985,37 +1041,80 @@ pub async fn push(
     Ok(outcomes)
 }
 
-/// Calls `f` until it succeeds, fails for good, or the retries run out.
+/// What ends a retry loop early: a stop request (shutdown, Ctrl-C), or a
+/// source that changed (no further try can make its copy right).
+#[derive(Clone)]
+pub struct Halt {
+    pub cancel: watch::Receiver<bool>,
+    pub source: Option<Source>,
+}
+
+impl Halt {
+    /// Never halts (for callers with nothing to watch).
+    pub fn never() -> Halt {
+        // A sender dropped at once: the receiver keeps `false` forever.
+        Halt {
+            cancel: watch::channel(false).1,
+            source: None,
+        }
+    }
+
+    fn why(&self) -> Option<TransferError> {
+        if let Some(s) = &self.source
+            && let Err(c) = s.check()
+        {
+            return Some(TransferError::Changed(c));
+        }
+        if *self.cancel.borrow() {
+            return Some(TransferError::Cancelled);
+        }
+        None
+    }
+}
+
+/// Calls `f` until it succeeds, fails for good, the retries run out, or
+/// `halt` says stop (also in the middle of a pause: a stop never waits for
+/// a backoff to end).
 pub async fn retry<T, F, Fut>(
     policy: &RetryPolicy,
     destination: &str,
     observer: &dyn Observer,
+    halt: &Halt,
     mut f: F,
-) -> Result<T, StoreError>
+) -> Result<T, TransferError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
     let mut attempt = 0;
+    let mut cancel = halt.cancel.clone();
     loop {
-        match f().await {
+        let e = match f().await {
             Ok(v) => return Ok(v),
-            Err(e) if e.retryable() && attempt < policy.max_retries => {
-                let pause = policy.backoff(attempt);
-                let reason = e.reason();
-                observer.retried(destination, reason);
-                warn!(
-                    destination,
-                    reason,
-                    "attempt {} failed: {e}; retrying in {} ms",
-                    attempt + 1,
-                    pause.as_millis()
-                );
-                tokio::time::sleep(pause).await;
-                attempt += 1;
-            }
-            Err(e) => return Err(e),
+            Err(e) => e,
+        };
+        if let Some(why) = halt.why() {
+            return Err(why);
         }
+        if !e.retryable() || attempt >= policy.max_retries {
+            return Err(e.into());
+        }
+        let pause = policy.backoff(attempt);
+        let reason = e.reason();
+        observer.retried(destination, reason);
+        warn!(
+            destination,
+            reason,
+            "attempt {} failed: {e}; retrying in {} ms",
+            attempt + 1,
+            pause.as_millis()
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            // A closed channel disables this arm: it never stops the loop.
+            Ok(_) = cancel.wait_for(|c| *c) => return Err(TransferError::Cancelled),
+        }
+        attempt += 1;
     }
 }
 
@@ -1047,6 +1146,45 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_stop_ends_a_retry_pause_at_once() {
+        let p = RetryPolicy {
+            max_retries: 10,
+            base: Duration::from_secs(60),
+            max: Duration::from_secs(60),
+        };
+        let (stop, cancel) = watch::channel(false);
+        let halt = Halt {
+            cancel,
+            source: None,
+        };
+        let started = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let _ = stop.send(true);
+        });
+        let mut calls = 0;
+        let r: Result<(), _> = retry(&p, "t", &NoObserver, &halt, || {
+            calls += 1;
+            async {
+                Err(StoreError::Io {
+                    op: "x",
+                    key: "k".into(),
+                    source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, "boom"),
+                })
+            }
+        })
+        .await;
+        assert!(matches!(r, Err(TransferError::Cancelled)), "{r:?}");
+        // Pauses are up to 60 s; the stop came after 5 ms.
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(calls <= 2, "{calls} calls");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn retry_gives_up_after_max_retries() {
         let p = RetryPolicy {
             max_retries: 3,
@@ -1054,7 +1192,7 @@ mod tests {
             max: Duration::from_millis(50),
         };
         let mut calls = 0;
-        let r: Result<(), _> = retry(&p, "t", &NoObserver, || {
+        let r: Result<(), _> = retry(&p, "t", &NoObserver, &Halt::never(), || {
             calls += 1;
             async {
                 Err(StoreError::Io {

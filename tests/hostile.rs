@@ -1,0 +1,369 @@
+//! What an attacker's afternoon found, and the weak spots found beside it,
+//! each as a test of the real binary against real servers (SeaweedFS, behind
+//! the fault relay where the test needs to see or slow the traffic). Every
+//! test here failed on the code before its fix.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// S3 destinations (name, bucket) on the test server, all through `relay`:
+/// 5 MiB parts, a budget of three of them, one part on the wire per
+/// destination; `transfer` adds lines to the `[transfer]` table.
+fn relayed_site(relay: &Relay, prefix: &str, dests: &[(&str, &str)], transfer: &str) -> Site {
+    let tables: String = dests
+        .iter()
+        .map(|(name, bucket)| s3_dest(name, bucket, prefix, &relay.endpoint(), ""))
+        .collect();
+    Site::new(&format!(
+        "[transfer]\npart_size = \"5MiB\"\nmemory_limit = \"16MiB\"\nparallel_parts = 1\nretry_base_ms = 50\n{transfer}\n{tables}"
+    ))
+}
+
+/// Writes `NAME.partial`, renames it to `NAME` as a producer should, but keeps
+/// it open for writing: no read lease can be taken on it.
+fn renamed_but_held_open(spool: &Path, name: &str, size: u64, seed: u64) -> std::fs::File {
+    let partial = spool.join(format!("{name}.partial"));
+    random_file(&partial, size, seed);
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&partial)
+        .unwrap();
+    std::fs::rename(&partial, spool.join(name)).unwrap();
+    held
+}
+
+/// Overwrites the first 4 KiB in place (same size) and puts the modification
+/// time back, as an attacker who wants the change to go unnoticed would.
+fn rewrite_in_place(f: &std::fs::File) {
+    let mtime = f.metadata().unwrap().modified().unwrap();
+    let mut old = vec![0u8; 4096];
+    f.read_exact_at(&mut old, 0).unwrap();
+    let new: Vec<u8> = old.iter().map(|b| !b).collect();
+    f.write_all_at(&new, 0).unwrap();
+    f.sync_all().unwrap();
+    f.set_modified(mtime).unwrap();
+    assert_eq!(f.metadata().unwrap().modified().unwrap(), mtime);
+}
+
+/// Nothing of `name` is anywhere in `buckets`: no object, no manifest, no
+/// multipart upload left open.
+fn nothing_shipped(s3: &S3, buckets: &[&str], prefix: &str, name: &str) {
+    for bucket in buckets {
+        let store = s3.store(bucket);
+        let key = format!("{prefix}/{name}");
+        assert!(s3_get(&store, &key).is_none(), "{bucket}/{key} exists");
+        assert!(
+            s3_get(&store, &format!("{key}.manifest.json")).is_none(),
+            "{bucket}/{key}.manifest.json exists"
+        );
+        assert_eq!(
+            s3.open_uploads(bucket, prefix),
+            Vec::<String>::new(),
+            "an upload was left open in {bucket}"
+        );
+    }
+}
+
+/// Waits (bounded) until every destination named has had a part accepted.
+fn a_part_accepted_at(site: &Site, dests: &[&str], d: &Daemon) {
+    let accepted = wait_until(Duration::from_secs(60), || {
+        dests.iter().all(|n| {
+            site.metric(&format!(
+                "ferry_parts_uploaded_total{{destination=\"{n}\"}}"
+            )) >= 1
+        })
+    });
+    assert!(accepted, "no part accepted:\n{}", d.log_text());
+}
+
+fn reason(report: &serde_json::Value) -> String {
+    report["reason"].as_str().unwrap_or_default().to_string()
+}
+
+/// Bug 1: a source rewritten in place during an upload, same size, its mtime
+/// put back, by a producer that kept it open (so no lease can be taken). Its
+/// change time moved: no destination reports it verified, every upload is
+/// aborted, and the file is kept in failed/ with a reason that says what changed.
+#[test]
+fn a_source_rewritten_in_place_with_its_mtime_put_back_is_never_verified() {
+    let Some(s3) = s3() else { return };
+    let prefix = unique_prefix("rewritten");
+    let relay = Relay::start(&s3);
+    relay.set(r#"{"part_bytes_per_sec": 2000000}"#);
+    let (b0, b1) = (s3.buckets[0].as_str(), s3.buckets[1].as_str());
+    let site = relayed_site(&relay, &prefix, &[("phoenix", b0), ("frankfurt", b1)], "");
+    let mut d = site.daemon();
+    let name = "rewritten.qcow2";
+    let held = renamed_but_held_open(&site.spool, name, 40 * MIB, 1100);
+    a_part_accepted_at(&site, &["phoenix", "frankfurt"], &d);
+    rewrite_in_place(&held);
+    let Some(report) = site.error_report(name, Duration::from_secs(60)) else {
+        panic!(
+            "the rewritten file was not failed; done/: {:?}",
+            list(&site.done())
+        );
+    };
+    let why = reason(&report);
+    assert!(
+        why.contains("changed while uploading") && why.contains("change time"),
+        "{why}"
+    );
+    assert!(d.running(), "the daemon stopped");
+    // The file is kept as it now is, and nothing claims to be a copy of it.
+    assert!(site.failed().join(name).exists());
+    nothing_shipped(&s3, &[b0, b1], &prefix, name);
+    assert!(d.log_text().contains("changed while uploading"));
+}
+
+/// Bug 1, with a read lease: a process that opens the claimed file for writing
+/// during the upload waits until ferry lets go of it; ferry, told by the
+/// kernel, fails the job. Nothing verifies, every upload is aborted, and the
+/// reason names the writer.
+#[test]
+fn a_writer_opening_the_claimed_file_breaks_the_lease_and_nothing_verifies() {
+    let Some(s3) = s3() else { return };
+    let prefix = unique_prefix("leased");
+    let relay = Relay::start(&s3);
+    relay.set(r#"{"part_bytes_per_sec": 2000000}"#);
+    let (b0, b1) = (s3.buckets[0].as_str(), s3.buckets[1].as_str());
+    let site = relayed_site(&relay, &prefix, &[("phoenix", b0), ("frankfurt", b1)], "");
+    let mut d = site.daemon();
+    let name = "leased.qcow2";
+    drop_image(&site.spool, name, 40 * MIB, 1110);
+    a_part_accepted_at(&site, &["phoenix", "frankfurt"], &d);
+    // Blocks until ferry gives the lease up (the kernel breaks it after
+    // /proc/sys/fs/lease-break-time, 45 s by default, if ferry does not).
+    let started = Instant::now();
+    let writer = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(site.active().join(name))
+        .unwrap();
+    eprintln!("the writer's open took {:?}", started.elapsed());
+    rewrite_in_place(&writer);
+    drop(writer);
+    let Some(report) = site.error_report(name, Duration::from_secs(60)) else {
+        panic!(
+            "the rewritten file was not failed; done/: {:?}",
+            list(&site.done())
+        );
+    };
+    let why = reason(&report);
+    assert!(
+        why.contains("changed while uploading") && why.contains("opened it for writing"),
+        "{why}"
+    );
+    assert!(d.running());
+    nothing_shipped(&s3, &[b0, b1], &prefix, name);
+}
+
+/// Bug 1, across a restart: the daemon dies mid-upload, the claimed file is
+/// rewritten in place with its mtime put back, and the restarted daemon must
+/// not finish the journaled uploads (their first parts hold the old bytes):
+/// the file fails as changed and every upload is aborted.
+#[test]
+fn a_source_changed_while_the_daemon_was_down_is_not_resumed() {
+    let Some(s3) = s3() else { return };
+    let prefix = unique_prefix("changed-down");
+    let (b0, b1) = (s3.buckets[0].as_str(), s3.buckets[1].as_str());
+    let site = Site::new(&format!(
+        "[transfer]\npart_size = \"5MiB\"\n{}{}",
+        s3_dest("phoenix", b0, &prefix, &s3.endpoint, ""),
+        s3_dest("frankfurt", b1, &prefix, &s3.endpoint, "")
+    ));
+    let name = "downtime.qcow2";
+    drop_image(&site.spool, name, 40 * MIB, 1120);
+    let mut crashing = Daemon::start_with(&site.config, &site.root.join("crash.log"), |c| {
+        c.env("FERRY_CRASH_AT", "part:3");
+    });
+    assert!(
+        crashing.wait_exit(Duration::from_secs(60)).is_some(),
+        "the daemon never reached its crash point"
+    );
+    let active = site.active().join(name);
+    assert!(
+        !s3.open_uploads(b0, &prefix).is_empty() || !s3.open_uploads(b1, &prefix).is_empty(),
+        "no upload was open at the crash"
+    );
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&active)
+        .unwrap();
+    rewrite_in_place(&f);
+    drop(f);
+    let mut d = site.daemon();
+    let Some(report) = site.error_report(name, Duration::from_secs(60)) else {
+        panic!(
+            "the changed file was resumed; done/: {:?}",
+            list(&site.done())
+        );
+    };
+    let why = reason(&report);
+    assert!(why.contains("changed"), "{why}");
+    assert!(d.running());
+    nothing_shipped(&s3, &[b0, b1], &prefix, name);
+}
+
+/// Bugs 2 and a weak spot: a source truncated while it is being uploaded, with
+/// each reader. The mmap reader used to die with SIGBUS (the daemon vanished
+/// without a log line, leaving its upload open); the pread reader failed with
+/// advice about the destinations. Now the daemon lives, the job fails as
+/// changed and blames the source, the upload is aborted and no journal record
+/// is left.
+fn truncated_source_case(reader: &str, seed: u64) {
+    let Some(s3) = s3() else { return };
+    let prefix = unique_prefix(&format!("truncated-{reader}"));
+    let relay = Relay::start(&s3);
+    relay.set(r#"{"part_bytes_per_sec": 2000000}"#);
+    let b = s3.buckets[2].as_str();
+    let site = relayed_site(
+        &relay,
+        &prefix,
+        &[("ashburn", b)],
+        &format!("reader = \"{reader}\""),
+    );
+    let mut d = site.daemon();
+    let name = format!("truncated-{reader}.qcow2");
+    drop_image(&site.spool, &name, 40 * MIB, seed);
+    a_part_accepted_at(&site, &["ashburn"], &d);
+    // Parts 1..3 are read (mapped, for mmap) and waiting: cut the file under them.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(site.active().join(&name))
+        .unwrap()
+        .set_len(2 * MIB)
+        .unwrap();
+    let report = site.error_report(&name, Duration::from_secs(60));
+    let exit = d.child.try_wait().unwrap();
+    assert!(exit.is_none(), "the daemon died: {exit:?}");
+    let Some(report) = report else {
+        panic!("the truncated file was not failed")
+    };
+    // The lease tells ferry first (the truncation opened the file for
+    // writing); without a lease the size shows it.
+    let why = reason(&report);
+    assert!(
+        why.contains("changed while uploading")
+            && (why.contains("size") || why.contains("truncated")),
+        "{why}"
+    );
+    let what = report["what_to_do"].as_str().unwrap_or_default();
+    assert!(
+        what.contains("producer") && !what.contains("credentials"),
+        "the advice should be about the source: {what}"
+    );
+    nothing_shipped(&s3, &[b], &prefix, &name);
+    let records: Vec<String> = list(&site.root.join("state/jobs"))
+        .into_iter()
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    assert!(records.is_empty(), "journal records left: {records:?}");
+}
+
+#[test]
+fn a_source_truncated_under_the_mmap_reader_does_not_kill_the_daemon() {
+    truncated_source_case("mmap", 1130);
+}
+
+#[test]
+fn a_source_truncated_under_the_pread_reader_is_blamed_on_the_source() {
+    truncated_source_case("pread", 1140);
+}
+
+/// Bug 2 for `ferry push`: the same truncation under the mmap reader ends the
+/// push with exit status 1 and a line that blames the source (it used to die
+/// of SIGBUS and leave the upload open), and no upload is left open.
+#[test]
+fn a_push_with_the_mmap_reader_survives_a_truncated_source() {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(s3) = s3() else { return };
+    let prefix = unique_prefix("push-truncated");
+    let relay = Relay::start(&s3);
+    relay.set(r#"{"part_bytes_per_sec": 2000000}"#);
+    let b = s3.buckets[0].as_str();
+    let dir = tmpdir();
+    let img = dir.path().join("cut.qcow2");
+    random_file(&img, 40 * MIB, 1150);
+    let cfg = write(
+        &dir.path().join("ferry.toml"),
+        &format!(
+            "[transfer]\npart_size = \"5MiB\"\nmemory_limit = \"16MiB\"\nparallel_parts = 1\nreader = \"mmap\"\n{}",
+            s3_dest("slow", b, &prefix, &relay.endpoint(), "")
+        ),
+    );
+    let err = dir.path().join("push.err");
+    let mut push = s3
+        .env(ferry().args(["push", "--force", "-c"]).arg(&cfg).arg(&img))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let midway = wait_until(Duration::from_secs(60), || relay.slow_bytes() >= 5 * MIB);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(2 * MIB)
+        .unwrap();
+    let exited = wait_until(Duration::from_secs(60), || {
+        push.try_wait().unwrap().is_some()
+    });
+    if !exited {
+        let _ = push.kill();
+    }
+    let status = push.wait().unwrap();
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    eprintln!("--- push stderr\n{stderr}");
+    assert!(midway, "the push never got midway");
+    assert_eq!(status.signal(), None, "the push was killed by a signal");
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains("FAILED slow") && stderr.contains("changed while uploading"),
+        "{stderr}"
+    );
+    assert_eq!(s3.open_uploads(b, &prefix), Vec::<String>::new());
+}
+
+/// A weak spot: SIGTERM while every request is waiting out a retry pause took
+/// the whole shutdown_timeout_secs although nothing was in flight. Now the
+/// daemon stops at once, and the file stays in active/ to resume.
+#[test]
+fn sigterm_during_a_retry_wait_stops_at_once() {
+    let Some(s3) = s3() else { return };
+    let prefix = unique_prefix("retrywait");
+    let relay = Relay::start(&s3);
+    relay.set(r#"{"refuse": true}"#);
+    let site = Site::with_daemon(
+        "shutdown_timeout_secs = 30",
+        &format!(
+            "[transfer]\nretry_base_ms = 20000\nretry_max_ms = 20000\n{}",
+            s3_dest("ashburn", &s3.buckets[0], &prefix, &relay.endpoint(), "")
+        ),
+    );
+    let mut d = site.daemon();
+    drop_image(&site.spool, "pausing.img", 6 * MIB, 1250);
+    assert!(
+        wait_until(Duration::from_secs(30), || d
+            .log_text()
+            .contains("retrying in")),
+        "no retry:\n{}",
+        d.log_text()
+    );
+    let t = Instant::now();
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit(Duration::from_secs(40));
+    let took = t.elapsed();
+    eprintln!("stopped after {took:?}");
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(site.active().join("pausing.img").exists());
+}
