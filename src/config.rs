@@ -222,12 +222,27 @@ impl Default for TransferConfig {
     }
 }
 
+/// Where an s3:// destination's credentials come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Credentials {
+    /// `access_key_id` and `secret_access_key` from the destination's table,
+    /// else `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (and
+    /// `AWS_SESSION_TOKEN`) from the environment; none is an error.
+    #[default]
+    Keys,
+    /// The role of the cloud instance ferry runs on, found as the AWS SDKs do
+    /// (web identity, container credentials, the instance-metadata service).
+    Instance,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     pub url: String,
     pub endpoint: Option<String>,
     pub region: Option<String>,
+    pub credentials: Option<Credentials>,
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub allow_http: Option<bool>,

@@ -91,6 +91,25 @@ struct Settings {
 }
 
 impl Settings {
+    /// A destination that reaches uploads at `address`: a configured one that
+    /// names exactly that place, or, for a directory, that directory itself (a
+    /// local path needs no endpoint or credentials). `None` otherwise.
+    fn reach(&self, address: &crate::store::Address) -> Option<Arc<Destination>> {
+        if let Some(d) = self.destinations.iter().find(|d| d.address() == address) {
+            return Some(d.clone());
+        }
+        let crate::store::Address::File { dir } = address else {
+            return None;
+        };
+        let cfg = crate::config::DestinationConfig {
+            url: format!("file://{}/", dir.display()),
+            ..Default::default()
+        };
+        Destination::new("journaled", &cfg, &self.config.transfer, 0)
+            .ok()
+            .map(Arc::new)
+    }
+
     fn new(config: Config) -> Result<Settings, DaemonError> {
         let destinations = transfer::destinations(&config, &[], config.transfer.part_size.as_u64())
             .map_err(|e| DaemonError::Destinations(e.to_string()))?;
@@ -630,49 +649,78 @@ async fn abort_orphans(journal: &Journal, spool: &Spool, settings: &Settings) {
     }
 }
 
+/// Aborts the unfinished, unverified uploads of `record`. Each is reached only
+/// through a configured destination that names the place it lives (endpoint,
+/// region and bucket, as journaled), with that destination's credentials, at
+/// the journaled key; a directory is reached by its journaled path. An upload
+/// no configured destination reaches is left alone, and the log says exactly
+/// what is left open where: ferry never rebuilds a client from a URL alone
+/// (that would fall back to public AWS and the instance-metadata service).
 async fn abort_record(record: &JobRecord, settings: &Settings) {
     for (dname, d) in &record.destinations {
         let Some(id) = &d.upload_id else { continue };
         if d.verified {
             continue;
         }
-        let dest = settings
-            .destinations
-            .iter()
-            .find(|x| x.name() == dname && x.url() == d.url)
-            .cloned()
-            .or_else(|| {
-                let cfg = crate::config::DestinationConfig {
-                    url: d.url.clone(),
-                    ..Default::default()
-                };
-                Destination::new(
-                    dname,
-                    &cfg,
-                    &settings.config.transfer,
-                    record.part_size_bytes,
-                )
-                .ok()
-                .map(Arc::new)
-            });
-        match dest {
-            Some(dest) => match dest.abort(&record.name, id).await {
-                Ok(()) => info!(
-                    destination = dname.as_str(),
-                    "aborted the unfinished upload of {} (upload id {id})", record.name
-                ),
-                Err(e) => error!(
-                    destination = dname.as_str(),
-                    "could not abort the unfinished upload of {} at {} (upload id {id}): {e}; abort it by hand",
-                    record.name,
-                    d.url
-                ),
-            },
-            None => error!(
-                "unfinished upload of {} at {} (upload id {id}) cannot be reached to abort; abort it by hand",
-                record.name, d.url
+        let reached = match (&d.address, &d.key) {
+            (Some(address), Some(key)) => settings.reach(address).map(|dest| (dest, key.clone())),
+            // A record from before addresses were journaled: only the
+            // destination still configured under that name and URL is known.
+            _ => settings
+                .destinations
+                .iter()
+                .find(|x| x.name() == dname && x.url() == d.url)
+                .map(|x| (x.clone(), x.key(&record.name))),
+        };
+        let Some((dest, key)) = reached else {
+            error!("{}", left_open(record, dname, d, id));
+            continue;
+        };
+        match dest.abort_key(&key, id).await {
+            Ok(()) => info!(
+                destination = dname.as_str(),
+                "aborted the unfinished upload of {} (upload id {id}, {})",
+                record.name,
+                dest.address()
+            ),
+            Err(e) => error!(
+                destination = dname.as_str(),
+                "could not abort the unfinished upload of {} ({}, key {key}, upload id {id}): {e}; abort it by hand",
+                record.name,
+                dest.address()
             ),
         }
+    }
+}
+
+/// The log line for an upload that no configured destination reaches.
+fn left_open(record: &JobRecord, dname: &str, d: &DestinationRecord, id: &str) -> String {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    match (&d.address, &d.key) {
+        (
+            Some(crate::store::Address::S3 {
+                endpoint,
+                region,
+                bucket,
+            }),
+            Some(key),
+        ) => format!(
+            "the unfinished upload of {} for destination {dname} is left open: upload id {id} of key {key} in bucket {bucket} at {endpoint} (region {region}). No configured destination names that endpoint, region and bucket, so ferry leaves it alone; abort it by hand, e.g. aws s3api abort-multipart-upload --endpoint-url {endpoint} --region {region} --bucket {bucket} --key {} --upload-id {}",
+            record.name,
+            quote(key),
+            quote(id)
+        ),
+        (Some(address), key) => format!(
+            "the unfinished upload of {} for destination {dname} is left open: upload id {id}{} in {address}; no configured destination reaches it, so ferry leaves it alone",
+            record.name,
+            key.as_deref()
+                .map(|k| format!(" of {k}"))
+                .unwrap_or_default()
+        ),
+        (None, _) => format!(
+            "the unfinished upload of {} for destination {dname} is left open: upload id {id} at {} (journaled by an older ferry, without its endpoint); no destination of that name and URL is configured, so ferry leaves it alone; abort it by hand",
+            record.name, d.url
+        ),
     }
 }
 
@@ -779,6 +827,8 @@ async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
                     d.name().to_string(),
                     DestinationRecord {
                         url: d.url().to_string(),
+                        address: Some(d.address().clone()),
+                        key: Some(d.key(&name)),
                         upload_id: None,
                         parts: vec![],
                         verified: false,
@@ -790,41 +840,42 @@ async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
     if let Some(prev) = journal.load(&name) {
         match continuation(&prev, &source, plan.part_bytes, &first_reads) {
             Continuation::Resume => {
-                // Destinations that verified before the interruption are done.
-                let verified: Vec<String> = prev
-                    .destinations
-                    .iter()
-                    .filter(|(n, d)| {
-                        d.verified && dests.iter().any(|x| x.name() == *n && x.url() == d.url)
-                    })
-                    .map(|(n, _)| n.clone())
-                    .collect();
+                let mut taken = std::collections::HashSet::new();
+                let mut verified = Vec::new();
+                for dest in &dests {
+                    let key = dest.key(&name);
+                    let Some((pname, pd)) = prev.destinations.iter().find(|(n, d)| {
+                        !taken.contains(*n)
+                            && d.address.as_ref() == Some(dest.address())
+                            && d.key.as_deref() == Some(key.as_str())
+                    }) else {
+                        continue;
+                    };
+                    taken.insert(pname.clone());
+                    if pd.verified {
+                        verified.push(dest.name().to_string());
+                    } else if let Some(id) = &pd.upload_id {
+                        resume.insert(
+                            dest.name().to_string(),
+                            Resume {
+                                upload_id: id.clone(),
+                                receipts: pd.parts.clone(),
+                            },
+                        );
+                        if let Some(r) = record.destinations.get_mut(dest.name()) {
+                            r.upload_id = Some(id.clone());
+                            r.parts = pd.parts.clone();
+                        }
+                    }
+                }
                 if !verified.is_empty() {
                     info!("{name}: already verified at {verified:?}");
                     dests.retain(|d| !verified.iter().any(|v| v == d.name()));
                     record.destinations.retain(|n, _| !verified.contains(n));
                 }
-                for (dname, d) in &prev.destinations {
-                    let configured = dests.iter().any(|x| x.name() == dname && x.url() == d.url);
-                    if let (true, Some(id)) = (configured, &d.upload_id) {
-                        resume.insert(
-                            dname.clone(),
-                            Resume {
-                                upload_id: id.clone(),
-                                receipts: d.parts.clone(),
-                            },
-                        );
-                        if let Some(r) = record.destinations.get_mut(dname) {
-                            r.upload_id = Some(id.clone());
-                            r.parts = d.parts.clone();
-                        }
-                    }
-                }
-                // Uploads for destinations no longer configured cannot finish.
+                // Uploads no configured destination continues cannot finish.
                 let mut gone = prev.clone();
-                gone.destinations.retain(|n, d| {
-                    !d.verified && !dests.iter().any(|x| x.name() == n && x.url() == d.url)
-                });
+                gone.destinations.retain(|n, _| !taken.contains(n));
                 abort_record(&gone, &settings).await;
             }
             Continuation::StartOver(why) => {

@@ -3,14 +3,15 @@
 //!
 //! Promises: a job's record (`STATE_DIR/jobs/<name>.json`) holds the file's
 //! identity (device, inode, size, mtime, ctime), the part plan, and per
-//! destination the upload id and every finished part's id and CRC32C. It is
-//! written temp file ->
+//! destination where its upload lives (endpoint, region and bucket, or
+//! directory: never a secret), the object key, the upload id and every
+//! finished part's id and CRC32C. It is written temp file ->
 //! fsync -> rename -> fsync of the directory, with a format version, so after a
 //! crash it is either the old record or the new one, never a torn one. A record
 //! with an unknown version, or that does not parse, is set aside (renamed
 //! `.bad`) and its job starts over: never trusted, never silently deleted. A
-//! version 1 record (before ctime was kept) is read; its job starts over,
-//! since it cannot show that the file is unchanged.
+//! version 1 record (before ctime and addresses were kept) is read; its job
+//! starts over, since it cannot show that the file is unchanged.
 //!
 //! Design choice: parts finish far more often than a record can be rewritten
 //! (6,400 parts for a 400 GiB image). The record in memory is the truth; it is
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::PartReceipt;
+use crate::store::{Address, PartReceipt};
 
 pub const FORMAT_VERSION: u32 = 2;
 pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
@@ -53,6 +54,12 @@ impl JournalError {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DestinationRecord {
     pub url: String,
+    /// Where the upload lives (version 2 on).
+    #[serde(default)]
+    pub address: Option<Address>,
+    /// The object key the upload was begun for (version 2 on).
+    #[serde(default)]
+    pub key: Option<String>,
     pub upload_id: Option<String>,
     pub parts: Vec<PartReceipt>,
     pub verified: bool,
@@ -337,6 +344,8 @@ mod tests {
                 "a".to_string(),
                 DestinationRecord {
                     url: "file:///x/".into(),
+                    address: Some(Address::File { dir: "/x".into() }),
+                    key: Some("/x/n".into()),
                     upload_id: Some("u".into()),
                     parts: vec![PartReceipt {
                         index: 0,
@@ -377,7 +386,7 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_record_is_read_without_ctime() {
+    fn a_version_1_record_is_read_without_ctime_or_addresses() {
         let d = tempfile::tempdir().unwrap();
         let j = Journal::open(d.path()).unwrap();
         std::fs::write(
@@ -389,6 +398,7 @@ mod tests {
         .unwrap();
         let r = j.load("old").expect("version 1 is read");
         assert_eq!(r.ctime_ns, None);
+        assert_eq!(r.destinations["a"].address, None);
         assert_eq!(r.destinations["a"].upload_id.as_deref(), Some("u"));
     }
 

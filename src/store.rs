@@ -409,6 +409,43 @@ pub struct PartReceipt {
     pub crc32c: u32,
 }
 
+/// Where a destination's uploads live, without secrets: what a journal record
+/// keeps so that a later run reaches an upload again only through a configured
+/// destination that names the same place (see `daemon`), never by rebuilding
+/// a client from a URL alone.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Address {
+    /// An absolute directory.
+    File {
+        dir: PathBuf,
+    },
+    Memory {
+        name: String,
+    },
+    /// The endpoint ferry talks to (as configured, from `AWS_ENDPOINT_URL`, or
+    /// AWS's own for the region), the signing region and the bucket.
+    S3 {
+        endpoint: String,
+        region: String,
+        bucket: String,
+    },
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::File { dir } => write!(f, "directory {}", dir.display()),
+            Address::Memory { name } => write!(f, "memory store {name}"),
+            Address::S3 {
+                endpoint,
+                region,
+                bucket,
+            } => write!(f, "bucket {bucket} at {endpoint} (region {region})"),
+        }
+    }
+}
+
 /// What `head` found.
 #[derive(Debug, Clone)]
 pub struct ObjectInfo {
@@ -464,6 +501,7 @@ impl MemoryStore {
 pub struct Destination {
     name: String,
     url: String,
+    address: Address,
     /// Where objects can be fetched from, e.g. for OCI's CreateImage.
     object_url_base: String,
     backend: Backend,
@@ -494,30 +532,47 @@ impl Destination {
     ) -> Result<Destination, StoreError> {
         let url = DestinationUrl::parse(&cfg.url).map_err(|e| StoreError::Setup(e.to_string()))?;
         let parallel_parts = cfg.parallel_parts.unwrap_or(transfer.parallel_parts);
-        let object_url_base = object_url_base(&url, cfg);
-        let backend = match url {
-            DestinationUrl::File { dir } => Backend::File { dir },
+        let (backend, address, object_url_base) = match url {
+            DestinationUrl::File { dir } => {
+                let abs = std::path::absolute(&dir).unwrap_or_else(|_| dir.clone());
+                let mut base = format!("file://{}", url_escape(&abs.display().to_string()));
+                if !base.ends_with('/') {
+                    base.push('/');
+                }
+                (Backend::File { dir }, Address::File { dir: abs }, base)
+            }
             DestinationUrl::Memory { name: m, prefix } => {
                 let store = MEMORY_STORES
                     .lock()
                     .map_err(|_| StoreError::Setup("memory store registry poisoned".into()))?
-                    .entry(m)
+                    .entry(m.clone())
                     .or_default()
                     .clone();
-                Backend::Memory { store, prefix }
+                (
+                    Backend::Memory { store, prefix },
+                    Address::Memory { name: m.clone() },
+                    format!("memory://{m}/"),
+                )
             }
             DestinationUrl::S3 { bucket, prefix } => {
-                let s3 = build_s3(&bucket, cfg, transfer, part_bytes_hint)?;
-                Backend::Multipart {
-                    store: s3.clone(),
-                    multipart: s3,
-                    prefix,
-                }
+                let target = S3Target::resolve(name, &bucket, cfg)?;
+                let s3 = build_s3(&target, cfg, transfer, part_bytes_hint)?;
+                let base = target.object_url_base();
+                (
+                    Backend::Multipart {
+                        store: s3.clone(),
+                        multipart: s3,
+                        prefix,
+                    },
+                    target.address(),
+                    base,
+                )
             }
         };
         Ok(Destination {
             name: name.to_string(),
             url: cfg.url.clone(),
+            address,
             object_url_base,
             backend,
             parallel_parts,
@@ -536,6 +591,10 @@ impl Destination {
     }
     pub fn limits(&self) -> PartLimits {
         self.limits
+    }
+    /// Where this destination's uploads live (for the journal).
+    pub fn address(&self) -> &Address {
+        &self.address
     }
 
     /// The URL an importer fetches object `name` from.
@@ -762,9 +821,16 @@ impl Destination {
 
     /// Abandons an upload and frees what the store kept of it.
     pub async fn abort(&self, name: &str, upload_id: &str) -> Result<(), StoreError> {
+        self.abort_key(&self.key(name), upload_id).await
+    }
+
+    /// Abandons the upload `upload_id` of `key` as [`Destination::key`] gave it
+    /// when the upload began (a journal record's key, whatever the prefix
+    /// configured now).
+    pub async fn abort_key(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
         match &self.backend {
             Backend::File { dir } => {
-                let (_, staging) = Self::file_paths(dir, name, upload_id);
+                let (_, staging) = Self::file_paths(dir, "", upload_id);
                 blocking(move || match std::fs::remove_file(&staging) {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
                     other => other,
@@ -772,7 +838,7 @@ impl Destination {
                 .await
                 .map_err(|source| StoreError::Io {
                     op: "abort upload",
-                    key: self.key(name),
+                    key: key.to_string(),
                     source,
                 })
             }
@@ -780,14 +846,12 @@ impl Destination {
                 MemoryStore::lock(&store.uploads).remove(upload_id);
                 Ok(())
             }
-            Backend::Multipart {
-                multipart, prefix, ..
-            } => multipart
-                .abort_multipart(&Self::obj_path(prefix, name), &upload_id.to_string())
+            Backend::Multipart { multipart, .. } => multipart
+                .abort_multipart(&ObjPath::from(key), &upload_id.to_string())
                 .await
                 .map_err(|source| StoreError::Remote {
                     op: "abort upload",
-                    key: self.key(name),
+                    key: key.to_string(),
                     source,
                 }),
         }
@@ -1028,44 +1092,110 @@ impl Destination {
     }
 }
 
-/// The base URL of objects: OCI's native form for OCI's S3-compatible endpoint
-/// (`https://NS.compat.objectstorage.REGION.oraclecloud.com`), path style for
-/// other endpoints, AWS's form otherwise.
-fn object_url_base(url: &DestinationUrl, cfg: &DestinationConfig) -> String {
-    match url {
-        DestinationUrl::File { dir } => {
-            let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
-            let mut s = format!("file://{}", abs.display());
-            if !s.ends_with('/') {
-                s.push('/');
-            }
-            s
-        }
-        DestinationUrl::Memory { name, .. } => format!("memory://{name}/"),
-        DestinationUrl::S3 { bucket, .. } => {
-            let endpoint = cfg
-                .endpoint
-                .clone()
-                .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
-            let region = cfg.region.clone().unwrap_or_else(|| "us-east-1".into());
-            match endpoint {
-                Some(e) => {
-                    let host = url::Url::parse(&e)
-                        .ok()
-                        .and_then(|u| u.host_str().map(str::to_string))
-                        .unwrap_or_default();
-                    if let Some((ns, rest)) = host.split_once(".compat.objectstorage.")
-                        && let Some(region) = rest.strip_suffix(".oraclecloud.com")
-                    {
-                        format!(
-                            "https://objectstorage.{region}.oraclecloud.com/n/{ns}/b/{bucket}/o/"
-                        )
-                    } else {
-                        format!("{}/{bucket}/", e.trim_end_matches('/'))
-                    }
+/// An S3 destination's endpoint, region, bucket and credentials, resolved
+/// once from its table and the environment. These are the only endpoint and
+/// credential source the destination ever uses: object_store's own fallbacks
+/// (public AWS for a URL alone, the instance-metadata service when no key is
+/// found) are never reached unless the table says `credentials = "instance"`.
+struct S3Target {
+    bucket: String,
+    endpoint: String,
+    region: String,
+    keys: Option<(String, String, Option<String>)>,
+}
+
+impl S3Target {
+    fn resolve(name: &str, bucket: &str, cfg: &DestinationConfig) -> Result<S3Target, StoreError> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let region = cfg
+            .region
+            .clone()
+            .or_else(|| env("AWS_REGION"))
+            .or_else(|| env("AWS_DEFAULT_REGION"))
+            .unwrap_or_else(|| "us-east-1".to_string());
+        let endpoint = cfg
+            .endpoint
+            .clone()
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .or_else(|| env("AWS_ENDPOINT"))
+            .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"))
+            .trim_end_matches('/')
+            .to_string();
+        let setup = |m: String| StoreError::Setup(format!("destination {name} ({}): {m}", cfg.url));
+        let keys = match cfg.credentials.unwrap_or_default() {
+            crate::config::Credentials::Instance => {
+                if cfg.access_key_id.is_some() || cfg.secret_access_key.is_some() {
+                    return Err(setup(
+                        "credentials = \"instance\" and access keys are both set: keep one".into(),
+                    ));
                 }
-                None => format!("https://{bucket}.s3.{region}.amazonaws.com/"),
+                None
             }
+            crate::config::Credentials::Keys => {
+                let pair = match (&cfg.access_key_id, &cfg.secret_access_key) {
+                    (Some(id), Some(secret)) => (id.clone(), secret.clone(), None),
+                    (Some(_), None) | (None, Some(_)) => {
+                        return Err(setup(
+                            "access_key_id and secret_access_key go together: set both".into(),
+                        ));
+                    }
+                    (None, None) => {
+                        match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+                            (Some(id), Some(secret)) => (id, secret, env("AWS_SESSION_TOKEN")),
+                            (Some(_), None) | (None, Some(_)) => {
+                                return Err(setup(
+                                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY go together: set both"
+                                    .into(),
+                            ));
+                            }
+                            (None, None) => {
+                                return Err(setup(format!(
+                                    "no credentials: set access_key_id and secret_access_key in \
+                                 [destinations.{name}], or AWS_ACCESS_KEY_ID and \
+                                 AWS_SECRET_ACCESS_KEY in ferry's environment, or \
+                                 credentials = \"instance\" to use the role of the cloud \
+                                 instance ferry runs on"
+                                )));
+                            }
+                        }
+                    }
+                };
+                Some(pair)
+            }
+        };
+        Ok(S3Target {
+            bucket: bucket.to_string(),
+            endpoint,
+            region,
+            keys,
+        })
+    }
+
+    fn address(&self) -> Address {
+        Address::S3 {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            bucket: self.bucket.clone(),
+        }
+    }
+
+    /// The base URL of objects: OCI's native form for OCI's S3-compatible
+    /// endpoint (`https://NS.compat.objectstorage.REGION.oraclecloud.com`),
+    /// path style otherwise.
+    fn object_url_base(&self) -> String {
+        let host = url::Url::parse(&self.endpoint)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        if let Some((ns, rest)) = host.split_once(".compat.objectstorage.")
+            && let Some(region) = rest.strip_suffix(".oraclecloud.com")
+        {
+            format!(
+                "https://objectstorage.{region}.oraclecloud.com/n/{ns}/b/{}/o/",
+                self.bucket
+            )
+        } else {
+            format!("{}/{}/", self.endpoint, self.bucket)
         }
     }
 }
@@ -1083,7 +1213,7 @@ fn url_escape(s: &str) -> String {
 }
 
 fn build_s3(
-    bucket: &str,
+    target: &S3Target,
     cfg: &DestinationConfig,
     transfer: &TransferConfig,
     part_bytes_hint: u64,
@@ -1095,48 +1225,42 @@ fn build_s3(
         .with_timeout(Duration::from_secs(secs))
         .with_connect_timeout(Duration::from_secs(transfer.connect_timeout_secs))
         .with_pool_idle_timeout(Duration::from_secs(30));
-    let endpoint = cfg
-        .endpoint
-        .clone()
-        .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
-        .or_else(|| std::env::var("AWS_ENDPOINT").ok());
-    let loopback = endpoint.as_deref().is_some_and(is_loopback_http);
-    let allow_http = cfg.allow_http.unwrap_or(loopback);
+    let allow_http = cfg
+        .allow_http
+        .unwrap_or_else(|| is_loopback_http(&target.endpoint));
+    // Keys: nothing from the environment but what S3Target read. Instance:
+    // the AWS SDKs' chain (web identity, container, instance metadata), as asked.
+    let b = match target.keys {
+        Some(_) => AmazonS3Builder::new(),
+        None => AmazonS3Builder::from_env(),
+    };
     // Client options first: they replace the whole option set, allow_http included.
-    let mut b = AmazonS3Builder::from_env()
+    let mut b = b
         .with_client_options(options)
         .with_allow_http(allow_http)
-        .with_bucket_name(bucket)
+        .with_bucket_name(&target.bucket)
         .with_retry(RetryConfig {
             max_retries: 0,
             ..RetryConfig::default()
         })
-        .with_virtual_hosted_style_request(false);
-    if let Some(e) = endpoint {
-        b = b.with_endpoint(e);
-    }
+        .with_virtual_hosted_style_request(false)
+        .with_endpoint(&target.endpoint)
+        .with_region(&target.region);
     b = match transfer.payload_checksum {
         crate::config::PayloadChecksum::Crc64nvme => b
             .with_unsigned_payload(true)
             .with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME),
         crate::config::PayloadChecksum::Sha256 => b,
     };
-    let region = cfg
-        .region
-        .clone()
-        .or_else(|| std::env::var("AWS_REGION").ok())
-        .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
-        .unwrap_or_else(|| "us-east-1".to_string());
-    b = b.with_region(region);
-    if let Some(k) = &cfg.access_key_id {
-        b = b.with_access_key_id(k);
-    }
-    if let Some(s) = &cfg.secret_access_key {
-        b = b.with_secret_access_key(s);
+    if let Some((id, secret, token)) = &target.keys {
+        b = b.with_access_key_id(id).with_secret_access_key(secret);
+        if let Some(t) = token {
+            b = b.with_token(t);
+        }
     }
     b.build()
         .map(Arc::new)
-        .map_err(|e| StoreError::Setup(format!("s3://{bucket}: {e}")))
+        .map_err(|e| StoreError::Setup(format!("s3://{}: {e}", target.bucket)))
 }
 
 fn is_loopback_http(endpoint: &str) -> bool {

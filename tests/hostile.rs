@@ -7,6 +7,9 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -331,6 +334,243 @@ fn a_push_with_the_mmap_reader_survives_a_truncated_source() {
         "{stderr}"
     );
     assert_eq!(s3.open_uploads(b, &prefix), Vec::<String>::new());
+}
+
+/// A TCP listener on loopback standing in for a service nobody configured
+/// (the cloud instance-metadata service): it counts connections and closes them.
+struct Trap {
+    port: u16,
+    hits: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Trap {
+    fn start() -> Trap {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, s) = (hits.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // Bounded: ten minutes at most, or until the trap is dropped.
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok(_) => {
+                        h.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Trap { port, hits, stop }
+    }
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Trap {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The environment of a host with no AWS credentials in it, whose instance
+/// metadata service is `trap`.
+fn no_credentials_but_a_metadata_service(cmd: &mut Command, trap: &Trap) {
+    for k in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL",
+    ] {
+        cmd.env_remove(k);
+    }
+    cmd.env("AWS_METADATA_ENDPOINT", trap.url());
+}
+
+/// Bug 3, first rule: an s3:// destination with no credentials configured is
+/// refused before a byte is sent, by `ferry push` and by the daemon at start,
+/// naming the ways to give them; nothing asks an instance-metadata service.
+#[test]
+fn an_s3_destination_without_credentials_is_refused_and_no_metadata_service_is_asked() {
+    let Some(s3) = s3() else { return };
+    let trap = Trap::start();
+    let prefix = unique_prefix("nocreds");
+    let dir = tmpdir();
+    let img = dir.path().join("nocreds.qcow2");
+    random_file(&img, 6 * MIB, 1160);
+    let out_dir = dir.path().join("local");
+    let cfg = write(
+        &dir.path().join("ferry.toml"),
+        &format!(
+            "[destinations.local]\nurl = \"file://{}/\"\n{}",
+            out_dir.display(),
+            s3_dest("ashburn", &s3.buckets[0], &prefix, &s3.endpoint, "")
+        ),
+    );
+    let mut cmd = ferry();
+    cmd.args(["push", "--force", "-c"]).arg(&cfg).arg(&img);
+    no_credentials_but_a_metadata_service(&mut cmd, &trap);
+    let out = run(&mut cmd);
+    assert_eq!(out.status.code(), Some(2), "not refused before sending");
+    let lines = error_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    for needle in [
+        "ashburn",
+        "access_key_id",
+        "AWS_ACCESS_KEY_ID",
+        "credentials = \"instance\"",
+    ] {
+        assert!(lines[0].contains(needle), "{:?} lacks {needle:?}", lines[0]);
+    }
+    assert!(
+        !out_dir.exists() || list(&out_dir).is_empty(),
+        "something was uploaded before the refusal"
+    );
+    // The daemon refuses it at start, in the same words.
+    let site = Site::new(&s3_dest(
+        "ashburn",
+        &s3.buckets[0],
+        &prefix,
+        &s3.endpoint,
+        "",
+    ));
+    let mut d = Daemon::start_with(&site.config, &site.root.join("daemon.log"), |c| {
+        no_credentials_but_a_metadata_service(c, &trap)
+    });
+    let status = d.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "the daemon started");
+    assert!(d.log_text().contains("credentials = \"instance\""));
+    assert_eq!(trap.hits(), 0, "the instance-metadata service was asked");
+}
+
+/// Bug 3, second rule: a daemon killed mid-upload restarts with a changed
+/// config. A destination renamed but still naming the same endpoint and bucket
+/// reaches the old upload (the journal holds endpoint, region and bucket); one
+/// moved to another bucket cannot, and ferry says exactly what is left open
+/// where instead of guessing. Nothing is asked of anything the config does not
+/// name: not the instance-metadata service, not public AWS.
+#[test]
+fn after_a_config_change_clean_up_goes_only_where_the_config_says() {
+    let Some(s3) = s3() else { return };
+    let trap = Trap::start();
+    let prefix = unique_prefix("moved");
+    let (b0, b1) = (s3.buckets[0].as_str(), s3.buckets[1].as_str());
+    let keys = format!(
+        "access_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+        key_id(),
+        secret()
+    );
+    let site = Site::new(&format!(
+        "[transfer]\npart_size = \"5MiB\"\n{}",
+        s3_dest("ash", b0, &prefix, &s3.endpoint, &keys)
+    ));
+    let original = std::fs::read_to_string(&site.config).unwrap();
+    let start = |log: &str, crash: bool| {
+        Daemon::start_with(&site.config, &site.root.join(log), |c| {
+            no_credentials_but_a_metadata_service(c, &trap);
+            if crash {
+                c.env("FERRY_CRASH_AT", "part:2");
+            }
+        })
+    };
+    let crash_mid_upload = |name: &str, seed: u64| {
+        drop_image(&site.spool, name, 40 * MIB, seed);
+        let mut c = start(&format!("crash-{name}.log"), true);
+        assert!(
+            c.wait_exit(Duration::from_secs(60)).is_some(),
+            "no crash:\n{}",
+            c.log_text()
+        );
+        let open = s3.open_upload_ids(b0, &prefix);
+        assert_eq!(open.len(), 1, "{open:?}");
+        open.into_iter().next().unwrap()
+    };
+
+    // Renamed, same place: the old upload is reached and the image ships.
+    crash_mid_upload("renamed.qcow2", 1170);
+    std::fs::write(
+        &site.config,
+        original.replace("[destinations.ash]", "[destinations.ashburn]"),
+    )
+    .unwrap();
+    let mut d = start("renamed.log", false);
+    assert!(
+        wait_until(Duration::from_secs(60), || site
+            .done()
+            .join("renamed.qcow2")
+            .exists()),
+        "not shipped after the rename:\n{}",
+        d.log_text()
+    );
+    assert!(s3_object_equals(
+        &s3.store(b0),
+        &format!("{prefix}/renamed.qcow2"),
+        &site.done().join("renamed.qcow2")
+    ));
+    assert_eq!(
+        s3.open_uploads(b0, &prefix),
+        Vec::<String>::new(),
+        "the renamed destination's old upload was left open"
+    );
+    let log = d.log_text();
+    d.signal(libc::SIGTERM);
+    d.wait_exit(Duration::from_secs(30));
+
+    // Moved to another bucket: the old upload cannot be reached with what the
+    // config says; ferry names it and leaves it.
+    let (key, upload_id) = crash_mid_upload("moved.qcow2", 1180);
+    std::fs::write(
+        &site.config,
+        original
+            .replace("[destinations.ash]", "[destinations.ashburn]")
+            .replace(&format!("s3://{b0}/"), &format!("s3://{b1}/")),
+    )
+    .unwrap();
+    let d2 = start("moved.log", false);
+    assert!(
+        wait_until(Duration::from_secs(60), || site
+            .done()
+            .join("moved.qcow2")
+            .exists()),
+        "not shipped after the move:\n{}",
+        d2.log_text()
+    );
+    let log2 = d2.log_text();
+    let left_line = log2
+        .lines()
+        .find(|l| l.contains("left open"))
+        .unwrap_or_else(|| panic!("nothing said about the old upload:\n{log2}"));
+    for needle in [upload_id.as_str(), key.as_str(), b0, s3.endpoint.as_str()] {
+        assert!(left_line.contains(needle), "{left_line:?} lacks {needle:?}");
+    }
+    assert_eq!(
+        s3.open_upload_ids(b0, &prefix),
+        vec![(key.clone(), upload_id.clone())],
+        "ferry guessed"
+    );
+    for l in [&log, &log2] {
+        assert!(
+            !l.contains("amazonaws.com") && !l.contains("169.254."),
+            "a request went where no config says:\n{l}"
+        );
+    }
+    assert_eq!(trap.hits(), 0, "the instance-metadata service was asked");
+    drop(d2);
+    // Tidy up the upload ferry rightly left alone.
+    block_on(async {
+        use object_store::multipart::MultipartStore;
+        s3.store(b0)
+            .abort_multipart(&obj_path(&key), &upload_id)
+            .await
+            .unwrap();
+    });
 }
 
 /// A weak spot: SIGTERM while every request is waiting out a retry pause took
