@@ -69,13 +69,29 @@ pub enum UrlError {
     NoPath(String),
     #[error("{0:?}: the prefix may not contain empty, '.' or '..' segments")]
     BadPrefix(String),
+    #[error("{0:?}: a directory URL may not contain '..' segments; give the directory itself")]
+    BadPath(String),
+    #[error(
+        "{0:?}: destination URLs take no query ('?') or fragment ('#'); a key prefix or directory holding them is not supported"
+    )]
+    QueryOrFragment(String),
 }
 
 impl DestinationUrl {
     pub fn parse(url: &str) -> Result<DestinationUrl, UrlError> {
+        if ["file://", "s3://", "memory://"]
+            .iter()
+            .any(|s| url.starts_with(s))
+            && (url.contains('?') || url.contains('#'))
+        {
+            return Err(UrlError::QueryOrFragment(url.into()));
+        }
         if let Some(rest) = url.strip_prefix("file://") {
             if rest.is_empty() {
                 return Err(UrlError::NoPath(url.into()));
+            }
+            if rest.split('/').any(|s| s == "..") {
+                return Err(UrlError::BadPath(url.into()));
             }
             return Ok(DestinationUrl::File {
                 dir: PathBuf::from(rest),
@@ -248,6 +264,8 @@ pub enum StoreError {
     },
     #[error("cannot set up destination: {0}")]
     Setup(String),
+    #[error("{key:?} cannot be an object key: {message}; rename the file")]
+    Key { key: String, message: String },
 }
 
 /// S3 error codes that say the bytes did not arrive as sent.
@@ -354,7 +372,7 @@ impl StoreError {
                 _ => false,
             },
             StoreError::Check { .. } => true,
-            StoreError::Setup(_) => false,
+            StoreError::Setup(_) | StoreError::Key { .. } => false,
         }
     }
 
@@ -395,7 +413,7 @@ impl StoreError {
                     "other"
                 }
             }
-            StoreError::Setup(_) => "other",
+            StoreError::Setup(_) | StoreError::Key { .. } => "other",
         }
     }
 }
@@ -597,7 +615,7 @@ impl Destination {
         &self.address
     }
 
-    /// The URL an importer fetches object `name` from.
+    /// The URL an importer fetches object `name` from: the key, encoded once.
     pub fn object_url(&self, name: &str) -> String {
         match &self.backend {
             Backend::File { .. } => format!("{}{}", self.object_url_base, url_escape(name)),
@@ -621,8 +639,25 @@ impl Destination {
         }
     }
 
-    fn obj_path(prefix: &str, name: &str) -> ObjPath {
-        ObjPath::from_iter(prefix.split('/').filter(|s| !s.is_empty()).chain([name]))
+    /// The object path of `prefix + name`, exactly: object_store's
+    /// `Path::from` would percent-encode `%`, `#`, `[`, `~`, quotes and more
+    /// into the stored key. A key object_store cannot carry (control
+    /// characters, `.`/`..` segments) is refused.
+    fn obj_path(prefix: &str, name: &str) -> Result<ObjPath, StoreError> {
+        Self::key_path(&format!("{prefix}{name}"))
+    }
+
+    fn key_path(key: &str) -> Result<ObjPath, StoreError> {
+        if key.is_empty() || key.starts_with('/') || key.ends_with('/') {
+            return Err(StoreError::Key {
+                key: key.to_string(),
+                message: "it may not be empty or start or end with '/'".into(),
+            });
+        }
+        ObjPath::parse(key).map_err(|e| StoreError::Key {
+            key: key.to_string(),
+            message: e.to_string(),
+        })
     }
 
     /// The object and its staging file; the staging name is short (the upload
@@ -666,7 +701,7 @@ impl Destination {
             Backend::Multipart {
                 multipart, prefix, ..
             } => multipart
-                .create_multipart(&Self::obj_path(prefix, name))
+                .create_multipart(&Self::obj_path(prefix, name)?)
                 .await
                 .map_err(|source| StoreError::Remote {
                     op: "begin upload",
@@ -735,7 +770,7 @@ impl Destination {
                 let bytes = part.bytes().clone();
                 let id = multipart
                     .put_part(
-                        &Self::obj_path(prefix, name),
+                        &Self::obj_path(prefix, name)?,
                         &upload_id.to_string(),
                         part.index() as usize,
                         PutPayload::from_bytes(bytes),
@@ -804,7 +839,7 @@ impl Destination {
                     .collect();
                 multipart
                     .complete_multipart(
-                        &Self::obj_path(prefix, name),
+                        &Self::obj_path(prefix, name)?,
                         &upload_id.to_string(),
                         parts,
                     )
@@ -847,7 +882,7 @@ impl Destination {
                 Ok(())
             }
             Backend::Multipart { multipart, .. } => multipart
-                .abort_multipart(&ObjPath::from(key), &upload_id.to_string())
+                .abort_multipart(&Self::key_path(key)?, &upload_id.to_string())
                 .await
                 .map_err(|source| StoreError::Remote {
                     op: "abort upload",
@@ -883,7 +918,7 @@ impl Destination {
             }
             Backend::Multipart { store, prefix, .. } => {
                 let meta = store
-                    .head(&Self::obj_path(prefix, name))
+                    .head(&Self::obj_path(prefix, name)?)
                     .await
                     .map_err(|source| StoreError::Remote {
                         op: "head",
@@ -942,7 +977,7 @@ impl Destination {
                     source,
                 };
                 let mut stream = store
-                    .get(&Self::obj_path(prefix, name))
+                    .get(&Self::obj_path(prefix, name)?)
                     .await
                     .map_err(remote)?
                     .into_stream();
@@ -984,7 +1019,7 @@ impl Destination {
                 Ok(())
             }
             Backend::Multipart { store, prefix, .. } => store
-                .put(&Self::obj_path(prefix, name), PutPayload::from_bytes(body))
+                .put(&Self::obj_path(prefix, name)?, PutPayload::from_bytes(body))
                 .await
                 .map(drop)
                 .map_err(|source| StoreError::Remote {
@@ -1047,7 +1082,7 @@ impl Destination {
             }
             Backend::Memory { .. } => Ok(()),
             Backend::Multipart { store, prefix, .. } => {
-                match store.head(&Self::obj_path(prefix, ".ferry-probe")).await {
+                match store.head(&Self::obj_path(prefix, ".ferry-probe")?).await {
                     Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                     Err(source) => Err(StoreError::Remote {
                         op: "probe",
@@ -1081,7 +1116,7 @@ impl Destination {
                     source,
                 };
                 store
-                    .get(&Self::obj_path(prefix, name))
+                    .get(&Self::obj_path(prefix, name)?)
                     .await
                     .map_err(remote)?
                     .bytes()
@@ -1358,9 +1393,28 @@ mod tests {
     }
 
     #[test]
-    fn keys_never_leave_the_prefix() {
-        let p = Destination::obj_path("exports/", "../../etc");
-        assert!(p.as_ref().starts_with("exports/"), "{p}");
-        assert_eq!(p.parts().count(), 2);
+    fn keys_are_the_name_exactly_and_never_leave_the_prefix() {
+        for name in ["100%.qcow2", "a#b?c", "back\\slash~[x]*", "q\"'<>", "ü 空"] {
+            let p = Destination::obj_path("exports/", name).unwrap();
+            assert_eq!(p.as_ref(), format!("exports/{name}"));
+        }
+        for bad in ["..", ".", "new\nline", "a/../../etc"] {
+            assert!(Destination::obj_path("exports/", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn urls_with_a_query_a_fragment_or_dot_dot_are_refused() {
+        for url in [
+            "s3://bkt/p?x=1",
+            "s3://bkt/p#f",
+            "memory://m/p?x",
+            "file:///tmp/a?b/",
+            "file:///tmp/a/../b/",
+            "file://../b/",
+        ] {
+            assert!(DestinationUrl::parse(url).is_err(), "{url}");
+        }
+        assert!(DestinationUrl::parse("file://./var/x/").is_ok());
     }
 }

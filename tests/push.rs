@@ -285,6 +285,24 @@ fn bad_input_is_refused_in_one_line_and_nothing_is_uploaded() {
             "not a destination URL",
         ),
         (
+            "'..' in a directory URL",
+            vec![
+                good.display().to_string(),
+                "--to".into(),
+                format!("file://{}/x/../y/", d.display()),
+            ],
+            "'..'",
+        ),
+        (
+            "a query in a URL",
+            vec![
+                good.display().to_string(),
+                "--to".into(),
+                "s3://bkt/p?x=1".into(),
+            ],
+            "query",
+        ),
+        (
             "config typo",
             vec![
                 good.display().to_string(),

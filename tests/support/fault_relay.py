@@ -13,6 +13,7 @@ the real server cannot be made to produce on demand:
   {"refuse": true}             refuse new connections (and drop open ones)
   {"part_bytes_per_sec": N}    take part bodies from ferry at N bytes/s, a slow link;
       each part forwarded is logged as "slow <bytes>"
+  {"log_requests": true}       log every request line as "req <METHOD> <PATH> HTTP/1.1"
 
 It appends one line per injected fault to CONTROL_JSON + ".log", so a test can
 show that faults really happened. Everything else is passed through unchanged.
@@ -100,6 +101,8 @@ def serve(client):
                 return
             global parts_seen
             first = head.split(b"\r\n", 1)[0]
+            if c.get("log_requests"):
+                note("req " + first.decode(errors="replace"))
             is_part = first.startswith(b"PUT ") and b"partNumber=" in first
             n = content_length(head)
             nth = 0
