@@ -34,6 +34,7 @@ use crate::chunk::{Budget, FirstReads};
 use crate::config::{Config, OnSuccess};
 use crate::http::Status;
 use crate::journal::{DestinationRecord, JobJournal, JobRecord, Journal};
+use crate::lock::DirLock;
 use crate::manifest;
 use crate::metrics::{JobMetrics, Metrics};
 use crate::progress::{Board, Progress};
@@ -63,6 +64,15 @@ pub enum DaemonError {
     Signals(std::io::Error),
     #[error("cannot serve metrics on {0}: {1}; free the port or set metrics_addr")]
     Metrics(std::net::SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
+}
+
+/// The lock file in the state directory and in the spool's `.ferry/`.
+const LOCK_FILE: &str = "daemon.lock";
+
+fn spool_lock(spool: &Spool) -> Result<DirLock, crate::lock::LockError> {
+    DirLock::take(spool.ferry_dir(), LOCK_FILE, "spool", "spool_dir")
 }
 
 /// Asks every destination for a sign of life every `PROBE_EVERY`, for /readyz.
@@ -222,20 +232,75 @@ impl JobEnd {
 }
 
 /// The configuration file (or the embedded default) made into settings, for a
-/// reload. The memory budget stays the one every job shares, resized to the new
-/// `memory_limit`, so jobs started before and after the reload stay within it.
-fn reload_settings(
+/// reload, with the spool to watch if it moved (its lock taken). Nothing
+/// changes unless all of it is good. The memory budget stays the one every job
+/// shares, resized to the new `memory_limit`, so jobs started before and after
+/// the reload stay within it.
+fn reload(
     path: Option<&Path>,
-    budget: &Budget,
-) -> Result<Settings, crate::config::ConfigError> {
-    let config = Config::load_or_embedded(path)?;
-    let mut s = Settings::new(config).map_err(|e| crate::config::ConfigError::Invalid {
-        origin: "reload".into(),
-        message: e.to_string(),
-    })?;
-    budget.resize(s.config.transfer.memory_limit.as_u64());
-    s.budget = budget.clone();
-    Ok(s)
+    current: &Settings,
+    locks: &mut Locks,
+) -> Result<(Settings, Option<Spool>), String> {
+    let config = Config::load_or_embedded(path).map_err(|e| e.to_string())?;
+    let mut s = Settings::new(config).map_err(|e| e.to_string())?;
+    let (old, new) = (&current.config, &s.config);
+    if new.state_dir != old.state_dir {
+        warn!(
+            "state_dir changed to {}: it takes effect at the next start; the journal stays in {} until then",
+            new.state_dir.display(),
+            old.state_dir.display()
+        );
+    }
+    let mut spool = None;
+    if new.spool_dir != old.spool_dir || new.daemon.settle_secs != old.daemon.settle_secs {
+        let sp = Spool::open(&new.spool_dir, Duration::from_secs(new.daemon.settle_secs))
+            .map_err(|e| e.to_string())?;
+        if new.spool_dir != old.spool_dir {
+            locks.spool = spool_lock(&sp).map_err(|e| e.to_string())?;
+        }
+        spool = Some(sp);
+    }
+    current
+        .budget
+        .resize(s.config.transfer.memory_limit.as_u64());
+    s.budget = current.budget.clone();
+    Ok((s, spool))
+}
+
+/// The locks that keep a second daemon off this one's state and spool.
+struct Locks {
+    state: DirLock,
+    spool: DirLock,
+}
+
+/// Before each scan: ferry's own directories and lock files are put back if
+/// someone removed them (said in the log). Returns whether the spool directory
+/// is a new one, to be watched again, and what could not be put back.
+fn tend(spool: &mut Spool, locks: &mut Locks) -> (bool, Option<String>) {
+    let mut rewatch = false;
+    let mut problem = match spool.ensure() {
+        Ok(Some(made)) => {
+            warn!(
+                "recreated {made}: ferry's spool directories had been removed; watching the spool again"
+            );
+            rewatch = true;
+            None
+        }
+        Ok(None) => None,
+        Err(e) => Some(format!(
+            "{e}; ferry cannot make its spool directories again"
+        )),
+    };
+    for lock in [&mut locks.state, &mut locks.spool] {
+        match lock.renew() {
+            Ok(true) => warn!("recreated the lock file {}", lock.path().display()),
+            Ok(false) => {}
+            Err(e) => {
+                problem.get_or_insert(e.to_string());
+            }
+        }
+    }
+    (rewatch, problem)
 }
 
 /// Whether the state directory takes writes; logs and reports on `/readyz`
@@ -274,6 +339,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         path: config.state_dir.clone(),
         source,
     })?;
+    let state_lock = DirLock::take(&config.state_dir, LOCK_FILE, "state directory", "state_dir")?;
     journal.writable().map_err(|source| DaemonError::State {
         path: config.state_dir.clone(),
         source,
@@ -282,6 +348,10 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         &config.spool_dir,
         Duration::from_secs(config.daemon.settle_secs),
     )?;
+    let mut locks = Locks {
+        state: state_lock,
+        spool: spool_lock(&spool)?,
+    };
     let mut settings = Arc::new(Settings::new(config)?);
     let board = Arc::new(Board::default());
     let metrics = Metrics::new();
@@ -303,7 +373,8 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
 
     let (hint_tx, mut hints) = mpsc::channel::<Hint>(1024);
-    let _watcher = watch_spool(spool.dir(), hint_tx);
+    // Kept for its Drop: dropping the watcher stops watching.
+    let mut _watcher = watch_spool(spool.dir(), hint_tx.clone());
 
     let (cancel_tx, cancel) = watch::channel(false);
     let mut jobs: JoinSet<JobEnd> = JoinSet::new();
@@ -353,9 +424,12 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
-                match reload_settings(config_path.as_deref(), &settings.budget) {
-                    Ok(s) => {
-                        spool = Spool::open(&s.config.spool_dir, Duration::from_secs(s.config.daemon.settle_secs))?;
+                match reload(config_path.as_deref(), &settings, &mut locks) {
+                    Ok((s, new_spool)) => {
+                        if let Some(new_spool) = new_spool {
+                            spool = new_spool;
+                            _watcher = watch_spool(spool.dir(), hint_tx.clone());
+                        }
                         settings = Arc::new(s);
                         prober.abort();
                         prober = tokio::spawn(probe_destinations(settings.clone(), status.clone()));
@@ -393,6 +467,10 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                 for c in retries.due(Instant::now()) {
                     jobs.spawn(job(ctx(&settings), c));
                 }
+                let (rewatch, mut spool_problem) = tend(&mut spool, &mut locks);
+                if rewatch {
+                    _watcher = watch_spool(spool.dir(), hint_tx.clone());
+                }
                 // No new work while the state directory refuses writes.
                 state_ok = state_dir_ok(&journal, &status, state_ok);
                 match spool.scan(Instant::now()) {
@@ -420,8 +498,12 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => error!("{e}; retrying on the next scan"),
+                    Err(e) => {
+                        spool_problem.get_or_insert(format!("{e}; ferry looks again every second"));
+                    }
                 }
+                // Logged when it changes, shown on /readyz while it lasts.
+                status.set_spool_problem(spool_problem);
                 let (waiting, waiting_bytes) = spool.waiting();
                 metrics.spool_waiting_images.set(waiting as i64);
                 metrics.spool_waiting_bytes.set(waiting_bytes as i64);
@@ -429,7 +511,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                     *w = spool.waiting_list();
                 }
                 next_scan = Instant::now()
-                    + if waiting > 0 || !state_ok || !retries.is_empty() {
+                    + if waiting > 0 || !state_ok || !retries.is_empty() || status.spool_broken() {
                         Duration::from_secs(1)
                     } else {
                         Duration::from_secs(settings.config.daemon.rescan_secs)

@@ -67,6 +67,8 @@ pub struct Status {
     pub health: Mutex<BTreeMap<String, DestinationHealth>>,
     /// Set once the state directory refused a write (full, read-only).
     pub state_problem: Mutex<Option<String>>,
+    /// Set while the spool's own directories cannot be made again.
+    pub spool_problem: Mutex<Option<String>>,
 }
 
 impl Status {
@@ -81,7 +83,31 @@ impl Status {
             errors: Mutex::new(VecDeque::new()),
             health: Mutex::new(BTreeMap::new()),
             state_problem: Mutex::new(None),
+            spool_problem: Mutex::new(None),
         })
+    }
+
+    /// Whether something keeps the spool from working.
+    pub fn spool_broken(&self) -> bool {
+        self.spool_problem
+            .lock()
+            .map(|p| p.is_some())
+            .unwrap_or(false)
+    }
+
+    /// What keeps the spool from working, if anything; logged when it changes.
+    pub fn set_spool_problem(&self, problem: Option<String>) {
+        let Ok(mut p) = self.spool_problem.lock() else {
+            return;
+        };
+        if *p == problem {
+            return;
+        }
+        match &problem {
+            Some(e) => tracing::error!("{e}"),
+            None => tracing::info!("the spool's directories are in place again"),
+        }
+        *p = problem;
     }
 
     pub fn record_error(&self, file: &str, reason: &str) {
@@ -124,10 +150,12 @@ impl Status {
         {
             p.push(format!("state directory does not take writes: {e}"));
         }
-        if let Ok(s) = self.state_problem.lock()
-            && let Some(s) = s.as_ref()
-        {
-            p.push(s.clone());
+        for problem in [&self.state_problem, &self.spool_problem] {
+            if let Ok(s) = problem.lock()
+                && let Some(s) = s.as_ref()
+            {
+                p.push(s.clone());
+            }
         }
         if let Ok(h) = self.health.lock() {
             for (name, d) in h.iter().filter(|(_, d)| !d.ready) {

@@ -13,6 +13,9 @@
 //! version 1 record (before ctime and addresses were kept) is read; its job
 //! starts over, since it cannot show that the file is unchanged.
 //!
+//! The state directory may be removed and made again by hand while the daemon
+//! runs: the `jobs/` directory is made again on the next write.
+//!
 //! Design choice: parts finish far more often than a record can be rewritten
 //! (6,400 parts for a 400 GiB image). The record in memory is the truth; it is
 //! written at most every `FLUSH_EVERY` and at once when an upload starts or
@@ -114,12 +117,28 @@ impl Journal {
         self.dir.join(format!("{e}.json"))
     }
 
-    /// Checks that the state directory takes writes (for readiness and start-up).
+    /// Checks that the state directory takes writes (for readiness and
+    /// start-up), making `jobs/` again if it was removed.
     pub fn writable(&self) -> Result<(), JournalError> {
+        self.ensure_dir()?;
         let probe = self.dir.join(".probe.tmp");
         let r = std::fs::write(&probe, b"ok").map_err(JournalError::io(&probe));
         let _ = std::fs::remove_file(&probe);
         r
+    }
+
+    /// Makes `jobs/` again if it is gone (the state directory was removed and
+    /// made again by hand); says so once each time.
+    fn ensure_dir(&self) -> Result<(), JournalError> {
+        if self.dir.is_dir() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.dir).map_err(JournalError::io(&self.dir))?;
+        tracing::warn!(
+            "the journal directory {} was gone; recreated it (records of jobs in flight are written again as they go on)",
+            self.dir.display()
+        );
+        Ok(())
     }
 
     /// The record of job `name`, if there is a usable one.
@@ -173,6 +192,7 @@ impl Journal {
     }
 
     pub fn save(&self, record: &JobRecord) -> Result<(), JournalError> {
+        self.ensure_dir()?;
         let path = self.path(&record.name);
         let tmp = path.with_extension("json.tmp");
         let body = serde_json::to_vec(record).expect("a job record always serializes");
@@ -400,6 +420,17 @@ mod tests {
         assert_eq!(r.ctime_ns, None);
         assert_eq!(r.destinations["a"].address, None);
         assert_eq!(r.destinations["a"].upload_id.as_deref(), Some("u"));
+    }
+
+    #[test]
+    fn a_removed_jobs_directory_is_made_again() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        std::fs::remove_dir_all(d.path()).unwrap();
+        std::fs::create_dir(d.path()).unwrap();
+        j.writable().unwrap();
+        j.save(&record("x")).unwrap();
+        assert_eq!(j.load("x"), Some(record("x")));
     }
 
     #[test]

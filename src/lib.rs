@@ -12,6 +12,7 @@ pub mod failpoint;
 pub mod http;
 pub mod image;
 pub mod journal;
+pub mod lock;
 pub mod manifest;
 pub mod mapping;
 pub mod metrics;

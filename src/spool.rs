@@ -15,6 +15,10 @@
 //! - a file leaves `active/` only to `done/` (or is deleted) after every
 //!   destination verified it, or to `failed/` with `X.error.json`.
 //!
+//! - ferry's own directories (the spool itself and `.ferry/{active,done,failed}`)
+//!   are made again when they disappear ([`Spool::ensure`], before every scan),
+//!   and the daemon is told, so it can watch the new spool directory.
+//!
 //! Design choice: inotify (through `notify`) is a hint, not the truth. Events
 //! only say "look now" and "this name was renamed in"; the spool is rescanned on
 //! every tick (a directory listing is cheap next to an upload), so an overflowed
@@ -130,6 +134,8 @@ pub struct DestinationError {
 
 pub struct Spool {
     dir: PathBuf,
+    /// Device and inode of the spool directory when last seen.
+    dir_id: Option<(u64, u64)>,
     active: PathBuf,
     done: PathBuf,
     failed: PathBuf,
@@ -148,6 +154,7 @@ impl Spool {
         }
         Ok(Spool {
             dir: dir.to_path_buf(),
+            dir_id: dir_id(dir),
             active,
             done,
             failed,
@@ -161,6 +168,10 @@ impl Spool {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+    /// `.ferry/`, ferry's own part of the spool.
+    pub fn ferry_dir(&self) -> &Path {
+        self.active.parent().unwrap_or(&self.dir)
+    }
     pub fn active_dir(&self) -> &Path {
         &self.active
     }
@@ -169,6 +180,36 @@ impl Spool {
     }
     pub fn failed_dir(&self) -> &Path {
         &self.failed
+    }
+
+    /// Makes ferry's directories again if any disappeared (someone removed
+    /// the spool, or its `.ferry/`). Returns what was made again, for the log,
+    /// or `None` when all was in place. When the spool directory itself is a
+    /// new one, the caller must watch it again.
+    pub fn ensure(&mut self) -> Result<Option<String>, SpoolError> {
+        let now = dir_id(&self.dir);
+        let mut made = Vec::new();
+        if now.is_none() {
+            made.push(self.dir.display().to_string());
+        } else if now != self.dir_id {
+            made.push(format!("{} (a new directory)", self.dir.display()));
+        }
+        for d in [&self.dir, &self.active, &self.done, &self.failed] {
+            if !d.is_dir() {
+                std::fs::create_dir_all(d).map_err(io(d))?;
+                if d != &self.dir {
+                    made.push(d.display().to_string());
+                }
+            }
+        }
+        self.dir_id = dir_id(&self.dir);
+        if made.is_empty() {
+            return Ok(None);
+        }
+        // Whatever was seen in the old directory is gone with it.
+        self.seen.clear();
+        self.renamed_in.clear();
+        Ok(Some(made.join(", ")))
     }
 
     /// inotify said `name` was renamed into the spool: it is complete.
@@ -293,7 +334,14 @@ impl Spool {
         }
         match std::fs::rename(&src, &dst) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ClaimOutcome::NotNow),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Gone (taken by someone else), or active/ itself is gone: the
+                // latter is an error to report, not a file to wait for.
+                if !self.active.is_dir() {
+                    return Err(io(&self.active)(e));
+                }
+                return Ok(ClaimOutcome::NotNow);
+            }
             Err(e) => return Err(io(&src)(e)),
         }
         self.seen.remove(&r.name);
@@ -394,6 +442,13 @@ impl Spool {
     }
 }
 
+fn dir_id(d: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(d)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| (m.dev(), m.ino()))
+}
+
 fn remove_if_present(p: &Path) -> Result<(), SpoolError> {
     match std::fs::remove_file(p) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(p)(e)),
@@ -457,6 +512,27 @@ mod tests {
         std::fs::write(d.path().join("g"), b"12").unwrap();
         assert!(s.scan(t0 + Duration::from_secs(3)).unwrap().is_empty());
         assert_eq!(s.scan(t0 + Duration::from_secs(6)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_removed_spool_is_made_again_and_says_so() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("spool");
+        let mut s = Spool::open(&root, Duration::from_secs(0)).unwrap();
+        assert_eq!(s.ensure().unwrap(), None);
+        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::create_dir(&root).unwrap();
+        // (The new directory may even have the old one's inode number.)
+        let made = s.ensure().unwrap().expect("something was made again");
+        assert!(made.contains("active"), "{made}");
+        assert!(s.active_dir().is_dir() && s.done_dir().is_dir() && s.failed_dir().is_dir());
+        std::fs::write(root.join("img"), b"x").unwrap();
+        let r = s.scan(Instant::now()).unwrap();
+        assert!(matches!(s.claim(&r[0]).unwrap(), ClaimOutcome::Claimed(_)));
+        // Gone entirely: made again too.
+        std::fs::remove_dir_all(&root).unwrap();
+        assert!(s.ensure().unwrap().is_some());
+        assert!(s.active_dir().is_dir());
     }
 
     #[test]

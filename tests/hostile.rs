@@ -700,6 +700,111 @@ fn object_keys_are_the_file_names_exactly() {
     }
 }
 
+/// Bug 5: a second daemon on the same state directory, or on the same spool,
+/// refuses to start with a message that says which and who holds it; the
+/// first one keeps shipping.
+#[test]
+fn a_second_daemon_on_the_same_state_or_spool_refuses_to_start() {
+    let site = Site::new("[destinations.phoenix]\nurl = \"file://ROOT/phoenix/\"\n");
+    let mut first = site.daemon();
+    assert!(wait_until(Duration::from_secs(20), || http_get(
+        site.metrics_port,
+        "/healthz"
+    )
+    .is_some()));
+    let pid = first.child.id().to_string();
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    let other_port = text.replace(
+        &format!("127.0.0.1:{}", site.metrics_port),
+        &format!("127.0.0.1:{}", free_port()),
+    );
+    let cases = [
+        ("same-state", other_port.clone(), "state directory"),
+        (
+            "same-spool",
+            other_port.replace(
+                &format!("{}/state", site.root.display()),
+                &format!("{}/state2", site.root.display()),
+            ),
+            "spool",
+        ),
+    ];
+    for (what, config, needle) in cases {
+        let cfg = write(&site.root.join(format!("{what}.toml")), &config);
+        let mut second = Daemon::start(&cfg, &site.root.join(format!("{what}.log")));
+        let status = second.wait_exit(Duration::from_secs(15));
+        let log = second.log_text();
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(2),
+            "{what}: the second daemon runs"
+        );
+        assert!(
+            log.contains(needle) && log.contains(&pid) && log.contains("another ferry daemon"),
+            "{what}: {log}"
+        );
+    }
+    let crc = drop_image(&site.spool, "one.img", 3 * MIB, 1200);
+    assert!(wait_until(Duration::from_secs(30), || site
+        .done()
+        .join("one.img")
+        .exists()));
+    assert_eq!(file_crc(&site.root.join("phoenix/one.img")), crc);
+    assert!(first.running());
+    // Exactly one claim of it.
+    assert_eq!(first.log_text().matches("claimed \"one.img\"").count(), 1);
+}
+
+/// Removes a directory tree even while a daemon recreates its own
+/// directories inside it (bounded).
+fn remove_tree(dir: &Path) {
+    for _ in 0..50 {
+        if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("cannot remove {}", dir.display());
+}
+
+/// Bug 6: the spool directory removed and made again, then the state
+/// directory, under a running daemon: new images still ship, and the log says
+/// what ferry recreated.
+#[test]
+fn spool_and_state_directories_removed_under_a_running_daemon_are_recreated() {
+    let site = Site::new("[destinations.phoenix]\nurl = \"file://ROOT/phoenix/\"\n");
+    let d = site.daemon();
+    let ready = || http_get(site.metrics_port, "/readyz").is_some_and(|(code, _)| code == 200);
+    assert!(wait_until(Duration::from_secs(20), ready));
+    remove_tree(&site.spool);
+    std::fs::create_dir_all(&site.spool).unwrap();
+    let crc = drop_image(&site.spool, "after-spool.img", 2 * MIB, 1210);
+    assert!(
+        wait_until(Duration::from_secs(30), || site
+            .done()
+            .join("after-spool.img")
+            .exists()),
+        "stalled after the spool was made again:\n{}",
+        d.log_text()
+    );
+    assert_eq!(file_crc(&site.root.join("phoenix/after-spool.img")), crc);
+    let state = site.root.join("state");
+    remove_tree(&state);
+    std::fs::create_dir_all(&state).unwrap();
+    let crc = drop_image(&site.spool, "after-state.img", 2 * MIB, 1211);
+    assert!(
+        wait_until(Duration::from_secs(30), || site
+            .done()
+            .join("after-state.img")
+            .exists()),
+        "stalled after the state directory was made again:\n{}",
+        d.log_text()
+    );
+    assert_eq!(file_crc(&site.root.join("phoenix/after-state.img")), crc);
+    assert!(wait_until(Duration::from_secs(20), ready));
+    assert!(d.log_text().contains("recreated"), "nothing logged");
+}
+
 /// A weak spot: SIGTERM while every request is waiting out a retry pause took
 /// the whole shutdown_timeout_secs although nothing was in flight. Now the
 /// daemon stops at once, and the file stays in active/ to resume.
