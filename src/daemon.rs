@@ -303,6 +303,23 @@ fn tend(spool: &mut Spool, locks: &mut Locks) -> (bool, Option<String>) {
     (rewatch, problem)
 }
 
+/// Raises the soft limit of open files to the hard one: every connection,
+/// part upload and watched file takes a descriptor, and the usual soft limit
+/// (1,024) is low for a daemon.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Whether the state directory takes writes; logs and reports on `/readyz`
 /// only the changes (`was_ok` is the last answer).
 fn state_dir_ok(journal: &Journal, status: &Status, was_ok: bool) -> bool {
@@ -335,6 +352,7 @@ fn state_dir_ok(journal: &Journal, status: &Status, was_ok: bool) -> bool {
 /// Runs the daemon until a signal stops it.
 pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let config = Config::load_or_embedded(config_path.as_deref())?;
+    raise_open_files_limit();
     let journal = Journal::open(&config.state_dir).map_err(|source| DaemonError::State {
         path: config.state_dir.clone(),
         source,

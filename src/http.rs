@@ -7,6 +7,13 @@
 //! wrong otherwise; `/status` is JSON for people and dashboards. It stops with
 //! the daemon.
 //!
+//! Bounds: at most [`MAX_CONNECTIONS`] connections at once (one over the cap is
+//! closed at once, so it holds no descriptor); a connection that has not sent
+//! a whole request head within [`HEADER_TIMEOUT`] (idle keep-alive included)
+//! is closed, and none lives longer than [`CONNECTION_LIFETIME`]. Idle or slow
+//! clients can therefore neither exhaust the daemon's open files nor keep
+//! `/healthz` from answering for long.
+//!
 //! Design choice: hyper 1.x with HTTP/1 only and one task per connection; the
 //! endpoint is scraped every few seconds by a handful of clients, so it needs
 //! nothing more, and it never touches the transfer's hot path (it reads
@@ -17,7 +24,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -33,6 +40,13 @@ use crate::progress::{Board, Phase};
 
 /// How many recent errors `/status` keeps.
 const LAST_ERRORS: usize = 20;
+
+/// Connections served at once; more are closed as they arrive.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Time to send a request head, and the longest a kept-alive connection may idle.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest any connection is served.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LastError {
@@ -289,29 +303,51 @@ pub async fn serve(
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
+        let mut last_full_warning: Option<Instant> = None;
         loop {
             let (stream, _) = tokio::select! {
                 a = listener.accept() => match a {
                     Ok(a) => a,
                     Err(e) => {
                         tracing::warn!("metrics endpoint: accept failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
                 _ = stop.changed() => break,
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                // Over the cap: close it now rather than hold its descriptor.
+                drop(stream);
+                if last_full_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    last_full_warning = Some(Instant::now());
+                    tracing::warn!(
+                        "metrics endpoint: {MAX_CONNECTIONS} connections open, the most it serves; closing new ones until some end"
+                    );
+                }
+                continue;
+            };
             let st = status.clone();
             let mut conn_stop = stop.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let svc = hyper::service::service_fn(move |req| handle(req, st.clone()));
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
                 tokio::pin!(conn);
+                let lifetime = tokio::time::sleep(CONNECTION_LIFETIME);
+                tokio::pin!(lifetime);
                 tokio::select! {
                     _ = conn.as_mut() => {}
-                    _ = conn_stop.changed() => conn.as_mut().graceful_shutdown(),
+                    _ = &mut lifetime => {}
+                    _ = conn_stop.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                    }
                 }
             });
         }

@@ -470,6 +470,7 @@ fn systemd_unit_verifies() {
         "CapabilityBoundingSet=\n",
         "SystemCallFilter=@system-service",
         "WatchdogSec=",
+        "LimitNOFILE=",
     ] {
         assert!(unit.contains(key), "unit lacks {key}");
     }

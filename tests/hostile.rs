@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
@@ -803,6 +804,56 @@ fn spool_and_state_directories_removed_under_a_running_daemon_are_recreated() {
     assert_eq!(file_crc(&site.root.join("phoenix/after-state.img")), crc);
     assert!(wait_until(Duration::from_secs(20), ready));
     assert!(d.log_text().contains("recreated"), "nothing logged");
+}
+
+/// Bug 7: a thousand idle connections to the HTTP endpoint, with the usual
+/// limit of 1,024 open files, neither silence `/healthz` nor stop the daemon
+/// from taking and shipping an image.
+#[test]
+fn a_thousand_idle_connections_neither_silence_healthz_nor_stop_the_daemon() {
+    use std::os::unix::process::CommandExt;
+    let site = Site::new("[destinations.phoenix]\nurl = \"file://ROOT/phoenix/\"\n");
+    let d = Daemon::start_with(&site.config, &site.root.join("daemon.log"), |c| {
+        // SAFETY: setrlimit is async-signal-safe; it runs in the child before exec.
+        unsafe {
+            c.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 1024,
+                    rlim_max: 1024,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let healthy = || http_get(site.metrics_port, "/healthz").is_some_and(|(c, _)| c == 200);
+    assert!(wait_until(Duration::from_secs(20), healthy));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], site.metrics_port));
+    let idle: Vec<TcpStream> = (0..1100)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok())
+        .collect();
+    eprintln!("{} idle connections open", idle.len());
+    assert!(idle.len() >= 1024, "only {} connections opened", idle.len());
+    let started = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(30), healthy),
+        "/healthz silent:\n{}",
+        d.log_text()
+    );
+    eprintln!("/healthz answered after {:?}", started.elapsed());
+    let crc = drop_image(&site.spool, "busy.img", 3 * MIB, 1220);
+    assert!(
+        wait_until(Duration::from_secs(60), || site
+            .done()
+            .join("busy.img")
+            .exists()),
+        "not shipped:\n{}",
+        d.log_text()
+    );
+    assert_eq!(file_crc(&site.root.join("phoenix/busy.img")), crc);
+    drop(idle);
 }
 
 /// A weak spot: SIGTERM while every request is waiting out a retry pause took
