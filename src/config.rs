@@ -319,9 +319,8 @@ impl Config {
                 t.memory_limit
             )));
         }
-        if t.part_size.as_u64() == 0 {
-            return Err(invalid("transfer.part_size must be above 0".into()));
-        }
+        check_part_size(t.part_size.as_u64(), t.memory_limit.as_u64())
+            .map_err(|m| invalid(format!("transfer.{m}")))?;
         if t.retry_base_ms == 0 || t.retry_max_ms < t.retry_base_ms {
             return Err(invalid(
                 "transfer.retry_base_ms must be above 0 and at most retry_max_ms".into(),
@@ -348,6 +347,28 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A part size every store takes (S3's and OCI's multipart limits, 5 MiB to
+/// 5 GiB) and the memory budget holds. Raised at run time only to fit a large
+/// file in 10,000 parts, never silently cut or raised here.
+pub fn check_part_size(part_bytes: u64, memory_limit_bytes: u64) -> Result<(), String> {
+    let limits = crate::chunk::PartLimits::S3;
+    let show = |b: u64| ByteSize(b).display().iec().to_string();
+    if part_bytes < limits.min_part_bytes || part_bytes > limits.max_part_bytes {
+        return Err(format!(
+            "part_size = {} is outside what multipart uploads take (5 MiB to 5 GiB): use a size in that range",
+            show(part_bytes),
+        ));
+    }
+    if part_bytes > memory_limit_bytes {
+        return Err(format!(
+            "part_size = {} is larger than memory_limit = {}, so no part would fit in memory: raise memory_limit or lower part_size",
+            show(part_bytes),
+            show(memory_limit_bytes)
+        ));
+    }
+    Ok(())
 }
 
 /// Destination names become metric labels and log fields: keep them tame.
@@ -398,6 +419,29 @@ mod tests {
         assert!(Config::parse("[transfer]\nverify = \"maybe\"\n", "t").is_err());
         assert!(Config::parse("[destinations.x]\nurl = \"ftp://a/b\"\n", "t").is_err());
         assert!(Config::parse("[destinations.X]\nurl = \"file:///tmp/a/\"\n", "t").is_err());
+    }
+
+    #[test]
+    fn part_sizes_the_stores_or_the_budget_cannot_take_are_refused() {
+        for (t, needle) in [
+            ("part_size = \"100TiB\"", "5 GiB"),
+            ("part_size = \"1MiB\"", "5 MiB"),
+            (
+                "part_size = \"1GiB\"\nmemory_limit = \"512MiB\"",
+                "memory_limit",
+            ),
+        ] {
+            let e = Config::parse(&format!("[transfer]\n{t}\n"), "t").unwrap_err();
+            let m = e.to_string();
+            assert!(m.contains("part_size") && m.contains(needle), "{t}: {m}");
+        }
+        assert!(
+            Config::parse(
+                "[transfer]\npart_size = \"5GiB\"\nmemory_limit = \"6GiB\"\n",
+                "t"
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -156,7 +156,8 @@ const JOB_RETRY_MAX_PAUSE: Duration = Duration::from_secs(300);
 #[derive(Default)]
 struct Retries {
     attempts: HashMap<OsString, u32>,
-    waiting: Vec<(Instant, Claimed)>,
+    /// When each waiting job is tried again, and why it is waiting.
+    waiting: Vec<(Instant, Claimed, String)>,
 }
 
 impl Retries {
@@ -165,11 +166,11 @@ impl Retries {
     /// clears its count, so a later file of the same name starts afresh.
     fn job_ended(&mut self, spool: &Spool, settings: &Settings, status: &Status, end: JobEnd) {
         let name = end.claimed().name.clone();
-        let Some(c) = settle_job(spool, settings, status, end) else {
+        let Some((c, why)) = settle_job(spool, settings, status, end) else {
             self.attempts.remove(&name);
             return;
         };
-        if let Some(c) = self.failed(c, Instant::now()) {
+        if let Some(c) = self.failed(c, why, Instant::now()) {
             let r = report(
                 &c.name,
                 &format!(
@@ -190,7 +191,7 @@ impl Retries {
     /// Counts a failed attempt and schedules the next one (N x `JOB_RETRY_PAUSE`
     /// after the N-th failure, at most `JOB_RETRY_MAX_PAUSE`); hands the job back
     /// when it has had all its attempts.
-    fn failed(&mut self, c: Claimed, now: Instant) -> Option<Claimed> {
+    fn failed(&mut self, c: Claimed, why: String, now: Instant) -> Option<Claimed> {
         let n = self.attempts.entry(c.name.clone()).or_insert(0);
         *n += 1;
         if *n >= JOB_ATTEMPTS {
@@ -204,15 +205,30 @@ impl Retries {
             *n + 1,
             pause.as_secs()
         );
-        self.waiting.push((now + pause, c));
+        self.waiting.push((now + pause, c, why));
         None
     }
 
     /// The jobs whose pause is over, taken out of the waiting list.
     fn due(&mut self, now: Instant) -> Vec<Claimed> {
-        let (due, later): (Vec<_>, Vec<_>) = self.waiting.drain(..).partition(|(t, _)| *t <= now);
+        let (due, later): (Vec<_>, Vec<_>) =
+            self.waiting.drain(..).partition(|(t, _, _)| *t <= now);
         self.waiting = later;
-        due.into_iter().map(|(_, c)| c).collect()
+        due.into_iter().map(|(_, c, _)| c).collect()
+    }
+
+    /// The jobs waiting, for `/status`.
+    fn list(&self) -> Vec<crate::http::Retrying> {
+        self.waiting
+            .iter()
+            .map(|(at, c, why)| crate::http::Retrying {
+                file: c.name.to_string_lossy().into_owned(),
+                attempt: self.attempts.get(&c.name).map_or(1, |n| n + 1),
+                of: JOB_ATTEMPTS,
+                next_attempt: *at,
+                reason: why.clone(),
+            })
+            .collect()
     }
 
     fn is_empty(&self) -> bool {
@@ -522,6 +538,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                 }
                 // Logged when it changes, shown on /readyz while it lasts.
                 status.set_spool_problem(spool_problem);
+                status.set_retrying(retries.list());
                 let (waiting, waiting_bytes) = spool.waiting();
                 metrics.spool_waiting_images.set(waiting as i64);
                 metrics.spool_waiting_bytes.set(waiting_bytes as i64);
@@ -553,7 +570,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         tokio::select! {
             ended = jobs.join_next() => match ended {
                 Some(Ok(end)) => {
-                    if let Some(c) = settle_job(&spool, &settings, &status, end) {
+                    if let Some((c, _)) = settle_job(&spool, &settings, &status, end) {
                         info!("{:?} stays in active/ and resumes at the next start", c.name);
                     }
                 }
@@ -668,7 +685,12 @@ fn report(
 }
 
 /// Acts on the spool for a job that ended.
-fn settle_job(spool: &Spool, settings: &Settings, status: &Status, end: JobEnd) -> Option<Claimed> {
+fn settle_job(
+    spool: &Spool,
+    settings: &Settings,
+    status: &Status,
+    end: JobEnd,
+) -> Option<(Claimed, String)> {
     match &end {
         JobEnd::Done(_, t) => status.metrics.job_ended("done", t.elapsed()),
         JobEnd::Failed(c, r, refused, t) => {
@@ -705,7 +727,7 @@ fn settle_job(spool: &Spool, settings: &Settings, status: &Status, end: JobEnd) 
         JobEnd::Interrupted(c) => info!("{:?} interrupted; it resumes at the next start", c.name),
         JobEnd::Retry(c, why) => {
             status.record_error(&c.name.to_string_lossy(), &why);
-            return Some(c);
+            return Some((c, why));
         }
     }
     None
@@ -1232,11 +1254,11 @@ mod tests {
         let mut pauses = Vec::new();
         for attempt in 1..JOB_ATTEMPTS {
             assert!(
-                r.failed(claimed("a.qcow2"), t0).is_none(),
+                r.failed(claimed("a.qcow2"), String::new(), t0).is_none(),
                 "attempt {attempt}"
             );
             assert!(r.due(t0).is_empty(), "tried again without a pause");
-            let (at, _) = r.waiting[0];
+            let (at, _, _) = r.waiting[0];
             pauses.push((at - t0).as_secs());
             assert_eq!(r.due(at).len(), 1);
             assert!(r.is_empty());
@@ -1245,7 +1267,9 @@ mod tests {
         assert_eq!(*pauses.last().unwrap(), 165);
         assert!(pauses.iter().all(|p| *p <= JOB_RETRY_MAX_PAUSE.as_secs()));
         // The last attempt hands the job back (to go to failed/) and forgets it.
-        let c = r.failed(claimed("a.qcow2"), t0).expect("given up");
+        let c = r
+            .failed(claimed("a.qcow2"), String::new(), t0)
+            .expect("given up");
         assert_eq!(c.name, "a.qcow2");
         assert!(r.is_empty() && r.attempts.is_empty());
     }
@@ -1254,9 +1278,9 @@ mod tests {
     fn each_name_counts_its_own_attempts() {
         let mut r = Retries::default();
         let t0 = Instant::now();
-        assert!(r.failed(claimed("a"), t0).is_none());
-        assert!(r.failed(claimed("a"), t0).is_none());
-        assert!(r.failed(claimed("b"), t0).is_none());
+        assert!(r.failed(claimed("a"), String::new(), t0).is_none());
+        assert!(r.failed(claimed("a"), String::new(), t0).is_none());
+        assert!(r.failed(claimed("b"), String::new(), t0).is_none());
         assert_eq!(r.attempts[OsStr::new("a")], 2);
         assert_eq!(r.attempts[OsStr::new("b")], 1);
         let later = r.due(t0 + Duration::from_secs(20));

@@ -69,6 +69,17 @@ pub struct Waiting {
     pub bytes: u64,
 }
 
+/// A job that failed for a passing reason and waits for its next attempt.
+#[derive(Debug, Clone)]
+pub struct Retrying {
+    pub file: String,
+    /// The attempt that comes next, of `of`.
+    pub attempt: u32,
+    pub of: u32,
+    pub next_attempt: Instant,
+    pub reason: String,
+}
+
 /// What the endpoint shows; the daemon (or a push) keeps it current.
 pub struct Status {
     pub metrics: Arc<Metrics>,
@@ -83,6 +94,7 @@ pub struct Status {
     pub state_problem: Mutex<Option<String>>,
     /// Set while the spool's own directories cannot be made again.
     pub spool_problem: Mutex<Option<String>>,
+    pub retrying: Mutex<Vec<Retrying>>,
 }
 
 impl Status {
@@ -98,7 +110,15 @@ impl Status {
             health: Mutex::new(BTreeMap::new()),
             state_problem: Mutex::new(None),
             spool_problem: Mutex::new(None),
+            retrying: Mutex::new(vec![]),
         })
+    }
+
+    /// The jobs waiting to be tried again.
+    pub fn set_retrying(&self, jobs: Vec<Retrying>) {
+        if let Ok(mut r) = self.retrying.lock() {
+            *r = jobs;
+        }
     }
 
     /// Whether something keeps the spool from working.
@@ -174,7 +194,7 @@ impl Status {
         if let Ok(h) = self.health.lock() {
             for (name, d) in h.iter().filter(|(_, d)| !d.ready) {
                 p.push(format!(
-                    "destination {name} ({}) did not answer: {}",
+                    "destination {name} ({}) is not ready: {}",
                     d.url,
                     d.error.as_deref().unwrap_or("unknown error")
                 ));
@@ -231,6 +251,13 @@ impl Status {
             "ready": self.problems().is_empty(),
             "jobs": jobs,
             "waiting": self.waiting.lock().map(|w| w.clone()).unwrap_or_default(),
+            "retrying": self.retrying.lock().map(|r| r.iter().map(|j| serde_json::json!({
+                "file": j.file,
+                "attempt": j.attempt,
+                "of": j.of,
+                "next_attempt_in_secs": j.next_attempt.saturating_duration_since(Instant::now()).as_secs(),
+                "reason": j.reason,
+            })).collect::<Vec<_>>()).unwrap_or_default(),
             "last_errors": self.errors.lock().map(|e| e.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),
             "destinations": self.health.lock().map(|h| h.clone()).unwrap_or_default(),
         })

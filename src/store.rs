@@ -239,6 +239,89 @@ pub fn readable(message: &str) -> String {
     }
 }
 
+/// A request that never reached a server, by why: the kind an operator acts
+/// on differently (a typo in the endpoint, a server down, a certificate, a
+/// firewall). Read from the error's source chain: reqwest and hyper keep their
+/// error types private, but their messages and the `io::Error` at the bottom
+/// of the chain say which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unreachable {
+    NoSuchHost,
+    Refused,
+    Tls,
+    Timeout,
+}
+
+impl Unreachable {
+    fn of(e: &(dyn std::error::Error + 'static)) -> Option<Unreachable> {
+        let mut cur = Some(e);
+        // Bounded: error chains are a handful of links deep.
+        for _ in 0..16 {
+            let Some(err) = cur else { break };
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                match io.kind() {
+                    std::io::ErrorKind::ConnectionRefused => return Some(Unreachable::Refused),
+                    std::io::ErrorKind::TimedOut => return Some(Unreachable::Timeout),
+                    _ => {}
+                }
+            }
+            let text = err.to_string();
+            if text.starts_with("dns error") || text.contains("failed to lookup address") {
+                return Some(Unreachable::NoSuchHost);
+            }
+            if text.contains("certificate") || text.contains("tls handshake") {
+                return Some(Unreachable::Tls);
+            }
+            cur = err.source();
+        }
+        None
+    }
+
+    fn words(self) -> &'static str {
+        match self {
+            Unreachable::NoSuchHost => "no such host: the endpoint's name does not resolve",
+            Unreachable::Refused => "connection refused: nothing listens at the endpoint",
+            Unreachable::Tls => {
+                "TLS failed: the endpoint's certificate or protocol was not accepted"
+            }
+            Unreachable::Timeout => "no answer: the connection timed out",
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Unreachable::NoSuchHost => "dns",
+            Unreachable::Refused => "refused",
+            Unreachable::Tls => "tls",
+            Unreachable::Timeout => "timeout",
+        }
+    }
+}
+
+/// An object_store error as a person reads it: a request that never reached
+/// the server says why in plain words, with the system's own message; an
+/// answer from the server keeps its S3 code and message on one line.
+fn describe(e: &object_store::Error) -> String {
+    let Some(u) = Unreachable::of(e) else {
+        return readable(&e.to_string());
+    };
+    // The innermost message is the system's (os error, resolver).
+    let mut deepest = e.to_string();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    for _ in 0..16 {
+        let Some(err) = cur else { break };
+        deepest = err.to_string();
+        cur = err.source();
+    }
+    let url = e
+        .to_string()
+        .split_whitespace()
+        .find(|w| w.starts_with("http://") || w.starts_with("https://"))
+        .map(|u| format!(" ({u})"))
+        .unwrap_or_default();
+    format!("{}{url}: {deepest}", u.words())
+}
+
 /// What went wrong talking to a destination.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -249,7 +332,7 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{op} {key}: {}", readable(&source.to_string()))]
+    #[error("{op} {key}: {}", describe(source))]
     Remote {
         op: &'static str,
         key: String,
@@ -405,6 +488,13 @@ impl StoreError {
                     "timeout"
                 } else if f.status.is_some_and(|s| s >= 500) {
                     "server_error"
+                } else if let Some(u) = f
+                    .status
+                    .is_none()
+                    .then(|| Unreachable::of(source))
+                    .flatten()
+                {
+                    u.reason()
                 } else if f.status.is_none()
                     && matches!(f.http, Some(K::Connect | K::Request | K::Interrupted))
                 {
@@ -525,6 +615,9 @@ pub struct Destination {
     backend: Backend,
     parallel_parts: usize,
     limits: PartLimits,
+    /// The part size this destination was built for: a directory with less
+    /// free space than that is not ready.
+    part_bytes: u64,
 }
 
 impl std::fmt::Debug for Destination {
@@ -595,6 +688,7 @@ impl Destination {
             backend,
             parallel_parts,
             limits: PartLimits::S3,
+            part_bytes: part_bytes_hint.max(PartLimits::S3.min_part_bytes),
         })
     }
 
@@ -1062,16 +1156,32 @@ impl Destination {
         }
     }
 
-    /// A cheap request that shows the destination answers (for `/readyz`).
+    /// A cheap request that shows the destination can take a part (for
+    /// `/readyz`): a store answers; a directory takes a file and has room
+    /// for at least one part.
     pub async fn probe(&self) -> Result<(), StoreError> {
         match &self.backend {
             Backend::File { dir } => {
                 let d = dir.clone();
+                let need = self.part_bytes;
                 blocking(move || {
                     std::fs::create_dir_all(&d)?;
                     let probe = d.join(".ferry-probe");
                     std::fs::write(&probe, b"")?;
-                    std::fs::remove_file(&probe)
+                    std::fs::remove_file(&probe)?;
+                    let free = free_bytes(&d)?;
+                    if free < need {
+                        let show = |b: u64| bytesize::ByteSize(b).display().iec().to_string();
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::StorageFull,
+                            format!(
+                                "its filesystem has {} free, less than one part ({}): every part would fail; free some space",
+                                show(free),
+                                show(need)
+                            ),
+                        ));
+                    }
+                    Ok(())
                 })
                 .await
                 .map_err(|source| StoreError::Io {
@@ -1308,6 +1418,20 @@ fn is_loopback_http(endpoint: &str) -> bool {
                 None => false,
             }
     })
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem holding `dir`.
+fn free_bytes(dir: &FsPath) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs with a NUL-terminated path and a zeroed struct to fill.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::useless_conversion)] // the field types differ between targets
+    Ok(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
 }
 
 async fn blocking<T: Send + 'static>(

@@ -861,6 +861,9 @@ pub enum PushError {
     Source(#[from] crate::source::SourceError),
     #[error("{0}")]
     Destination(String),
+    /// `--part-size` (or the config's) that no store or the budget can take.
+    #[error("{0}")]
+    PartSize(String),
     #[error("{path}: {source}")]
     Plan {
         path: String,
@@ -976,6 +979,8 @@ pub async fn push(
     let part_size = opts
         .part_size_bytes
         .unwrap_or(config.transfer.part_size.as_u64());
+    crate::config::check_part_size(part_size, config.transfer.memory_limit.as_u64())
+        .map_err(PushError::PartSize)?;
     let budget = Budget::new(config.transfer.memory_limit.as_u64());
     let hint = PartPlan::new(source.size_bytes, part_size, chunk::PartLimits::S3)
         .map(|p| p.part_bytes)

@@ -7,7 +7,7 @@ mod common;
 
 use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -856,6 +856,159 @@ fn a_thousand_idle_connections_neither_silence_healthz_nor_stop_the_daemon() {
     drop(idle);
 }
 
+/// Mounts a tmpfs of `size` on `dir` for the rest of the test.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert!(
+                std::env::var_os("FERRY_REQUIRE_S3").is_none(),
+                "tests/run.sh runs as root and must be able to mount a tmpfs"
+            );
+            eprintln!("SKIPPED: cannot mount a tmpfs (needs root)");
+        }
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Fills the filesystem holding `dir` (one file, written until it is full).
+fn fill(dir: &Path) -> PathBuf {
+    let filler = dir.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let block = vec![7u8; 1 << 16];
+    for _ in 0..100_000 {
+        if std::io::Write::write_all(&mut f, &block).is_err() {
+            break;
+        }
+    }
+    filler
+}
+
+/// A weak spot, twice: a file:// destination whose disk is full made `/readyz`
+/// say ready while every part failed with ENOSPC, and the job, waiting between
+/// attempts, vanished from `/status`. Now `/readyz` names the destination and
+/// its free space, `/status` shows the job waiting with its reason, and the
+/// image ships once there is room.
+#[test]
+fn a_full_destination_disk_is_not_ready_and_a_job_waiting_to_retry_stays_on_status() {
+    let site = Site::new(
+        "[transfer]\npart_size = \"5MiB\"\nmax_retries = 1\nretry_base_ms = 10\n[destinations.phoenix]\nurl = \"file://ROOT/full/\"\n",
+    );
+    let Some(_mounted) = Tmpfs::mount(&site.root.join("full"), "16m") else {
+        return;
+    };
+    let filler = fill(&site.root.join("full"));
+    let d = site.daemon();
+    let readyz = || http_get(site.metrics_port, "/readyz").unwrap_or((0, String::new()));
+    let not_ready = wait_until(Duration::from_secs(20), || {
+        let (code, body) = readyz();
+        code == 503 && body.contains("phoenix") && body.contains("free")
+    });
+    assert!(not_ready, "/readyz: {:?}", readyz());
+    let crc = drop_image(&site.spool, "waits.img", 8 * MIB, 1230);
+    let status = || {
+        http_get(site.metrics_port, "/status")
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .unwrap_or_default()
+    };
+    let shown = wait_until(Duration::from_secs(60), || {
+        status()["retrying"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|j| j["file"] == "waits.img"))
+    });
+    let s = status();
+    assert!(
+        shown,
+        "the waiting job is not on /status: {s}\n{}",
+        d.log_text()
+    );
+    let job = s["retrying"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["file"] == "waits.img")
+        .unwrap()
+        .clone();
+    assert!(
+        job["reason"].as_str().unwrap_or_default().contains("space"),
+        "{job}"
+    );
+    assert!(job["next_attempt_in_secs"].as_u64().is_some(), "{job}");
+    std::fs::remove_file(&filler).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || site
+            .done()
+            .join("waits.img")
+            .exists()),
+        "not shipped once there was room:\n{}",
+        d.log_text()
+    );
+    assert_eq!(file_crc(&site.root.join("full/waits.img")), crc);
+    assert!(wait_until(Duration::from_secs(20), || readyz().0 == 200));
+}
+
+/// A weak spot: an endpoint that refuses connections and one whose name does
+/// not resolve both read "error sending request", counted as reason="reset".
+/// Now each says which, in the log and on `/readyz`, and is counted under its
+/// own reason.
+#[test]
+fn connection_failures_say_which() {
+    let closed = free_port();
+    let keys = "access_key_id = \"k\"\nsecret_access_key = \"s\"\nallow_http = true\n";
+    let site = Site::new(&format!(
+        "[transfer]\nmax_retries = 1\nretry_base_ms = 10\nretry_max_ms = 20\n{}{}",
+        s3_dest(
+            "refused",
+            "bkt-a",
+            "p",
+            &format!("http://127.0.0.1:{closed}"),
+            keys
+        ),
+        s3_dest(
+            "nohost",
+            "bkt-b",
+            "p",
+            "http://no-such-host.invalid:8333",
+            keys
+        ),
+    ));
+    let d = site.daemon();
+    drop_image(&site.spool, "nowhere.img", 6 * MIB, 1240);
+    let counted = wait_until(Duration::from_secs(60), || {
+        site.metric("ferry_part_retries_total{destination=\"refused\",reason=\"refused\"}") >= 1
+            && site.metric("ferry_part_retries_total{destination=\"nohost\",reason=\"dns\"}") >= 1
+    });
+    let metrics = http_get(site.metrics_port, "/metrics")
+        .map(|r| r.1)
+        .unwrap_or_default();
+    let retries: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("ferry_part_retries_total"))
+        .collect();
+    assert!(counted, "retries counted as {retries:?}\n{}", d.log_text());
+    let (_, readyz) = http_get(site.metrics_port, "/readyz").unwrap_or_default();
+    let log = d.log_text();
+    for text in [&readyz, &log] {
+        assert!(
+            text.contains("connection refused") && text.contains("no such host"),
+            "{text}"
+        );
+    }
+}
+
 /// A weak spot: SIGTERM while every request is waiting out a retry pause took
 /// the whole shutdown_timeout_secs although nothing was in flight. Now the
 /// daemon stops at once, and the file stays in active/ to resume.
@@ -889,4 +1042,35 @@ fn sigterm_during_a_retry_wait_stops_at_once() {
     assert_eq!(status.and_then(|s| s.code()), Some(0));
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(site.active().join("pausing.img").exists());
+}
+
+/// A weak spot: a part size the stores cannot take was silently changed
+/// (100 TiB cut to 5 GiB), and one larger than memory_limit let the daemon
+/// start and then failed every image. Both are config errors at start now.
+#[test]
+fn impossible_part_sizes_are_refused_at_start() {
+    for (transfer, needle) in [
+        ("part_size = \"100TiB\"", "5 GiB"),
+        ("part_size = \"1MiB\"", "5 MiB"),
+        (
+            "part_size = \"1GiB\"\nmemory_limit = \"512MiB\"",
+            "memory_limit",
+        ),
+    ] {
+        let site = Site::new(&format!(
+            "[transfer]\n{transfer}\n[destinations.phoenix]\nurl = \"file://ROOT/phoenix/\"\n"
+        ));
+        let mut d = site.daemon();
+        let status = d.wait_exit(Duration::from_secs(15));
+        let log = d.log_text();
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(2),
+            "{transfer}: the daemon started"
+        );
+        assert!(
+            log.contains("part_size") && log.contains(needle),
+            "{transfer}: {log}"
+        );
+    }
 }

@@ -285,6 +285,17 @@ fn bad_input_is_refused_in_one_line_and_nothing_is_uploaded() {
             "not a destination URL",
         ),
         (
+            "part size over the stores' limit",
+            vec![
+                good.display().to_string(),
+                "--part-size".into(),
+                "100TiB".into(),
+                "--to".into(),
+                to.clone(),
+            ],
+            "outside what multipart uploads take",
+        ),
+        (
             "'..' in a directory URL",
             vec![
                 good.display().to_string(),
