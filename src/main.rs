@@ -30,7 +30,7 @@ import manifest (<name>.manifest.json) is written beside it.\n\n\
 Without --config, ferry uses its embedded default (config/ferry.toml in the source): a spool in \
 ./spool and two file:// destinations under ./var/regions/.",
     after_help = "EXIT STATUS:\n  0  every destination verified\n  1  at least one destination failed (one line each on stderr)\n  2  refused before sending: bad arguments, config, file or destination\n\n\
-ENVIRONMENT:\n  FERRY_LOG              log filter (default: info), e.g. FERRY_LOG=debug\n  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL\n                         credentials and endpoint for s3:// destinations not set in the config"
+ENVIRONMENT:\n  FERRY_LOG              log filter (default: info), e.g. FERRY_LOG=debug\n  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN\n                         credentials of s3:// destinations that set none in the config;\n                         with none at all a destination is refused (exit 2), unless its\n                         table says credentials = \"instance\" (the cloud instance's role)\n  AWS_ENDPOINT_URL, AWS_REGION\n                         endpoint and region of s3:// destinations that set none"
 )]
 struct Cli {
     #[command(subcommand)]
