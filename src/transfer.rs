@@ -1150,6 +1150,15 @@ mod tests {
         }
     }
 
+    /// A request that fails for a passing reason.
+    async fn reset() -> Result<(), StoreError> {
+        Err(StoreError::Io {
+            op: "x",
+            key: "k".into(),
+            source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, "boom"),
+        })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_stop_ends_a_retry_pause_at_once() {
         let p = RetryPolicy {
@@ -1170,13 +1179,7 @@ mod tests {
         let mut calls = 0;
         let r: Result<(), _> = retry(&p, "t", &NoObserver, &halt, || {
             calls += 1;
-            async {
-                Err(StoreError::Io {
-                    op: "x",
-                    key: "k".into(),
-                    source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, "boom"),
-                })
-            }
+            reset()
         })
         .await;
         assert!(matches!(r, Err(TransferError::Cancelled)), "{r:?}");
@@ -1199,13 +1202,7 @@ mod tests {
         let mut calls = 0;
         let r: Result<(), _> = retry(&p, "t", &NoObserver, &Halt::never(), || {
             calls += 1;
-            async {
-                Err(StoreError::Io {
-                    op: "x",
-                    key: "k".into(),
-                    source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, "boom"),
-                })
-            }
+            reset()
         })
         .await;
         assert!(r.is_err());

@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::Duration;
 
 use common::*;
@@ -434,26 +434,9 @@ fn secrets_never_leak() {
 fn a_full_state_directory_pauses_work_and_loses_nothing() {
     let site = Site::new("[destinations.phoenix]\nurl = \"file://ROOT/phoenix/\"\n");
     let state = site.root.join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
-        .arg(&state)
-        .status();
-    if !mounted.is_ok_and(|s| s.success()) {
-        assert!(
-            std::env::var_os("FERRY_REQUIRE_S3").is_none(),
-            "tests/run.sh runs as root and must be able to mount a tmpfs"
-        );
-        eprintln!("SKIPPED: cannot mount a tmpfs (needs root)");
+    let Some(_mounted) = Tmpfs::mount(&state, "256k") else {
         return;
-    }
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(state.clone());
+    };
     let d = site.daemon();
     assert!(wait_until(Duration::from_secs(20), || http_get(
         site.metrics_port,

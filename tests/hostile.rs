@@ -92,39 +92,60 @@ fn reason(report: &serde_json::Value) -> String {
     report["reason"].as_str().unwrap_or_default().to_string()
 }
 
+/// Ships a 40 MiB image to two S3 regions behind a 2 MB/s relay; `put` puts
+/// it in the spool (and may keep a handle on it), `change` changes it once a
+/// part has reached both regions. Then the job must fail: nothing verified
+/// anywhere, no upload left open, the daemon running, the changed file kept.
+/// Returns the reason in `failed/NAME.error.json`; `None` without S3.
+fn changed_mid_upload<H>(
+    tag: &str,
+    seed: u64,
+    put: impl FnOnce(&Path, &str, u64) -> H,
+    change: impl FnOnce(&Site, &str, H),
+) -> Option<String> {
+    let s3 = s3()?;
+    let prefix = unique_prefix(tag);
+    let relay = Relay::start(&s3);
+    relay.set(r#"{"part_bytes_per_sec": 2000000}"#);
+    let (b0, b1) = (s3.buckets[0].as_str(), s3.buckets[1].as_str());
+    let site = relayed_site(&relay, &prefix, &[("phoenix", b0), ("frankfurt", b1)], "");
+    let mut d = site.daemon();
+    let name = format!("{tag}.qcow2");
+    let held = put(&site.spool, &name, seed);
+    a_part_accepted_at(&site, &["phoenix", "frankfurt"], &d);
+    change(&site, &name, held);
+    let Some(report) = site.error_report(&name, Duration::from_secs(60)) else {
+        panic!(
+            "the changed file was not failed; done/: {:?}",
+            list(&site.done())
+        );
+    };
+    assert!(d.running(), "the daemon stopped");
+    // The file is kept as it now is, and nothing claims to be a copy of it.
+    assert!(site.failed().join(&name).exists());
+    nothing_shipped(&s3, &[b0, b1], &prefix, &name);
+    assert!(d.log_text().contains("changed while uploading"));
+    Some(reason(&report))
+}
+
 /// Bug 1: a source rewritten in place during an upload, same size, its mtime
 /// put back, by a producer that kept it open (so no lease can be taken). Its
 /// change time moved: no destination reports it verified, every upload is
 /// aborted, and the file is kept in failed/ with a reason that says what changed.
 #[test]
 fn a_source_rewritten_in_place_with_its_mtime_put_back_is_never_verified() {
-    let Some(s3) = s3() else { return };
-    let prefix = unique_prefix("rewritten");
-    let relay = Relay::start(&s3);
-    relay.set(r#"{"part_bytes_per_sec": 2000000}"#);
-    let (b0, b1) = (s3.buckets[0].as_str(), s3.buckets[1].as_str());
-    let site = relayed_site(&relay, &prefix, &[("phoenix", b0), ("frankfurt", b1)], "");
-    let mut d = site.daemon();
-    let name = "rewritten.qcow2";
-    let held = renamed_but_held_open(&site.spool, name, 40 * MIB, 1100);
-    a_part_accepted_at(&site, &["phoenix", "frankfurt"], &d);
-    rewrite_in_place(&held);
-    let Some(report) = site.error_report(name, Duration::from_secs(60)) else {
-        panic!(
-            "the rewritten file was not failed; done/: {:?}",
-            list(&site.done())
-        );
+    let Some(why) = changed_mid_upload(
+        "rewritten",
+        1100,
+        |spool, name, seed| renamed_but_held_open(spool, name, 40 * MIB, seed),
+        |_, _, held| rewrite_in_place(&held),
+    ) else {
+        return;
     };
-    let why = reason(&report);
     assert!(
         why.contains("changed while uploading") && why.contains("change time"),
         "{why}"
     );
-    assert!(d.running(), "the daemon stopped");
-    // The file is kept as it now is, and nothing claims to be a copy of it.
-    assert!(site.failed().join(name).exists());
-    nothing_shipped(&s3, &[b0, b1], &prefix, name);
-    assert!(d.log_text().contains("changed while uploading"));
 }
 
 /// Bug 1, with a read lease: a process that opens the claimed file for writing
@@ -133,40 +154,29 @@ fn a_source_rewritten_in_place_with_its_mtime_put_back_is_never_verified() {
 /// reason names the writer.
 #[test]
 fn a_writer_opening_the_claimed_file_breaks_the_lease_and_nothing_verifies() {
-    let Some(s3) = s3() else { return };
-    let prefix = unique_prefix("leased");
-    let relay = Relay::start(&s3);
-    relay.set(r#"{"part_bytes_per_sec": 2000000}"#);
-    let (b0, b1) = (s3.buckets[0].as_str(), s3.buckets[1].as_str());
-    let site = relayed_site(&relay, &prefix, &[("phoenix", b0), ("frankfurt", b1)], "");
-    let mut d = site.daemon();
-    let name = "leased.qcow2";
-    drop_image(&site.spool, name, 40 * MIB, 1110);
-    a_part_accepted_at(&site, &["phoenix", "frankfurt"], &d);
-    // Blocks until ferry gives the lease up (the kernel breaks it after
-    // /proc/sys/fs/lease-break-time, 45 s by default, if ferry does not).
-    let started = Instant::now();
-    let writer = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(site.active().join(name))
-        .unwrap();
-    eprintln!("the writer's open took {:?}", started.elapsed());
-    rewrite_in_place(&writer);
-    drop(writer);
-    let Some(report) = site.error_report(name, Duration::from_secs(60)) else {
-        panic!(
-            "the rewritten file was not failed; done/: {:?}",
-            list(&site.done())
-        );
+    let Some(why) = changed_mid_upload(
+        "leased",
+        1110,
+        |spool, name, seed| drop_image(spool, name, 40 * MIB, seed),
+        |site, name, _| {
+            // Blocks until ferry gives the lease up (the kernel breaks it after
+            // /proc/sys/fs/lease-break-time, 45 s by default, if ferry does not).
+            let started = Instant::now();
+            let writer = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(site.active().join(name))
+                .unwrap();
+            eprintln!("the writer's open took {:?}", started.elapsed());
+            rewrite_in_place(&writer);
+        },
+    ) else {
+        return;
     };
-    let why = reason(&report);
     assert!(
         why.contains("changed while uploading") && why.contains("opened it for writing"),
         "{why}"
     );
-    assert!(d.running());
-    nothing_shipped(&s3, &[b0, b1], &prefix, name);
 }
 
 /// Bug 1, across a restart: the daemon dies mid-upload, the claimed file is
@@ -854,34 +864,6 @@ fn a_thousand_idle_connections_neither_silence_healthz_nor_stop_the_daemon() {
     );
     assert_eq!(file_crc(&site.root.join("phoenix/busy.img")), crc);
     drop(idle);
-}
-
-/// Mounts a tmpfs of `size` on `dir` for the rest of the test.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            assert!(
-                std::env::var_os("FERRY_REQUIRE_S3").is_none(),
-                "tests/run.sh runs as root and must be able to mount a tmpfs"
-            );
-            eprintln!("SKIPPED: cannot mount a tmpfs (needs root)");
-        }
-        ok.then(|| Tmpfs(dir.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
 }
 
 /// Fills the filesystem holding `dir` (one file, written until it is full).

@@ -94,7 +94,7 @@ impl Prometheus {
 
     /// Instant query; returns (labels, value) pairs.
     fn query(&self, q: &str) -> Vec<(serde_json::Value, f64)> {
-        let path = format!("/api/v1/query?query={}", urlencode(q));
+        let path = format!("/api/v1/query?query={}", query_escape(q));
         let Some((200, body)) = http_get(self.port, &path) else {
             return vec![];
         };
@@ -113,18 +113,6 @@ impl Prometheus {
             })
             .unwrap_or_default()
     }
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// Acceptance 1 and 2: promtool finds no problem in /metrics during an upload, and
