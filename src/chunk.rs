@@ -577,7 +577,21 @@ impl Reader for MmapReader {
         self.source.check()?;
         let read = match crate::mapping::Mapped::new(&self.source.file, offset, len) {
             Ok(Some(map)) => {
+                let faults = crate::mapping::zeroed_faults();
                 let crc32c = crc32c::crc32c(map.as_ref());
+                if crate::mapping::zeroed_faults() != faults {
+                    // A page read as zeros: the CRC is not the file's. A file
+                    // cut short says so at the check below; anything else
+                    // (an I/O error) is an error of this read.
+                    self.source.check()?;
+                    return Err(ReadError::Io {
+                        index,
+                        offset,
+                        source: std::io::Error::other(
+                            "a page of the mapping could not be read (SIGBUS)",
+                        ),
+                    });
+                }
                 Ok(Part {
                     index,
                     offset,

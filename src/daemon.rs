@@ -164,28 +164,21 @@ impl Retries {
     /// Settles an ended job. One that may still pass waits for its next attempt;
     /// after `JOB_ATTEMPTS` it goes to `failed/`. A job that ended any other way
     /// clears its count, so a later file of the same name starts afresh.
-    fn job_ended(&mut self, spool: &Spool, settings: &Settings, status: &Status, end: JobEnd) {
+    /// Returns a job that has had all its attempts: the caller ends it with
+    /// [`give_up`].
+    fn job_ended(
+        &mut self,
+        spool: &Spool,
+        settings: &Settings,
+        status: &Status,
+        end: JobEnd,
+    ) -> Option<Claimed> {
         let name = end.claimed().name.clone();
         let Some((c, why)) = settle_job(spool, settings, status, end) else {
             self.attempts.remove(&name);
-            return;
+            return None;
         };
-        if let Some(c) = self.failed(c, why, Instant::now()) {
-            let r = report(
-                &c.name,
-                &format!(
-                    "{JOB_ATTEMPTS} attempts failed for passing reasons (network, server errors); giving up"
-                ),
-                vec![],
-                "Check the destinations named in the log and in /status, then move the file from failed/ back into the spool.",
-            );
-            settle_job(
-                spool,
-                settings,
-                status,
-                JobEnd::Failed(c, Box::new(r), false, Instant::now()),
-            );
-        }
+        self.failed(c, why, Instant::now())
     }
 
     /// Counts a failed attempt and schedules the next one (N x `JOB_RETRY_PAUSE`
@@ -291,8 +284,9 @@ struct Locks {
 
 /// Before each scan: ferry's own directories and lock files are put back if
 /// someone removed them (said in the log). Returns whether the spool directory
-/// is a new one, to be watched again, and what could not be put back.
-fn tend(spool: &mut Spool, locks: &mut Locks) -> (bool, Option<String>) {
+/// is a new one, to be watched again, whether both locks are held (no new
+/// claims otherwise), and what could not be put back.
+fn tend(spool: &mut Spool, locks: &mut Locks) -> (bool, bool, Option<String>) {
     let mut rewatch = false;
     let mut problem = match spool.ensure() {
         Ok(Some(made)) => {
@@ -307,16 +301,18 @@ fn tend(spool: &mut Spool, locks: &mut Locks) -> (bool, Option<String>) {
             "{e}; ferry cannot make its spool directories again"
         )),
     };
+    let mut locked = true;
     for lock in [&mut locks.state, &mut locks.spool] {
         match lock.renew() {
             Ok(true) => warn!("recreated the lock file {}", lock.path().display()),
             Ok(false) => {}
             Err(e) => {
-                problem.get_or_insert(e.to_string());
+                locked = false;
+                problem.get_or_insert(format!("{e}; not taking new files"));
             }
         }
     }
-    (rewatch, problem)
+    (rewatch, locked, problem)
 }
 
 /// Raises the soft limit of open files to the hard one: every connection,
@@ -369,11 +365,19 @@ fn state_dir_ok(journal: &Journal, status: &Status, was_ok: bool) -> bool {
 pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let config = Config::load_or_embedded(config_path.as_deref())?;
     raise_open_files_limit();
+    // The lock first: a second daemon must not touch the journal at all.
+    std::fs::create_dir_all(&config.state_dir).map_err(|e| DaemonError::State {
+        path: config.state_dir.clone(),
+        source: crate::journal::JournalError::Io {
+            path: config.state_dir.clone(),
+            source: e,
+        },
+    })?;
+    let state_lock = DirLock::take(&config.state_dir, LOCK_FILE, "state directory", "state_dir")?;
     let journal = Journal::open(&config.state_dir).map_err(|source| DaemonError::State {
         path: config.state_dir.clone(),
         source,
     })?;
-    let state_lock = DirLock::take(&config.state_dir, LOCK_FILE, "state directory", "state_dir")?;
     journal.writable().map_err(|source| DaemonError::State {
         path: config.state_dir.clone(),
         source,
@@ -481,7 +485,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
             }
             Some(ended) = jobs.join_next() => {
                 match ended {
-                    Ok(end) => retries.job_ended(&spool, &settings, &status, end),
+                    Ok(end) => {
+                        if let Some(c) = retries.job_ended(&spool, &settings, &status, end) {
+                            jobs.spawn(give_up(ctx(&settings), c));
+                        }
+                    }
                     Err(e) => error!("a job task ended abnormally: {e}"),
                 }
                 next_scan = Instant::now();
@@ -501,14 +509,14 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                 for c in retries.due(Instant::now()) {
                     jobs.spawn(job(ctx(&settings), c));
                 }
-                let (rewatch, mut spool_problem) = tend(&mut spool, &mut locks);
+                let (rewatch, locked, mut spool_problem) = tend(&mut spool, &mut locks);
                 if rewatch {
                     _watcher = watch_spool(spool.dir(), hint_tx.clone());
                 }
                 // No new work while the state directory refuses writes.
                 state_ok = state_dir_ok(&journal, &status, state_ok);
                 match spool.scan(Instant::now()) {
-                    Ok(ready) if state_ok => {
+                    Ok(ready) if state_ok && locked => {
                         for r in ready {
                             if jobs.len() >= settings.config.daemon.max_jobs {
                                 break;
@@ -1058,13 +1066,40 @@ async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
     .await;
     board.remove(&name);
     let _ = job_journal.flush(true);
-    conclude(
-        claimed,
-        outcomes,
-        &job_journal,
-        *ctx.cancel.borrow(),
-        started,
-    )
+    let end = conclude(claimed, outcomes, *ctx.cancel.borrow(), started);
+    if matches!(end, JobEnd::Done(..) | JobEnd::Failed(..)) {
+        // The job ends for good: an upload still recorded (kept for a retry
+        // while another destination failed for good) can never finish.
+        abort_record(&job_journal.record(), &settings).await;
+        if let Err(e) = job_journal.remove() {
+            error!("{e}");
+        }
+    }
+    end
+}
+
+/// Ends a job that failed for passing reasons `JOB_ATTEMPTS` times: its
+/// uploads are aborted and its record removed (so the file, put back in the
+/// spool, starts afresh), then it goes to `failed/`.
+async fn give_up(ctx: JobCtx, c: Claimed) -> JobEnd {
+    let started = Instant::now();
+    if let Some(name) = c.name.to_str()
+        && let Some(record) = ctx.journal.load(name)
+    {
+        abort_record(&record, &ctx.settings).await;
+        if let Err(e) = ctx.journal.remove(name) {
+            error!("{e}");
+        }
+    }
+    let r = report(
+        &c.name,
+        &format!(
+            "{JOB_ATTEMPTS} attempts failed for passing reasons (network, server errors); giving up; its uploads were aborted"
+        ),
+        vec![],
+        "Check the destinations named in the log and in /status, then move the file from failed/ back into the spool.",
+    );
+    JobEnd::Failed(c, Box::new(r), false, started)
 }
 
 /// What a journal record left by an earlier attempt allows.
@@ -1120,13 +1155,7 @@ fn continuation(
 /// What to do about an image that changed while ferry had it.
 const CHANGED_ADVICE: &str = "Make sure the producer has finished writing before the file appears in the spool (write X.partial, then rename it to X) and that nothing writes to it afterwards; then put it back. Nothing was completed from the changed bytes.";
 
-fn conclude(
-    claimed: Claimed,
-    outcomes: Vec<Outcome>,
-    job_journal: &JobJournal,
-    cancelled: bool,
-    started: Instant,
-) -> JobEnd {
+fn conclude(claimed: Claimed, outcomes: Vec<Outcome>, cancelled: bool, started: Instant) -> JobEnd {
     let interrupted = outcomes
         .iter()
         .any(|o| matches!(o.result, Err(TransferError::Cancelled)));
@@ -1160,9 +1189,6 @@ fn conclude(
             })
         })
         .collect();
-    if let Err(e) = job_journal.remove() {
-        error!("{e}");
-    }
     if failures.is_empty() {
         return JobEnd::Done(claimed, started);
     }

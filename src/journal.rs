@@ -343,6 +343,10 @@ impl crate::transfer::Observer for JobJournal {
         });
         self.flush_logged(true);
     }
+
+    fn upload_aborted(&self, destination: &str) {
+        self.upload_restarted(destination);
+    }
 }
 
 #[cfg(test)]

@@ -73,9 +73,13 @@ fn install() -> bool {
 
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
-    let addr = unsafe { (*info).si_addr() } as usize;
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
     let page = PAGE.load(Ordering::Acquire);
-    if let Some(at) = addr.checked_div(page) {
+    // Only a fault on an address (not a SIGBUS sent by kill, whose si_addr
+    // means something else) can be in a mapped range.
+    if code == libc::BUS_ADRERR
+        && let Some(at) = addr.checked_div(page)
+    {
         let at = at as u64;
         for slot in &RANGES {
             let v = slot.load(Ordering::Acquire);
@@ -108,10 +112,9 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     // Not ours (or the zero pages could not be mapped): whatever handled it before.
     if let Some(Previous(prev)) = PREVIOUS.get() {
         let h = prev.sa_sigaction;
-        if h == libc::SIG_IGN {
-            return;
-        }
-        if h != libc::SIG_DFL {
+        // An ignored SIGBUS from a fault would fault again forever: treat it
+        // as the default.
+        if h != libc::SIG_DFL && h != libc::SIG_IGN {
             if prev.sa_flags & libc::SA_SIGINFO != 0 {
                 // SAFETY: the previous handler was installed with SA_SIGINFO.
                 let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =

@@ -30,6 +30,11 @@
 //! - **The path** still names the same inode: otherwise the file that would be
 //!   moved to `done/` is not the one that was read.
 //!
+//! What none of these sees: a process that keeps the file open for writing
+//! (so no lease can be had; ferry warns) and changes it through a shared
+//! writable mapping, whose stores to pages already dirty move no time stamp.
+//! Only a part read twice would show it.
+//!
 //! Design choice: the lease's SIGIO is taken by a thread of its own (the
 //! `signal-hook` crate's self-pipe iterator), not by the async runtime, so it
 //! works the same in the daemon, in `ferry push` and in tests, and SIGIO can
@@ -320,18 +325,25 @@ fn lease(watch: &Arc<Watch>) {
     if !sigio_thread() {
         return;
     }
+    // Registered (and marked leased) before the lease exists: a writer
+    // arriving the moment it is granted finds the SIGIO thread ready for it.
+    {
+        let mut all = LEASED.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(watch));
+    }
+    watch
+        .leased
+        .store(true, std::sync::atomic::Ordering::Release);
     let fd = watch.file.as_raw_fd();
     // SAFETY: fcntl on a descriptor this Watch owns (through its Arc<File>).
     let r = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) };
     if r == 0 {
-        watch
-            .leased
-            .store(true, std::sync::atomic::Ordering::Release);
-        let mut all = LEASED.lock().unwrap_or_else(|p| p.into_inner());
-        all.retain(|w| w.strong_count() > 0);
-        all.push(Arc::downgrade(watch));
         return;
     }
+    watch
+        .leased
+        .store(false, std::sync::atomic::Ordering::Release);
     let e = std::io::Error::last_os_error();
     if e.raw_os_error() == Some(libc::EAGAIN) {
         tracing::warn!(
@@ -405,6 +417,22 @@ mod tests {
         assert!(c.0.contains("change time") || c.0.contains("lease"), "{c}");
         // The first reason stays, whatever is seen later.
         assert_eq!(s.check().unwrap_err(), c);
+    }
+
+    #[test]
+    fn without_a_lease_the_change_time_shows_a_rewrite_with_the_mtime_put_back() {
+        let (_d, p) = file_with(&[1u8; 8192]);
+        // A writer that holds the file open: the kernel grants no lease.
+        let w = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        let s = Source::open(&p).unwrap();
+        assert!(!s.leased());
+        assert_eq!(s.check(), Ok(()));
+        let mtime = w.metadata().unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        w.write_all_at(&[2u8; 16], 0).unwrap();
+        w.set_modified(mtime).unwrap();
+        let c = s.check().unwrap_err();
+        assert!(c.0.contains("change time"), "{c}");
     }
 
     #[test]

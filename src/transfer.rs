@@ -91,6 +91,8 @@ pub trait Observer: Send + Sync {
     fn part_failed(&self, _destination: &str) {}
     /// An upload continues from the journal.
     fn resumed(&self, _destination: &str) {}
+    /// An upload was aborted at its destination: nothing of it is left there.
+    fn upload_aborted(&self, _destination: &str) {}
 }
 
 /// Several observers as one.
@@ -123,6 +125,9 @@ impl Observer for Observers {
     }
     fn resumed(&self, d: &str) {
         self.0.iter().for_each(|o| o.resumed(d));
+    }
+    fn upload_aborted(&self, d: &str) {
+        self.0.iter().for_each(|o| o.upload_aborted(d));
     }
 }
 
@@ -217,6 +222,7 @@ pub async fn run(
         destinations.len(),
     );
 
+    let zeroed_before = crate::mapping::zeroed_faults();
     let mut feeds = Vec::new();
     let mut workers = JoinSet::new();
     for (slot, dest) in destinations.iter().enumerate() {
@@ -247,6 +253,7 @@ pub async fn run(
             detached,
             max_in_flight,
             cancel: cancel.clone(),
+            zeroed_before,
         };
         workers.spawn(async move {
             let result = ctx.upload(rx, resumed).await;
@@ -254,7 +261,6 @@ pub async fn run(
         });
     }
 
-    let zeroed_before = crate::mapping::zeroed_faults();
     let fan_out = tokio::spawn(fan_out(
         reader, budget, feeds, lag_limit, read_error, observer, cancel,
     ));
@@ -271,7 +277,7 @@ pub async fn run(
     let zeroed = crate::mapping::zeroed_faults().saturating_sub(zeroed_before);
     if zeroed > 0 {
         warn!(
-            "{}: {zeroed} read(s) of mapped pages that a truncation cut off were answered with zeros instead of ending ferry (SIGBUS); the source's change is caught before anything completes",
+            "{}: {zeroed} read(s) of mapped pages that could not be read (a file cut short, or an I/O error) were answered with zeros instead of ending ferry (SIGBUS); no object was completed after them",
             job.name
         );
     }
@@ -403,6 +409,8 @@ struct Worker {
     /// This destination's share of parts in flight (see [`in_flight_share`]).
     max_in_flight: usize,
     cancel: watch::Receiver<bool>,
+    /// `mapping::zeroed_faults()` when the job began.
+    zeroed_before: u64,
 }
 
 impl Worker {
@@ -531,11 +539,12 @@ impl Worker {
     }
 
     async fn abort(&self, upload_id: &str) {
-        if let Err(e) = self.dest.abort(&self.job.name, upload_id).await {
-            warn!(
+        match self.dest.abort(&self.job.name, upload_id).await {
+            Ok(()) => self.observer.upload_aborted(self.dest.name()),
+            Err(e) => warn!(
                 destination = self.dest.name(),
                 "could not abort the upload of {}: {e}", self.job.name
-            );
+            ),
         }
     }
 
@@ -690,6 +699,18 @@ impl Worker {
         if let Err(c) = self.job.source.check() {
             self.abort(upload_id).await;
             return Err(TransferError::Changed(c));
+        }
+        // A mapped page that could not be read was answered with zeros, which
+        // may have gone out in a part: nothing read since then is trusted. The
+        // count is the process's, so another job's fault also stops this one:
+        // a spurious failure, never a wrong copy.
+        if self.job.reader == ReaderKind::Mmap
+            && crate::mapping::zeroed_faults() != self.zeroed_before
+        {
+            self.abort(upload_id).await;
+            return Err(TransferError::Read(
+                "a mapped page of the source could not be read (SIGBUS: an I/O error, or a file cut short) and read as zeros; nothing was completed".into(),
+            ));
         }
         let halt = self.halt();
         let complete = retry(policy, dn, &*self.observer, &halt, || {
