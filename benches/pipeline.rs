@@ -97,7 +97,7 @@ async fn push_memory(path: &Path, kind: ReaderKind) -> Duration {
 async fn push_memory_with(
     path: &Path,
     kind: ReaderKind,
-    status: Option<Arc<ferry::http::Status>>,
+    status: Option<Arc<ferry::status::Status>>,
 ) -> Duration {
     let mut config = Config::embedded().unwrap();
     config.transfer.reader = kind;
@@ -113,7 +113,7 @@ async fn push_memory_with(
         &config,
         path,
         opts,
-        Arc::new(transfer::NoObserver),
+        Arc::new(ferry::events::NoObserver),
         Duration::from_secs(3600),
         status,
         never_stopped.1,
@@ -184,7 +184,7 @@ fn main() {
     // Metrics on the hot path: the same push with metrics counting (and an HTTP
     // endpoint scraped every 100 ms) against none, runs alternating.
     let metrics = ferry::metrics::Metrics::new();
-    let status = ferry::http::Status::new(metrics, Arc::new(ferry::progress::Board::default()));
+    let status = ferry::status::Status::new(metrics, Arc::new(ferry::progress::Board::default()));
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let addr = rt
         .block_on(ferry::http::serve(

@@ -655,6 +655,12 @@ mod tests {
     }
 
     #[test]
+    fn the_config_checks_part_sizes_against_the_same_limits() {
+        assert_eq!(crate::config::MIN_PART_BYTES, PartLimits::S3.min_part_bytes);
+        assert_eq!(crate::config::MAX_PART_BYTES, PartLimits::S3.max_part_bytes);
+    }
+
+    #[test]
     fn small_part_size_is_raised_to_the_minimum() {
         let p = PartPlan::new(100 * MIB, 1, PartLimits::S3).unwrap();
         assert_eq!(p.part_bytes, 5 * MIB);

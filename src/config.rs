@@ -6,6 +6,9 @@
 //!
 //! Design choice: the shipped file *is* the embedded default (`include_str!`), so the
 //! documented file and the behaviour without `--config` can never drift apart.
+//! This module imports no other module of ferry: everything reads the
+//! configuration, the configuration reads nothing (destination URLs are
+//! parsed here for that reason).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -116,17 +119,6 @@ impl Default for PolicyConfig {
             max_virtual_size: ByteSize::gib(400),
             allow_extended_l2: false,
             require_license_attestation: None,
-        }
-    }
-}
-
-impl PolicyConfig {
-    /// The inspection policy for the daemon (`daemon = true`) or for push.
-    pub fn for_run(&self, daemon: bool) -> crate::image::Policy {
-        crate::image::Policy {
-            max_virtual_size_bytes: self.max_virtual_size.as_u64(),
-            allow_extended_l2: self.allow_extended_l2,
-            require_license_attestation: self.require_license_attestation.unwrap_or(daemon),
         }
     }
 }
@@ -342,20 +334,25 @@ impl Config {
                     "destinations.{name}.parallel_parts must be above 0"
                 )));
             }
-            crate::store::DestinationUrl::parse(&d.url)
+            DestinationUrl::parse(&d.url)
                 .map_err(|e| invalid(format!("destinations.{name}.url: {e}")))?;
         }
         Ok(())
     }
 }
 
+/// The smallest and largest part S3's and OCI's multipart uploads take (the
+/// same as `chunk::PartLimits::S3`; a test there checks they agree: config
+/// imports no other module of ferry).
+pub const MIN_PART_BYTES: u64 = 5 << 20;
+pub const MAX_PART_BYTES: u64 = 5 << 30;
+
 /// A part size every store takes (S3's and OCI's multipart limits, 5 MiB to
 /// 5 GiB) and the memory budget holds. Raised at run time only to fit a large
 /// file in 10,000 parts, never silently cut or raised here.
 pub fn check_part_size(part_bytes: u64, memory_limit_bytes: u64) -> Result<(), String> {
-    let limits = crate::chunk::PartLimits::S3;
     let show = |b: u64| ByteSize(b).display().iec().to_string();
-    if part_bytes < limits.min_part_bytes || part_bytes > limits.max_part_bytes {
+    if !(MIN_PART_BYTES..=MAX_PART_BYTES).contains(&part_bytes) {
         return Err(format!(
             "part_size = {} is outside what multipart uploads take (5 MiB to 5 GiB): use a size in that range",
             show(part_bytes),
@@ -369,6 +366,111 @@ pub fn check_part_size(part_bytes: u64, memory_limit_bytes: u64) -> Result<(), S
         ));
     }
     Ok(())
+}
+
+/// A parsed destination URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestinationUrl {
+    /// A directory; relative paths are relative to the working directory.
+    File {
+        dir: PathBuf,
+    },
+    /// An in-process store, for benchmarks and tests: data is gone when ferry exits.
+    Memory {
+        name: String,
+        prefix: String,
+    },
+    S3 {
+        bucket: String,
+        prefix: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UrlError {
+    #[error(
+        "{0:?} is not a destination URL: use file://PATH/, s3://BUCKET/PREFIX/ or memory://NAME/"
+    )]
+    Scheme(String),
+    #[error("{0:?} has no bucket name: use s3://BUCKET/PREFIX/")]
+    NoBucket(String),
+    #[error("{0:?}: bucket names are 3..=63 characters of a-z, 0-9, '.' and '-'")]
+    BadBucket(String),
+    #[error("{0:?} has no path: use file:///absolute/dir/ or file://./relative/dir/")]
+    NoPath(String),
+    #[error("{0:?}: the prefix may not contain empty, '.' or '..' segments")]
+    BadPrefix(String),
+    #[error("{0:?}: a directory URL may not contain '..' segments; give the directory itself")]
+    BadPath(String),
+    #[error(
+        "{0:?}: destination URLs take no query ('?') or fragment ('#'); a key prefix or directory holding them is not supported"
+    )]
+    QueryOrFragment(String),
+}
+
+impl DestinationUrl {
+    pub fn parse(url: &str) -> Result<DestinationUrl, UrlError> {
+        if ["file://", "s3://", "memory://"]
+            .iter()
+            .any(|s| url.starts_with(s))
+            && (url.contains('?') || url.contains('#'))
+        {
+            return Err(UrlError::QueryOrFragment(url.into()));
+        }
+        if let Some(rest) = url.strip_prefix("file://") {
+            if rest.is_empty() {
+                return Err(UrlError::NoPath(url.into()));
+            }
+            if rest.split('/').any(|s| s == "..") {
+                return Err(UrlError::BadPath(url.into()));
+            }
+            return Ok(DestinationUrl::File {
+                dir: PathBuf::from(rest),
+            });
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(UrlError::NoBucket(url.into()));
+            }
+            if bucket.len() < 3
+                || bucket.len() > 63
+                || !bucket
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+            {
+                return Err(UrlError::BadBucket(url.into()));
+            }
+            return Ok(DestinationUrl::S3 {
+                bucket: bucket.into(),
+                prefix: clean_prefix(url, prefix)?,
+            });
+        }
+        if let Some(rest) = url.strip_prefix("memory://") {
+            let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            return Ok(DestinationUrl::Memory {
+                name: name.into(),
+                prefix: clean_prefix(url, prefix)?,
+            });
+        }
+        Err(UrlError::Scheme(url.into()))
+    }
+}
+
+/// A prefix of `/`-separated segments without empty, `.` or `..` ones; kept with a
+/// trailing `/` so `prefix + name` is the key.
+fn clean_prefix(url: &str, prefix: &str) -> Result<String, UrlError> {
+    let trimmed = prefix.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Ok(String::new());
+    }
+    if trimmed
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return Err(UrlError::BadPrefix(url.into()));
+    }
+    Ok(format!("{trimmed}/"))
 }
 
 /// Destination names become metric labels and log fields: keep them tame.
@@ -444,6 +546,49 @@ mod tests {
         );
     }
 
+    #[test]
+    fn urls_parse() {
+        assert_eq!(
+            DestinationUrl::parse("s3://images-fra/exports/").unwrap(),
+            DestinationUrl::S3 {
+                bucket: "images-fra".into(),
+                prefix: "exports/".into()
+            }
+        );
+        assert_eq!(
+            DestinationUrl::parse("s3://bkt").unwrap(),
+            DestinationUrl::S3 {
+                bucket: "bkt".into(),
+                prefix: "".into()
+            }
+        );
+        assert_eq!(
+            DestinationUrl::parse("file://./var/x/").unwrap(),
+            DestinationUrl::File {
+                dir: "./var/x/".into()
+            }
+        );
+        assert!(DestinationUrl::parse("s3:///x").is_err());
+        assert!(DestinationUrl::parse("s3://B/x").is_err());
+        assert!(DestinationUrl::parse("s3://bkt/a/../b").is_err());
+        assert!(DestinationUrl::parse("http://x/").is_err());
+        assert!(DestinationUrl::parse("file://").is_err());
+    }
+
+    #[test]
+    fn urls_with_a_query_a_fragment_or_dot_dot_are_refused() {
+        for url in [
+            "s3://bkt/p?x=1",
+            "s3://bkt/p#f",
+            "memory://m/p?x",
+            "file:///tmp/a?b/",
+            "file:///tmp/a/../b/",
+            "file://../b/",
+        ] {
+            assert!(DestinationUrl::parse(url).is_err(), "{url}");
+        }
+        assert!(DestinationUrl::parse("file://./var/x/").is_ok());
+    }
     #[test]
     fn sizes_parse_in_binary_units() {
         let c = Config::parse("[transfer]\npart_size = \"8MiB\"\n", "t").unwrap();

@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -32,18 +32,17 @@ use tracing::{error, info, warn};
 
 use crate::chunk::{Budget, FirstReads};
 use crate::config::{Config, OnSuccess};
-use crate::http::Status;
+use crate::events::{JobMetrics, Observer, Observers};
 use crate::journal::{DestinationRecord, JobJournal, JobRecord, Journal};
 use crate::lock::DirLock;
 use crate::manifest;
-use crate::metrics::{JobMetrics, Metrics};
-use crate::progress::{Board, Progress};
+use crate::metrics::Metrics;
+use crate::progress::{Board, Progress, ProgressLog};
 use crate::source::Source;
 use crate::spool::{ClaimOutcome, Claimed, DestinationError, ErrorReport, Spool};
+use crate::status::Status;
 use crate::store::Destination;
-use crate::transfer::{
-    self, Job, Observer, Observers, Outcome, Resume, RetryPolicy, TransferError,
-};
+use crate::transfer::{self, Job, Outcome, Resume, RetryPolicy, TransferError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -211,10 +210,10 @@ impl Retries {
     }
 
     /// The jobs waiting, for `/status`.
-    fn list(&self) -> Vec<crate::http::Retrying> {
+    fn list(&self) -> Vec<crate::status::Retrying> {
         self.waiting
             .iter()
-            .map(|(at, c, why)| crate::http::Retrying {
+            .map(|(at, c, why)| crate::status::Retrying {
                 file: c.name.to_string_lossy().into_owned(),
                 attempt: self.attempts.get(&c.name).map_or(1, |n| n + 1),
                 of: JOB_ATTEMPTS,
@@ -395,7 +394,6 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let metrics = Metrics::new();
     let status = Arc::new(Status {
         spool_dir: Some(settings.config.spool_dir.clone()),
-        journal: Some(journal.clone()),
         budget: std::sync::Mutex::new(Some(settings.budget.clone())),
         ..Arc::into_inner(Status::new(metrics.clone(), board.clone())).expect("just made")
     });
@@ -1228,36 +1226,6 @@ fn conclude(claimed: Claimed, outcomes: Vec<Outcome>, cancelled: bool, started: 
     };
     let r = report(&claimed.name, &reason, failures, what);
     JobEnd::Failed(claimed, Box::new(r), false, started)
-}
-
-/// Logs one progress line per destination every 30 s for long jobs.
-struct ProgressLog {
-    progress: Arc<Progress>,
-    last: Mutex<Instant>,
-}
-
-impl ProgressLog {
-    fn new(progress: Arc<Progress>) -> ProgressLog {
-        ProgressLog {
-            progress,
-            last: Mutex::new(Instant::now()),
-        }
-    }
-}
-
-impl Observer for ProgressLog {
-    fn part_done(&self, _d: &str, _r: &crate::store::PartReceipt, _took: Duration) {
-        let Ok(mut last) = self.last.lock() else {
-            return;
-        };
-        if last.elapsed() < Duration::from_secs(30) {
-            return;
-        }
-        *last = Instant::now();
-        for d in &self.progress.destinations {
-            info!("{}", crate::progress::line(&self.progress, d));
-        }
-    }
 }
 
 #[cfg(test)]

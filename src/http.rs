@@ -2,10 +2,9 @@
 //!
 //! Promises: it binds `metrics_addr` (loopback by default); `/metrics` is the
 //! Prometheus text format 0.0.4; `/healthz` answers while the process serves;
-//! `/readyz` is 200 only when the spool is readable, the state directory takes
-//! writes and every destination answered its last probe, and 503 naming what is
-//! wrong otherwise; `/status` is JSON for people and dashboards. It stops with
-//! the daemon.
+//! `/readyz` is 200 only when `status` finds no problem, and 503 naming what is
+//! wrong otherwise; `/status` is JSON for people and dashboards. It only serves
+//! what `status` holds: no request writes anything. It stops with the daemon.
 //!
 //! Bounds: at most [`MAX_CONNECTIONS`] connections at once (one over the cap is
 //! closed at once, so it holds no descriptor); a connection that has not sent
@@ -19,27 +18,18 @@
 //! nothing more, and it never touches the transfer's hot path (it reads
 //! counters and snapshots).
 
-use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::chunk::Budget;
-use crate::journal::Journal;
-use crate::metrics::Metrics;
-use crate::progress::{Board, Phase};
-
-/// How many recent errors `/status` keeps.
-const LAST_ERRORS: usize = 20;
+use crate::status::Status;
 
 /// Connections served at once; more are closed as they arrive.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -47,222 +37,6 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest any connection is served.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
-
-#[derive(Debug, Clone, Serialize)]
-pub struct LastError {
-    pub at: String,
-    pub file: String,
-    pub reason: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct DestinationHealth {
-    pub url: String,
-    pub ready: bool,
-    pub last_probe: String,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Waiting {
-    pub file: String,
-    pub bytes: u64,
-}
-
-/// A job that failed for a passing reason and waits for its next attempt.
-#[derive(Debug, Clone)]
-pub struct Retrying {
-    pub file: String,
-    /// The attempt that comes next, of `of`.
-    pub attempt: u32,
-    pub of: u32,
-    pub next_attempt: Instant,
-    pub reason: String,
-}
-
-/// What the endpoint shows; the daemon (or a push) keeps it current.
-pub struct Status {
-    pub metrics: Arc<Metrics>,
-    pub board: Arc<Board>,
-    pub spool_dir: Option<PathBuf>,
-    pub journal: Option<Journal>,
-    pub budget: Mutex<Option<Budget>>,
-    pub waiting: Mutex<Vec<Waiting>>,
-    pub errors: Mutex<VecDeque<LastError>>,
-    pub health: Mutex<BTreeMap<String, DestinationHealth>>,
-    /// Set once the state directory refused a write (full, read-only).
-    pub state_problem: Mutex<Option<String>>,
-    /// Set while the spool's own directories cannot be made again.
-    pub spool_problem: Mutex<Option<String>>,
-    pub retrying: Mutex<Vec<Retrying>>,
-}
-
-impl Status {
-    pub fn new(metrics: Arc<Metrics>, board: Arc<Board>) -> Arc<Status> {
-        Arc::new(Status {
-            metrics,
-            board,
-            spool_dir: None,
-            journal: None,
-            budget: Mutex::new(None),
-            waiting: Mutex::new(vec![]),
-            errors: Mutex::new(VecDeque::new()),
-            health: Mutex::new(BTreeMap::new()),
-            state_problem: Mutex::new(None),
-            spool_problem: Mutex::new(None),
-            retrying: Mutex::new(vec![]),
-        })
-    }
-
-    /// The jobs waiting to be tried again.
-    pub fn set_retrying(&self, jobs: Vec<Retrying>) {
-        if let Ok(mut r) = self.retrying.lock() {
-            *r = jobs;
-        }
-    }
-
-    /// Whether something keeps the spool from working.
-    pub fn spool_broken(&self) -> bool {
-        self.spool_problem
-            .lock()
-            .map(|p| p.is_some())
-            .unwrap_or(false)
-    }
-
-    /// What keeps the spool from working, if anything; logged when it changes.
-    pub fn set_spool_problem(&self, problem: Option<String>) {
-        let Ok(mut p) = self.spool_problem.lock() else {
-            return;
-        };
-        if *p == problem {
-            return;
-        }
-        match &problem {
-            Some(e) => tracing::error!("{e}"),
-            None => tracing::info!("the spool's directories are in place again"),
-        }
-        *p = problem;
-    }
-
-    pub fn record_error(&self, file: &str, reason: &str) {
-        if let Ok(mut e) = self.errors.lock() {
-            if e.len() >= LAST_ERRORS {
-                e.pop_front();
-            }
-            e.push_back(LastError {
-                at: crate::manifest::timestamp(SystemTime::now()),
-                file: file.to_string(),
-                reason: reason.to_string(),
-            });
-        }
-    }
-
-    pub fn set_health(&self, name: &str, url: &str, result: Result<(), String>) {
-        if let Ok(mut h) = self.health.lock() {
-            h.insert(
-                name.to_string(),
-                DestinationHealth {
-                    url: url.to_string(),
-                    ready: result.is_ok(),
-                    last_probe: crate::manifest::timestamp(SystemTime::now()),
-                    error: result.err(),
-                },
-            );
-        }
-    }
-
-    /// Problems that make the daemon not ready; empty when ready.
-    pub fn problems(&self) -> Vec<String> {
-        let mut p = Vec::new();
-        if let Some(dir) = &self.spool_dir
-            && let Err(e) = std::fs::read_dir(dir)
-        {
-            p.push(format!("spool {} is not readable: {e}", dir.display()));
-        }
-        if let Some(j) = &self.journal
-            && let Err(e) = j.writable()
-        {
-            p.push(format!("state directory does not take writes: {e}"));
-        }
-        for problem in [&self.state_problem, &self.spool_problem] {
-            if let Ok(s) = problem.lock()
-                && let Some(s) = s.as_ref()
-            {
-                p.push(s.clone());
-            }
-        }
-        if let Ok(h) = self.health.lock() {
-            for (name, d) in h.iter().filter(|(_, d)| !d.ready) {
-                p.push(format!(
-                    "destination {name} ({}) is not ready: {}",
-                    d.url,
-                    d.error.as_deref().unwrap_or("unknown error")
-                ));
-            }
-        }
-        p
-    }
-
-    fn sample_gauges(&self) {
-        if let Ok(b) = self.budget.lock()
-            && let Some(b) = b.as_ref()
-        {
-            self.metrics.buffer_in_use.set(b.in_use_bytes() as i64);
-            self.metrics.buffer_limit.set(b.limit_bytes() as i64);
-        }
-        self.metrics
-            .jobs_in_flight
-            .set(self.board.snapshot().len() as i64);
-    }
-
-    fn status_json(&self) -> serde_json::Value {
-        let jobs: Vec<serde_json::Value> = self
-            .board
-            .snapshot()
-            .iter()
-            .map(|p| {
-                let secs = p.started.elapsed().as_secs_f64().max(1e-3);
-                serde_json::json!({
-                    "file": p.file_name,
-                    "running_secs": secs.round(),
-                    "destinations": p.destinations.iter().map(|d| {
-                        let done = d.done_bytes();
-                        let rate = done as f64 / secs;
-                        let eta = (rate > 0.0).then(|| (d.total_bytes.saturating_sub(done) as f64 / rate).ceil());
-                        serde_json::json!({
-                            "name": d.name,
-                            "bytes_done": done,
-                            "bytes_total": d.total_bytes,
-                            "rate_bytes_per_sec": rate.round(),
-                            "eta_secs": eta,
-                            "phase": match d.phase() {
-                                Phase::Uploading => "uploading",
-                                Phase::Verifying => "verifying",
-                                Phase::Done => "verified",
-                                Phase::Failed => "failed",
-                            },
-                        })
-                    }).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        serde_json::json!({
-            "version": crate::VERSION,
-            "ready": self.problems().is_empty(),
-            "jobs": jobs,
-            "waiting": self.waiting.lock().map(|w| w.clone()).unwrap_or_default(),
-            "retrying": self.retrying.lock().map(|r| r.iter().map(|j| serde_json::json!({
-                "file": j.file,
-                "attempt": j.attempt,
-                "of": j.of,
-                "next_attempt_in_secs": j.next_attempt.saturating_duration_since(Instant::now()).as_secs(),
-                "reason": j.reason,
-            })).collect::<Vec<_>>()).unwrap_or_default(),
-            "last_errors": self.errors.lock().map(|e| e.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),
-            "destinations": self.health.lock().map(|h| h.clone()).unwrap_or_default(),
-        })
-    }
-}
 
 fn text(code: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));

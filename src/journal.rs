@@ -303,7 +303,7 @@ impl JobJournal {
     }
 }
 
-impl crate::transfer::Observer for JobJournal {
+impl crate::events::Observer for JobJournal {
     fn upload_started(&self, destination: &str, upload_id: &str) {
         self.with(|r| {
             if let Some(d) = r.destinations.get_mut(destination)

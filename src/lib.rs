@@ -8,6 +8,7 @@
 pub mod chunk;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod failpoint;
 pub mod http;
 pub mod image;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod progress;
 pub mod source;
 pub mod spool;
+pub mod status;
 pub mod store;
 pub mod transfer;
 

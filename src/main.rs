@@ -184,7 +184,7 @@ async fn run(cli: Cli) -> u8 {
             let (_stop_http, stopped) = tokio::sync::watch::channel(false);
             let status = match metrics_addr {
                 Some(addr) => {
-                    let st = ferry::http::Status::new(
+                    let st = ferry::status::Status::new(
                         ferry::metrics::Metrics::new(),
                         Arc::new(ferry::progress::Board::default()),
                     );
@@ -208,7 +208,7 @@ async fn run(cli: Cli) -> u8 {
                 &config,
                 &image,
                 opts,
-                Arc::new(transfer::NoObserver),
+                Arc::new(ferry::events::NoObserver),
                 Duration::from_secs(progress_secs.max(1)),
                 status,
                 cancel.clone(),
@@ -267,15 +267,13 @@ fn inspect(
         }
     };
     let sidecar = sidecar.or_else(|| {
-        let mut p = image.as_os_str().to_os_string();
-        p.push(".meta.json");
-        let p = PathBuf::from(p);
+        let p = ferry::image::sidecar::path_of(image);
         p.exists().then_some(p)
     });
     let report = match ferry::image::inspect(
         image,
         sidecar.as_deref(),
-        &config.policy.for_run(daemon_policy),
+        &ferry::image::Policy::from_config(&config.policy, daemon_policy),
     ) {
         Ok(r) => r,
         Err(e) => {

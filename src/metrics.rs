@@ -4,6 +4,7 @@
 //! never a file name, so the series count stays small whatever is shipped.
 //! Counting on the hot path is a few atomic adds on handles resolved once per
 //! destination and job ([`DestinationMetrics`]), never a label lookup per part.
+//! Definitions only: which event moves which counter is `events`' business.
 //!
 //! Design choice: the `prometheus` crate, whose classic text format (0.0.4) every
 //! scraper and Debian's `promtool` read; OpenMetrics-only encoders are rejected
@@ -16,9 +17,6 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-
-use crate::store::PartReceipt;
-use crate::transfer::Observer;
 
 pub const READ_BYTES: &str = "ferry_read_bytes_total";
 pub const UPLOADED_BYTES: &str = "ferry_uploaded_bytes_total";
@@ -69,14 +67,15 @@ pub struct Metrics {
 /// Handles for one destination, resolved once.
 pub struct DestinationMetrics {
     pub name: String,
-    uploaded_bytes: IntCounter,
-    parts_uploaded: IntCounter,
-    part_duration: Histogram,
-    checksum_mismatches: IntCounter,
-    verified_ok: IntCounter,
-    verified_failed: IntCounter,
+    pub uploaded_bytes: IntCounter,
+    pub parts_uploaded: IntCounter,
+    pub part_duration: Histogram,
+    pub checksum_mismatches: IntCounter,
+    pub verified_ok: IntCounter,
+    pub verified_failed: IntCounter,
     pub uploads_resumed: IntCounter,
-    retries: IntCounterVec,
+    /// By destination and reason; the reason is only known per event.
+    pub retries: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -213,68 +212,6 @@ impl Metrics {
     }
 }
 
-/// Feeds one job's events into the metrics.
-pub struct JobMetrics {
-    metrics: Arc<Metrics>,
-    destinations: Vec<Arc<DestinationMetrics>>,
-}
-
-impl JobMetrics {
-    pub fn new(metrics: Arc<Metrics>, names: &[&str]) -> JobMetrics {
-        let destinations = names.iter().map(|n| metrics.destination(n)).collect();
-        JobMetrics {
-            metrics,
-            destinations,
-        }
-    }
-
-    fn get(&self, name: &str) -> Option<&DestinationMetrics> {
-        self.destinations
-            .iter()
-            .find(|d| d.name == name)
-            .map(|d| &**d)
-    }
-}
-
-impl Observer for JobMetrics {
-    fn part_done(&self, destination: &str, receipt: &PartReceipt, took: Duration) {
-        if let Some(d) = self.get(destination) {
-            d.uploaded_bytes.inc_by(receipt.size_bytes);
-            d.parts_uploaded.inc();
-            d.part_duration.observe(took.as_secs_f64());
-        }
-    }
-    fn retried(&self, destination: &str, reason: &'static str) {
-        if let Some(d) = self.get(destination) {
-            d.retries.with_label_values(&[destination, reason]).inc();
-            if reason == "checksum" {
-                d.checksum_mismatches.inc();
-            }
-        }
-    }
-    fn read_bytes(&self, bytes: u64) {
-        self.metrics.read_bytes.inc_by(bytes);
-    }
-    fn verified(&self, destination: &str) {
-        if let Some(d) = self.get(destination) {
-            d.verified_ok.inc();
-        }
-    }
-    fn verify_failed(&self, destination: &str, checksum: bool) {
-        if let Some(d) = self.get(destination) {
-            d.verified_failed.inc();
-            if checksum {
-                d.checksum_mismatches.inc();
-            }
-        }
-    }
-    fn resumed(&self, destination: &str) {
-        if let Some(d) = self.get(destination) {
-            d.uploads_resumed.inc();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,19 +219,10 @@ mod tests {
     #[test]
     fn every_metric_is_exposed_with_its_name() {
         let m = Metrics::new();
-        let j = JobMetrics::new(m.clone(), &["phoenix"]);
-        let r = PartReceipt {
-            index: 0,
-            part_id: String::new(),
-            size_bytes: 10,
-            crc32c: 0,
-        };
-        j.part_done("phoenix", &r, Duration::from_millis(5));
-        j.retried("phoenix", "slow_down");
-        j.verified("phoenix");
-        j.verify_failed("phoenix", true);
-        j.resumed("phoenix");
-        j.read_bytes(10);
+        let d = m.destination("phoenix");
+        d.uploaded_bytes.inc_by(10);
+        d.retries.with_label_values(&["phoenix", "slow_down"]).inc();
+        d.checksum_mismatches.inc();
         m.job_ended("done", Duration::from_secs(1));
         let (_, text) = m.encode();
         let text = String::from_utf8(text).unwrap();
@@ -319,11 +247,5 @@ mod tests {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
         assert!(text.contains("ferry_uploaded_bytes_total{destination=\"phoenix\"} 10"));
-        assert!(
-            text.contains(
-                "ferry_part_retries_total{destination=\"phoenix\",reason=\"slow_down\"} 1"
-            )
-        );
-        assert!(text.contains("ferry_checksum_mismatches_total{destination=\"phoenix\"} 1"));
     }
 }

@@ -7,8 +7,8 @@
 //! well in a journal or a CI log.
 
 use std::io::IsTerminal;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -240,4 +240,33 @@ pub fn line(progress: &Progress, d: &DestinationProgress) -> String {
         bytesize::ByteSize(d.total_bytes).display().iec(),
         bytesize::ByteSize(rate as u64).display().iec(),
     )
+}
+/// Logs one progress line per destination every 30 s for long jobs.
+pub struct ProgressLog {
+    progress: Arc<Progress>,
+    last: Mutex<Instant>,
+}
+
+impl ProgressLog {
+    pub fn new(progress: Arc<Progress>) -> ProgressLog {
+        ProgressLog {
+            progress,
+            last: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl crate::events::Observer for ProgressLog {
+    fn part_done(&self, _d: &str, _r: &crate::store::PartReceipt, _took: Duration) {
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
+        if last.elapsed() < Duration::from_secs(30) {
+            return;
+        }
+        *last = Instant::now();
+        for d in &self.progress.destinations {
+            tracing::info!("{}", line(&self.progress, d));
+        }
+    }
 }

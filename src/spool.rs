@@ -33,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-pub const SIDECAR_SUFFIX: &str = ".meta.json";
+use crate::image::sidecar::SUFFIX as SIDECAR_SUFFIX;
 pub const READY_SUFFIX: &str = ".ready";
 pub const ERROR_SUFFIX: &str = ".error.json";
 
@@ -306,14 +306,14 @@ impl Spool {
     }
 
     /// The images waiting, for `/status`.
-    pub fn waiting_list(&self) -> Vec<crate::http::Waiting> {
-        let mut v: Vec<(&Instant, crate::http::Waiting)> = self
+    pub fn waiting_list(&self) -> Vec<crate::status::Waiting> {
+        let mut v: Vec<(&Instant, crate::status::Waiting)> = self
             .seen
             .iter()
             .map(|(n, s)| {
                 (
                     &s.first_seen,
-                    crate::http::Waiting {
+                    crate::status::Waiting {
                         file: n.to_string_lossy().into_owned(),
                         bytes: s.size,
                     },

@@ -35,112 +35,7 @@ use object_store::path::Path as ObjPath;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
 use crate::chunk::{Part, PartLimits};
-use crate::config::{DestinationConfig, TransferConfig};
-
-/// A parsed destination URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DestinationUrl {
-    /// A directory; relative paths are relative to the working directory.
-    File {
-        dir: PathBuf,
-    },
-    /// An in-process store, for benchmarks and tests: data is gone when ferry exits.
-    Memory {
-        name: String,
-        prefix: String,
-    },
-    S3 {
-        bucket: String,
-        prefix: String,
-    },
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum UrlError {
-    #[error(
-        "{0:?} is not a destination URL: use file://PATH/, s3://BUCKET/PREFIX/ or memory://NAME/"
-    )]
-    Scheme(String),
-    #[error("{0:?} has no bucket name: use s3://BUCKET/PREFIX/")]
-    NoBucket(String),
-    #[error("{0:?}: bucket names are 3..=63 characters of a-z, 0-9, '.' and '-'")]
-    BadBucket(String),
-    #[error("{0:?} has no path: use file:///absolute/dir/ or file://./relative/dir/")]
-    NoPath(String),
-    #[error("{0:?}: the prefix may not contain empty, '.' or '..' segments")]
-    BadPrefix(String),
-    #[error("{0:?}: a directory URL may not contain '..' segments; give the directory itself")]
-    BadPath(String),
-    #[error(
-        "{0:?}: destination URLs take no query ('?') or fragment ('#'); a key prefix or directory holding them is not supported"
-    )]
-    QueryOrFragment(String),
-}
-
-impl DestinationUrl {
-    pub fn parse(url: &str) -> Result<DestinationUrl, UrlError> {
-        if ["file://", "s3://", "memory://"]
-            .iter()
-            .any(|s| url.starts_with(s))
-            && (url.contains('?') || url.contains('#'))
-        {
-            return Err(UrlError::QueryOrFragment(url.into()));
-        }
-        if let Some(rest) = url.strip_prefix("file://") {
-            if rest.is_empty() {
-                return Err(UrlError::NoPath(url.into()));
-            }
-            if rest.split('/').any(|s| s == "..") {
-                return Err(UrlError::BadPath(url.into()));
-            }
-            return Ok(DestinationUrl::File {
-                dir: PathBuf::from(rest),
-            });
-        }
-        if let Some(rest) = url.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(UrlError::NoBucket(url.into()));
-            }
-            if bucket.len() < 3
-                || bucket.len() > 63
-                || !bucket
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
-            {
-                return Err(UrlError::BadBucket(url.into()));
-            }
-            return Ok(DestinationUrl::S3 {
-                bucket: bucket.into(),
-                prefix: clean_prefix(url, prefix)?,
-            });
-        }
-        if let Some(rest) = url.strip_prefix("memory://") {
-            let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            return Ok(DestinationUrl::Memory {
-                name: name.into(),
-                prefix: clean_prefix(url, prefix)?,
-            });
-        }
-        Err(UrlError::Scheme(url.into()))
-    }
-}
-
-/// A prefix of `/`-separated segments without empty, `.` or `..` ones; kept with a
-/// trailing `/` so `prefix + name` is the key.
-fn clean_prefix(url: &str, prefix: &str) -> Result<String, UrlError> {
-    let trimmed = prefix.trim_end_matches('/');
-    if trimmed.is_empty() {
-        return Ok(String::new());
-    }
-    if trimmed
-        .split('/')
-        .any(|s| s.is_empty() || s == "." || s == "..")
-    {
-        return Err(UrlError::BadPrefix(url.into()));
-    }
-    Ok(format!("{trimmed}/"))
-}
+use crate::config::{DestinationConfig, DestinationUrl, TransferConfig};
 
 /// Picks the destinations for a push: every configured one when `to` is empty,
 /// otherwise each `--to` value as a configured name or a URL.
@@ -1480,35 +1375,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_parse() {
-        assert_eq!(
-            DestinationUrl::parse("s3://images-fra/exports/").unwrap(),
-            DestinationUrl::S3 {
-                bucket: "images-fra".into(),
-                prefix: "exports/".into()
-            }
-        );
-        assert_eq!(
-            DestinationUrl::parse("s3://bkt").unwrap(),
-            DestinationUrl::S3 {
-                bucket: "bkt".into(),
-                prefix: "".into()
-            }
-        );
-        assert_eq!(
-            DestinationUrl::parse("file://./var/x/").unwrap(),
-            DestinationUrl::File {
-                dir: "./var/x/".into()
-            }
-        );
-        assert!(DestinationUrl::parse("s3:///x").is_err());
-        assert!(DestinationUrl::parse("s3://B/x").is_err());
-        assert!(DestinationUrl::parse("s3://bkt/a/../b").is_err());
-        assert!(DestinationUrl::parse("http://x/").is_err());
-        assert!(DestinationUrl::parse("file://").is_err());
-    }
-
-    #[test]
     fn loopback_endpoints_allow_http() {
         assert!(is_loopback_http("http://127.0.0.1:8333"));
         assert!(is_loopback_http("http://localhost:8333"));
@@ -1525,20 +1391,5 @@ mod tests {
         for bad in ["..", ".", "new\nline", "a/../../etc"] {
             assert!(Destination::obj_path("exports/", bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn urls_with_a_query_a_fragment_or_dot_dot_are_refused() {
-        for url in [
-            "s3://bkt/p?x=1",
-            "s3://bkt/p#f",
-            "memory://m/p?x",
-            "file:///tmp/a?b/",
-            "file:///tmp/a/../b/",
-            "file://../b/",
-        ] {
-            assert!(DestinationUrl::parse(url).is_err(), "{url}");
-        }
-        assert!(DestinationUrl::parse("file://./var/x/").is_ok());
     }
 }

@@ -29,6 +29,7 @@ use tracing::{info, warn};
 
 use crate::chunk::{self, Budget, FirstReads, Part, PartPlan};
 use crate::config::{ReaderKind, TransferConfig, VerifyMode};
+use crate::events::{Observer, Observers};
 use crate::manifest::{self, DestinationEntry, Manifest, PartEntry};
 use crate::progress::{Phase, Progress};
 use crate::source::{Change, Source};
@@ -76,64 +77,6 @@ pub enum TransferError {
     #[error("the source changed while uploading: {0}")]
     Changed(Change),
 }
-
-/// Hooks for whoever keeps state or counts (the journal, metrics).
-pub trait Observer: Send + Sync {
-    fn upload_started(&self, _destination: &str, _upload_id: &str) {}
-    fn part_done(&self, _destination: &str, _receipt: &PartReceipt, _took: Duration) {}
-    fn retried(&self, _destination: &str, _reason: &'static str) {}
-    fn read_bytes(&self, _bytes: u64) {}
-    /// A resumed upload could not be continued; the destination starts over.
-    fn upload_restarted(&self, _destination: &str) {}
-    fn verified(&self, _destination: &str) {}
-    /// Verification failed; `checksum` when the CRC32C did not match.
-    fn verify_failed(&self, _destination: &str, _checksum: bool) {}
-    fn part_failed(&self, _destination: &str) {}
-    /// An upload continues from the journal.
-    fn resumed(&self, _destination: &str) {}
-    /// An upload was aborted at its destination: nothing of it is left there.
-    fn upload_aborted(&self, _destination: &str) {}
-}
-
-/// Several observers as one.
-pub struct Observers(pub Vec<Arc<dyn Observer>>);
-
-impl Observer for Observers {
-    fn upload_started(&self, d: &str, id: &str) {
-        self.0.iter().for_each(|o| o.upload_started(d, id));
-    }
-    fn part_done(&self, d: &str, r: &PartReceipt, took: Duration) {
-        self.0.iter().for_each(|o| o.part_done(d, r, took));
-    }
-    fn retried(&self, d: &str, reason: &'static str) {
-        self.0.iter().for_each(|o| o.retried(d, reason));
-    }
-    fn read_bytes(&self, b: u64) {
-        self.0.iter().for_each(|o| o.read_bytes(b));
-    }
-    fn upload_restarted(&self, d: &str) {
-        self.0.iter().for_each(|o| o.upload_restarted(d));
-    }
-    fn verified(&self, d: &str) {
-        self.0.iter().for_each(|o| o.verified(d));
-    }
-    fn part_failed(&self, d: &str) {
-        self.0.iter().for_each(|o| o.part_failed(d));
-    }
-    fn verify_failed(&self, d: &str, checksum: bool) {
-        self.0.iter().for_each(|o| o.verify_failed(d, checksum));
-    }
-    fn resumed(&self, d: &str) {
-        self.0.iter().for_each(|o| o.resumed(d));
-    }
-    fn upload_aborted(&self, d: &str) {
-        self.0.iter().for_each(|o| o.upload_aborted(d));
-    }
-}
-
-/// An observer that keeps nothing.
-pub struct NoObserver;
-impl Observer for NoObserver {}
 
 /// Where a destination's upload stood when the job was interrupted.
 #[derive(Debug, Clone)]
@@ -909,7 +852,7 @@ pub fn inspect_source(
     daemon: bool,
     force: bool,
 ) -> Result<crate::image::Report, PushError> {
-    let policy = config.policy.for_run(daemon);
+    let policy = crate::image::Policy::from_config(&config.policy, daemon);
     let report = crate::image::inspect(path, sidecar, &policy)?;
     if report.verdict == crate::image::Verdict::Refuse {
         if config.policy.refuse && !force {
@@ -982,14 +925,12 @@ pub async fn push(
     opts: PushOptions,
     observer: Arc<dyn Observer>,
     progress_every: Duration,
-    status: Option<Arc<crate::http::Status>>,
+    status: Option<Arc<crate::status::Status>>,
     cancel: watch::Receiver<bool>,
 ) -> Result<Vec<Outcome>, PushError> {
     let started = std::time::Instant::now();
     let source = Source::open(path)?;
-    let mut sidecar = path.as_os_str().to_os_string();
-    sidecar.push(crate::spool::SIDECAR_SUFFIX);
-    let sidecar = std::path::PathBuf::from(sidecar);
+    let sidecar = crate::image::sidecar::path_of(path);
     let report = inspect_source(
         path,
         sidecar.exists().then_some(sidecar.as_path()),
@@ -1031,7 +972,7 @@ pub async fn push(
             st.board.insert(&source.name, progress.clone());
             Arc::new(Observers(vec![
                 observer,
-                Arc::new(crate::metrics::JobMetrics::new(st.metrics.clone(), &names)),
+                Arc::new(crate::events::JobMetrics::new(st.metrics.clone(), &names)),
             ]))
         }
         None => observer,
@@ -1179,6 +1120,8 @@ mod tests {
             source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, "boom"),
         })
     }
+
+    use crate::events::NoObserver;
 
     #[tokio::test(start_paused = true)]
     async fn a_stop_ends_a_retry_pause_at_once() {

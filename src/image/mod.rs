@@ -56,6 +56,19 @@ pub struct Policy {
     pub require_license_attestation: bool,
 }
 
+impl Policy {
+    /// The policy of the `[policy]` table for the daemon (`daemon = true`,
+    /// where a licence attestation is required unless the table says
+    /// otherwise) or for `ferry push`.
+    pub fn from_config(p: &crate::config::PolicyConfig, daemon: bool) -> Policy {
+        Policy {
+            max_virtual_size_bytes: p.max_virtual_size.as_u64(),
+            allow_extended_l2: p.allow_extended_l2,
+            require_license_attestation: p.require_license_attestation.unwrap_or(daemon),
+        }
+    }
+}
+
 impl Default for Policy {
     fn default() -> Self {
         Policy {

@@ -7,6 +7,16 @@ use serde::{Deserialize, Serialize};
 /// What to write, shown when an attestation is required and missing.
 pub const EXAMPLE: &str = r#"{"os": "Oracle Linux", "os_version": "8", "launch_mode": "PARAVIRTUALIZED", "firmware": "BIOS", "license": {"model": "BYOL", "attested_by": "ops@example.com", "attested_at": "2026-11-26T12:00:00Z", "statement": "This image complies with the licences of its OS and software."}}"#;
 
+/// The sidecar of image `X` is `X` + this, beside it.
+pub const SUFFIX: &str = ".meta.json";
+
+/// The sidecar of the image at `path`: `path` + [`SUFFIX`].
+pub fn path_of(image: &std::path::Path) -> std::path::PathBuf {
+    let mut p = image.as_os_str().to_os_string();
+    p.push(SUFFIX);
+    std::path::PathBuf::from(p)
+}
+
 /// Sidecars larger than this are refused unread.
 pub const MAX_BYTES: u64 = 64 * 1024;
 
