@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use ferry::chunk::{self, Budget, FirstReads, PartLimits, PartPlan};
 use ferry::config::{Config, ReaderKind};
+use ferry::push::{self, PushOptions};
 use ferry::source::Source;
-use ferry::transfer::{self, PushOptions};
 
 const GIB: u64 = 1 << 30;
 
@@ -106,17 +106,14 @@ async fn push_memory_with(
         force: true,
         ..Default::default()
     };
-    // The sender must outlive the push: a closed channel reads as "stop".
-    let never_stopped = tokio::sync::watch::channel(false);
     let started = Instant::now();
-    let outcomes = transfer::push(
+    let outcomes = push::push(
         &config,
         path,
         opts,
-        Arc::new(ferry::events::NoObserver),
         Duration::from_secs(3600),
         status,
-        never_stopped.1,
+        ferry::shutdown::Shutdown::never(),
     )
     .await
     .unwrap();
@@ -185,7 +182,7 @@ fn main() {
     // endpoint scraped every 100 ms) against none, runs alternating.
     let metrics = ferry::metrics::Metrics::new();
     let status = ferry::status::Status::new(metrics, Arc::new(ferry::progress::Board::default()));
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let (stop, stopped) = ferry::shutdown::new();
     let addr = rt
         .block_on(ferry::http::serve(
             "127.0.0.1:0".parse().unwrap(),
@@ -229,6 +226,7 @@ fn main() {
         gbps(4 * GIB, off),
         (on.as_secs_f64() / off.as_secs_f64() - 1.0) * 100.0
     );
-    drop(_stop);
+    // The scraper ends when the endpoint stops answering.
+    stop.trip();
     let _ = scraper.join();
 }

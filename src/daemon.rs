@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
@@ -397,22 +397,22 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         budget: std::sync::Mutex::new(Some(settings.budget.clone())),
         ..Arc::into_inner(Status::new(metrics.clone(), board.clone())).expect("just made")
     });
-    let (stop_http, http_stopped) = watch::channel(false);
+    let (stop_http, http_stopped) = crate::shutdown::new();
     let bound = crate::http::serve(settings.config.metrics_addr, status.clone(), http_stopped)
         .await
         .map_err(|e| DaemonError::Metrics(settings.config.metrics_addr, e))?;
     info!("serving http://{bound}/metrics, /healthz, /readyz and /status");
     let mut prober = tokio::spawn(probe_destinations(settings.clone(), status.clone()));
 
-    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let (trigger, cancel) = crate::shutdown::new();
+    crate::shutdown::on_signals(trigger, || info!("stop requested"))
+        .map_err(DaemonError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
 
     let (hint_tx, mut hints) = mpsc::channel::<Hint>(1024);
     // Kept for its Drop: dropping the watcher stops watching.
     let mut _watcher = watch_spool(spool.dir(), hint_tx.clone());
 
-    let (cancel_tx, cancel) = watch::channel(false);
     let mut jobs: JoinSet<JobEnd> = JoinSet::new();
     let ctx = |s: &Arc<Settings>| JobCtx {
         settings: s.clone(),
@@ -457,8 +457,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     loop {
         let wait = next_scan.saturating_duration_since(Instant::now());
         tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = cancel.requested() => break,
             _ = sighup.recv() => {
                 match reload(config_path.as_deref(), &settings, &mut locks) {
                     Ok((s, new_spool)) => {
@@ -569,37 +568,27 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         timeout.as_secs()
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    let _ = cancel_tx.send(true);
-    let deadline = tokio::time::sleep(timeout);
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            ended = jobs.join_next() => match ended {
-                Some(Ok(end)) => {
-                    if let Some((c, _)) = settle_job(&spool, &settings, &status, end) {
-                        info!("{:?} stays in active/ and resumes at the next start", c.name);
-                    }
-                }
-                Some(Err(e)) => error!("a job task ended abnormally: {e}"),
-                None => break,
-            },
-            _ = &mut deadline => {
-                warn!("shutdown timeout reached; {} job(s) stop where they are and resume at the next start", jobs.len());
-                break;
-            }
-            _ = sigterm.recv() => {
-                warn!("second signal: exiting at once; journal records on disk are whole");
-                std::process::exit(130);
-            }
-            _ = sigint.recv() => {
-                warn!("second signal: exiting at once; journal records on disk are whole");
-                std::process::exit(130);
+    // Every job saw the stop request already (the token is theirs too).
+    let left = crate::shutdown::drain(&mut jobs, timeout, |ended| match ended {
+        Ok(end) => {
+            if let Some((c, _)) = settle_job(&spool, &settings, &status, end) {
+                info!(
+                    "{:?} stays in active/ and resumes at the next start",
+                    c.name
+                );
             }
         }
+        Err(e) => error!("a job task ended abnormally: {e}"),
+    })
+    .await;
+    if left > 0 {
+        warn!(
+            "shutdown timeout reached; {left} job(s) stop where they are and resume at the next start"
+        );
     }
     jobs.abort_all();
     prober.abort();
-    let _ = stop_http.send(true);
+    stop_http.trip();
     info!("stopped");
     Ok(())
 }
@@ -859,7 +848,7 @@ struct JobCtx {
     journal: Journal,
     board: Arc<Board>,
     metrics: Arc<Metrics>,
-    cancel: watch::Receiver<bool>,
+    cancel: crate::shutdown::Shutdown,
 }
 
 /// One image, from claim to verified (or failed, or interrupted).
@@ -898,7 +887,7 @@ async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
         false,
     ) {
         Ok(r) => r,
-        Err(transfer::PushError::Refused(r)) => {
+        Err(transfer::PrepareError::Refused(r)) => {
             let what = if r.license.is_none()
                 && r.reasons.iter().any(|x| x.starts_with("no licence"))
             {
@@ -1064,7 +1053,7 @@ async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
     .await;
     board.remove(&name);
     let _ = job_journal.flush(true);
-    let end = conclude(claimed, outcomes, *ctx.cancel.borrow(), started);
+    let end = conclude(claimed, outcomes, ctx.cancel.is_requested(), started);
     if matches!(end, JobEnd::Done(..) | JobEnd::Failed(..)) {
         // The job ends for good: an upload still recorded (kept for a retry
         // while another destination failed for good) can never finish.

@@ -23,13 +23,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::shutdown::Shutdown;
+use crate::status::Status;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use tokio::sync::watch;
-
-use crate::status::Status;
 
 /// Connections served at once; more are closed as they arrive.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -95,17 +94,18 @@ async fn handle(
     Ok(r)
 }
 
-/// Binds `addr` and serves until `stop` turns true. Returns the bound address
-/// (useful with port 0).
+/// Binds `addr` and serves until `stop` trips; then connections get a second
+/// to finish their answer. Returns the bound address (useful with port 0).
 pub async fn serve(
     addr: SocketAddr,
     status: Arc<Status>,
-    mut stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut last_full_warning: Option<Instant> = None;
         loop {
             let (stream, _) = tokio::select! {
@@ -117,7 +117,7 @@ pub async fn serve(
                         continue;
                     }
                 },
-                _ = stop.changed() => break,
+                _ = stop.requested() => break,
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 // Over the cap: close it now rather than hold its descriptor.
@@ -131,27 +131,18 @@ pub async fn serve(
                 continue;
             };
             let st = status.clone();
-            let mut conn_stop = stop.clone();
+            let svc = hyper::service::service_fn(move |req| handle(req, st.clone()));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 let _slot = slot;
-                let svc = hyper::service::service_fn(move |req| handle(req, st.clone()));
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-                tokio::pin!(conn);
-                let lifetime = tokio::time::sleep(CONNECTION_LIFETIME);
-                tokio::pin!(lifetime);
-                tokio::select! {
-                    _ = conn.as_mut() => {}
-                    _ = &mut lifetime => {}
-                    _ = conn_stop.changed() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
-                    }
-                }
+                let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
             });
         }
+        let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
     });
     Ok(bound)
 }

@@ -18,6 +18,8 @@ pub mod manifest;
 pub mod mapping;
 pub mod metrics;
 pub mod progress;
+pub mod push;
+pub mod shutdown;
 pub mod source;
 pub mod spool;
 pub mod status;

@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ferry::config::{Config, VerifyMode};
-use ferry::transfer::{self, PushOptions};
+use ferry::push::{self, PushOptions};
+use ferry::shutdown;
 
 /// Exit status when every destination verified.
 const EXIT_OK: u8 = 0;
@@ -181,72 +181,42 @@ async fn run(cli: Cli) -> u8 {
                 verify,
                 force,
             };
-            let (_stop_http, stopped) = tokio::sync::watch::channel(false);
             let status = match metrics_addr {
-                Some(addr) => {
-                    let st = ferry::status::Status::new(
-                        ferry::metrics::Metrics::new(),
-                        Arc::new(ferry::progress::Board::default()),
-                    );
-                    match ferry::http::serve(addr, st.clone(), stopped).await {
-                        Ok(bound) => eprintln!("ferry: serving http://{bound}/metrics"),
-                        Err(e) => {
-                            eprintln!("ferry: cannot serve metrics on {addr}: {e}");
-                            return EXIT_REFUSED;
-                        }
+                Some(addr) => match push::serve_status(addr).await {
+                    Ok((st, bound)) => {
+                        eprintln!("ferry: serving http://{bound}/metrics");
+                        Some(st)
                     }
-                    Some(st)
-                }
+                    Err(e) => {
+                        eprintln!("ferry: cannot serve metrics on {addr}: {e}");
+                        return EXIT_REFUSED;
+                    }
+                },
                 None => None,
             };
-            let (cancel_tx, cancel) = tokio::sync::watch::channel(false);
-            if let Err(e) = stop_on_signals(cancel_tx) {
+            let (trigger, stop) = shutdown::new();
+            let first = || {
+                eprintln!(
+                    "ferry: interrupted; aborting the uploads not yet complete (again to exit at once)"
+                )
+            };
+            if let Err(e) = shutdown::on_signals(trigger, first) {
                 eprintln!("ferry: cannot install signal handlers: {e}");
                 return EXIT_FAILED;
             }
-            let outcomes = match transfer::push(
-                &config,
-                &image,
-                opts,
-                Arc::new(ferry::events::NoObserver),
-                Duration::from_secs(progress_secs.max(1)),
-                status,
-                cancel.clone(),
-            )
-            .await
-            {
-                Ok(o) => o,
-                Err(e) => {
-                    eprintln!("ferry: {e}");
-                    return EXIT_REFUSED;
-                }
-            };
-            let mut failed = false;
-            for o in &outcomes {
-                match &o.result {
-                    Ok(m) => println!(
-                        "verified {} ({} bytes, crc32c {}) at {} [{}]",
-                        o.key, m.file_size_bytes, m.crc32c, o.destination, m.verify
-                    ),
-                    Err(transfer::TransferError::Cancelled) => eprintln!(
-                        "ferry: INTERRUPTED {}: {} ({}): the upload was aborted; nothing is left there",
-                        o.destination, o.key, o.url
-                    ),
+            let every = Duration::from_secs(progress_secs.max(1));
+            let outcomes =
+                match push::push(&config, &image, opts, every, status, stop.clone()).await {
+                    Ok(o) => o,
                     Err(e) => {
-                        failed = true;
-                        eprintln!(
-                            "ferry: FAILED {}: {} ({}): {e}",
-                            o.destination, o.key, o.url
-                        );
+                        eprintln!("ferry: {e}");
+                        return EXIT_REFUSED;
                     }
-                }
-            }
-            if *cancel.borrow() {
-                EXIT_INTERRUPTED
-            } else if failed {
-                EXIT_FAILED
-            } else {
-                EXIT_OK
+                };
+            match push::report(&outcomes, stop.is_requested()) {
+                push::Ended::Verified => EXIT_OK,
+                push::Ended::Failed => EXIT_FAILED,
+                push::Ended::Interrupted => EXIT_INTERRUPTED,
             }
         }
     }
@@ -296,28 +266,4 @@ fn inspect(
         ferry::image::Verdict::Accept => EXIT_OK,
         ferry::image::Verdict::Refuse => EXIT_REFUSED,
     }
-}
-
-/// The first SIGINT or SIGTERM stops the push (its uploads are aborted); a
-/// second one exits at once.
-fn stop_on_signals(cancel: tokio::sync::watch::Sender<bool>) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::spawn(async move {
-        for n in 0..2 {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-            if n == 1 {
-                std::process::exit(EXIT_INTERRUPTED.into());
-            }
-            eprintln!(
-                "ferry: interrupted; aborting the uploads not yet complete (again to exit at once)"
-            );
-            let _ = cancel.send(true);
-        }
-    });
-    Ok(())
 }

@@ -23,15 +23,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::chunk::{self, Budget, FirstReads, Part, PartPlan};
 use crate::config::{ReaderKind, TransferConfig, VerifyMode};
-use crate::events::{Observer, Observers};
+use crate::events::Observer;
 use crate::manifest::{self, DestinationEntry, Manifest, PartEntry};
 use crate::progress::{Phase, Progress};
+use crate::shutdown::Shutdown;
 use crate::source::{Change, Source};
 use crate::store::{Destination, PartReceipt, StoreError};
 
@@ -144,7 +145,7 @@ pub async fn run(
     progress: Arc<Progress>,
     mut resume: HashMap<String, Resume>,
     observer: Arc<dyn Observer>,
-    cancel: watch::Receiver<bool>,
+    cancel: Shutdown,
 ) -> Vec<Outcome> {
     let reader = chunk::reader(
         job.reader,
@@ -248,11 +249,11 @@ async fn fan_out(
     lag_limit: u64,
     read_error: Arc<Mutex<Option<String>>>,
     observer: Arc<dyn Observer>,
-    cancel: watch::Receiver<bool>,
+    cancel: Shutdown,
 ) {
     let plan = *reader.plan();
     for index in 0..plan.count {
-        if *cancel.borrow() {
+        if cancel.is_requested() {
             return;
         }
         let len = plan.len(index);
@@ -351,7 +352,7 @@ struct Worker {
     detached: Arc<AtomicBool>,
     /// This destination's share of parts in flight (see [`in_flight_share`]).
     max_in_flight: usize,
-    cancel: watch::Receiver<bool>,
+    cancel: Shutdown,
     /// `mapping::zeroed_faults()` when the job began.
     zeroed_before: u64,
 }
@@ -504,7 +505,7 @@ impl Worker {
         let mut tasks: JoinSet<Sent> = JoinSet::new();
         let mut self_read = rx.is_none();
         let mut rx = rx.unwrap_or_else(|| mpsc::unbounded_channel().1);
-        let mut cancel = self.cancel.clone();
+        let cancel = self.cancel.clone();
         let plan = self.job.plan;
         type Sent = Result<(PartReceipt, Duration), TransferError>;
         let reap = |r: Result<Sent, tokio::task::JoinError>,
@@ -533,7 +534,7 @@ impl Worker {
             }
             let slot = tokio::select! {
                 s = slots.clone().acquire_owned() => s.expect("never closed"),
-                Ok(_) = cancel.wait_for(|c| *c) => break, // a closed channel never stops it
+                _ = cancel.requested() => break,
             };
             while let Some(r) = tasks.try_join_next() {
                 reap(r, receipts)?;
@@ -561,7 +562,7 @@ impl Worker {
                         self.read_self(index).await?
                     }
                     None => {
-                        if *cancel.borrow() {
+                        if cancel.is_requested() {
                             break;
                         }
                         // The reader stopped: a changed source is the usual reason.
@@ -593,7 +594,7 @@ impl Worker {
                 .map(|r| (r, started.elapsed()))
             });
         }
-        if *self.cancel.borrow() && !self.job.resumable {
+        if self.cancel.is_requested() && !self.job.resumable {
             // Nothing resumes this upload: drop the parts on the wire at once.
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
@@ -602,7 +603,7 @@ impl Worker {
         while let Some(r) = tasks.join_next().await {
             reap(r, receipts)?;
         }
-        if *self.cancel.borrow() && receipts.len() < plan.count as usize {
+        if self.cancel.is_requested() && receipts.len() < plan.count as usize {
             return Err(TransferError::Cancelled);
         }
         Ok(())
@@ -807,20 +808,9 @@ impl Worker {
     }
 }
 
-/// What `ferry push` was asked for, beyond the config.
-#[derive(Debug, Clone, Default)]
-pub struct PushOptions {
-    /// Destination names or URLs; all configured destinations when empty.
-    pub to: Vec<String>,
-    pub part_size_bytes: Option<u64>,
-    pub verify: Option<VerifyMode>,
-    /// Ship even what inspection refuses (the manifest records the verdict).
-    pub force: bool,
-}
-
-/// Why a push could not start. Nothing was uploaded.
+/// Why a job could not start (a push, or a daemon job). Nothing was uploaded.
 #[derive(Debug, thiserror::Error)]
-pub enum PushError {
+pub enum PrepareError {
     #[error(transparent)]
     Source(#[from] crate::source::SourceError),
     #[error("{0}")]
@@ -851,12 +841,12 @@ pub fn inspect_source(
     config: &crate::config::Config,
     daemon: bool,
     force: bool,
-) -> Result<crate::image::Report, PushError> {
+) -> Result<crate::image::Report, PrepareError> {
     let policy = crate::image::Policy::from_config(&config.policy, daemon);
     let report = crate::image::inspect(path, sidecar, &policy)?;
     if report.verdict == crate::image::Verdict::Refuse {
         if config.policy.refuse && !force {
-            return Err(PushError::Refused(Box::new(report)));
+            return Err(PrepareError::Refused(Box::new(report)));
         }
         warn!(
             "shipping {} although OCI would refuse it: {}",
@@ -873,19 +863,19 @@ pub fn plan_for(
     destinations: &[Arc<Destination>],
     part_size_bytes: u64,
     budget: &Budget,
-) -> Result<PartPlan, PushError> {
+) -> Result<PartPlan, PrepareError> {
     let limits = destinations
         .first()
         .map(|d| d.limits())
         .unwrap_or(chunk::PartLimits::S3);
     let plan = PartPlan::new(source.size_bytes, part_size_bytes, limits).map_err(|source_err| {
-        PushError::Plan {
+        PrepareError::Plan {
             path: source.path.display().to_string(),
             source: source_err,
         }
     })?;
     if plan.part_bytes > budget.limit_bytes() {
-        return Err(PushError::Budget {
+        return Err(PrepareError::Budget {
             part: bytesize::ByteSize(plan.part_bytes)
                 .display()
                 .iec()
@@ -904,124 +894,32 @@ pub fn destinations(
     config: &crate::config::Config,
     to: &[String],
     part_bytes_hint: u64,
-) -> Result<Vec<Arc<Destination>>, PushError> {
-    let chosen = crate::store::resolve(&config.destinations, to).map_err(PushError::Destination)?;
+) -> Result<Vec<Arc<Destination>>, PrepareError> {
+    let chosen =
+        crate::store::resolve(&config.destinations, to).map_err(PrepareError::Destination)?;
     chosen
         .iter()
         .map(|(name, cfg)| {
             Destination::new(name, cfg, &config.transfer, part_bytes_hint)
                 .map(Arc::new)
-                .map_err(|e| PushError::Destination(format!("{name}: {e}")))
+                .map_err(|e| PrepareError::Destination(format!("{name}: {e}")))
         })
         .collect()
-}
-
-/// `ferry push`: one file to every chosen destination, with progress. When
-/// `cancel` turns true, uploads not yet complete are aborted and end
-/// `Cancelled`; destinations that verified before keep their objects.
-pub async fn push(
-    config: &crate::config::Config,
-    path: &std::path::Path,
-    opts: PushOptions,
-    observer: Arc<dyn Observer>,
-    progress_every: Duration,
-    status: Option<Arc<crate::status::Status>>,
-    cancel: watch::Receiver<bool>,
-) -> Result<Vec<Outcome>, PushError> {
-    let started = std::time::Instant::now();
-    let source = Source::open(path)?;
-    let sidecar = crate::image::sidecar::path_of(path);
-    let report = inspect_source(
-        path,
-        sidecar.exists().then_some(sidecar.as_path()),
-        config,
-        false,
-        opts.force,
-    )?;
-    let part_size = opts
-        .part_size_bytes
-        .unwrap_or(config.transfer.part_size.as_u64());
-    crate::config::check_part_size(part_size, config.transfer.memory_limit.as_u64())
-        .map_err(PushError::PartSize)?;
-    let budget = Budget::new(config.transfer.memory_limit.as_u64());
-    let hint = PartPlan::new(source.size_bytes, part_size, chunk::PartLimits::S3)
-        .map(|p| p.part_bytes)
-        .unwrap_or(part_size);
-    let dests = destinations(config, &opts.to, hint)?;
-    let plan = plan_for(&source, &dests, part_size, &budget)?;
-    info!(
-        "pushing {} ({} bytes) in {} parts of {} to {}",
-        source.name,
-        plan.file_bytes,
-        plan.count,
-        bytesize::ByteSize(plan.part_bytes).display().iec(),
-        dests
-            .iter()
-            .map(|d| d.name().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let names: Vec<&str> = dests.iter().map(|d| d.name()).collect();
-    let progress = Progress::new(&source.name, plan.file_bytes, &names);
-    let renderer = crate::progress::Renderer::start(progress.clone(), progress_every);
-    let observer: Arc<dyn Observer> = match &status {
-        Some(st) => {
-            if let Ok(mut b) = st.budget.lock() {
-                *b = Some(budget.clone());
-            }
-            st.board.insert(&source.name, progress.clone());
-            Arc::new(Observers(vec![
-                observer,
-                Arc::new(crate::events::JobMetrics::new(st.metrics.clone(), &names)),
-            ]))
-        }
-        None => observer,
-    };
-    let job = Arc::new(Job {
-        name: source.name.clone(),
-        source: source.clone(),
-        first_reads: Arc::new(FirstReads::new(plan.count)),
-        plan,
-        reader: config.transfer.reader,
-        verify: opts.verify.unwrap_or(config.transfer.verify),
-        retry: RetryPolicy::from_config(&config.transfer),
-        image: Some(report),
-        resumable: false,
-    });
-    let outcomes = run(
-        job,
-        dests,
-        budget,
-        progress,
-        HashMap::new(),
-        observer,
-        cancel,
-    )
-    .await;
-    renderer.finish().await;
-    if let Some(st) = &status {
-        st.board.remove(&source.name);
-        let ok = outcomes.iter().all(|o| o.result.is_ok());
-        st.metrics
-            .job_ended(if ok { "done" } else { "failed" }, started.elapsed());
-    }
-    Ok(outcomes)
 }
 
 /// What ends a retry loop early: a stop request (shutdown, Ctrl-C), or a
 /// source that changed (no further try can make its copy right).
 #[derive(Clone)]
 pub struct Halt {
-    pub cancel: watch::Receiver<bool>,
+    pub cancel: Shutdown,
     pub source: Option<Source>,
 }
 
 impl Halt {
     /// Never halts (for callers with nothing to watch).
     pub fn never() -> Halt {
-        // A sender dropped at once: the receiver keeps `false` forever.
         Halt {
-            cancel: watch::channel(false).1,
+            cancel: Shutdown::never(),
             source: None,
         }
     }
@@ -1032,7 +930,7 @@ impl Halt {
         {
             return Some(TransferError::Changed(c));
         }
-        if *self.cancel.borrow() {
+        if self.cancel.is_requested() {
             return Some(TransferError::Cancelled);
         }
         None
@@ -1054,7 +952,6 @@ where
     Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
     let mut attempt = 0;
-    let mut cancel = halt.cancel.clone();
     loop {
         let e = match f().await {
             Ok(v) => return Ok(v),
@@ -1078,8 +975,7 @@ where
         );
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            // A closed channel disables this arm: it never stops the loop.
-            Ok(_) = cancel.wait_for(|c| *c) => return Err(TransferError::Cancelled),
+            _ = halt.cancel.requested() => return Err(TransferError::Cancelled),
         }
         attempt += 1;
     }
@@ -1130,7 +1026,7 @@ mod tests {
             base: Duration::from_secs(60),
             max: Duration::from_secs(60),
         };
-        let (stop, cancel) = watch::channel(false);
+        let (stop, cancel) = crate::shutdown::new();
         let halt = Halt {
             cancel,
             source: None,
@@ -1138,7 +1034,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            let _ = stop.send(true);
+            stop.trip();
         });
         let mut calls = 0;
         let r: Result<(), _> = retry(&p, "t", &NoObserver, &halt, || {

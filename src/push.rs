@@ -1,0 +1,185 @@
+//! `ferry push`: one image to every chosen destination at once, with
+//! progress, and what the command says about each destination.
+//!
+//! Promises: nothing is sent before the image, its sidecar, the destinations
+//! and the part size are all accepted ([`PrepareError`] otherwise); a stop
+//! request (Ctrl-C, SIGTERM) aborts every upload not yet complete (nothing
+//! resumes a push), and destinations that verified keep their objects; each
+//! destination gets one line: `verified ...` on stdout, `ferry: FAILED ...` or
+//! `ferry: INTERRUPTED ...` on stderr.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::info;
+
+use crate::chunk::{self, Budget, FirstReads, PartPlan};
+use crate::config::VerifyMode;
+use crate::events::{NoObserver, Observer, Observers};
+use crate::progress::Progress;
+use crate::shutdown::Shutdown;
+use crate::source::Source;
+use crate::status::Status;
+use crate::transfer::{
+    self, Job, Outcome, PrepareError, RetryPolicy, TransferError, destinations, inspect_source,
+    plan_for,
+};
+
+/// What `ferry push` was asked for, beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    /// Destination names or URLs; all configured destinations when empty.
+    pub to: Vec<String>,
+    pub part_size_bytes: Option<u64>,
+    pub verify: Option<VerifyMode>,
+    /// Ship even what inspection refuses (the manifest records the verdict).
+    pub force: bool,
+}
+
+/// One file to every chosen destination, with progress. When `cancel` trips,
+/// uploads not yet complete are aborted and end `Cancelled`; destinations
+/// that verified before keep their objects.
+pub async fn push(
+    config: &crate::config::Config,
+    path: &std::path::Path,
+    opts: PushOptions,
+    progress_every: Duration,
+    status: Option<Arc<crate::status::Status>>,
+    cancel: Shutdown,
+) -> Result<Vec<Outcome>, PrepareError> {
+    let started = std::time::Instant::now();
+    let observer: Arc<dyn Observer> = Arc::new(NoObserver);
+    let source = Source::open(path)?;
+    let sidecar = crate::image::sidecar::path_of(path);
+    let report = inspect_source(
+        path,
+        sidecar.exists().then_some(sidecar.as_path()),
+        config,
+        false,
+        opts.force,
+    )?;
+    let part_size = opts
+        .part_size_bytes
+        .unwrap_or(config.transfer.part_size.as_u64());
+    crate::config::check_part_size(part_size, config.transfer.memory_limit.as_u64())
+        .map_err(PrepareError::PartSize)?;
+    let budget = Budget::new(config.transfer.memory_limit.as_u64());
+    let hint = PartPlan::new(source.size_bytes, part_size, chunk::PartLimits::S3)
+        .map(|p| p.part_bytes)
+        .unwrap_or(part_size);
+    let dests = destinations(config, &opts.to, hint)?;
+    let plan = plan_for(&source, &dests, part_size, &budget)?;
+    info!(
+        "pushing {} ({} bytes) in {} parts of {} to {}",
+        source.name,
+        plan.file_bytes,
+        plan.count,
+        bytesize::ByteSize(plan.part_bytes).display().iec(),
+        dests
+            .iter()
+            .map(|d| d.name().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let names: Vec<&str> = dests.iter().map(|d| d.name()).collect();
+    let progress = Progress::new(&source.name, plan.file_bytes, &names);
+    let renderer = crate::progress::Renderer::start(progress.clone(), progress_every);
+    let observer: Arc<dyn Observer> = match &status {
+        Some(st) => {
+            if let Ok(mut b) = st.budget.lock() {
+                *b = Some(budget.clone());
+            }
+            st.board.insert(&source.name, progress.clone());
+            Arc::new(Observers(vec![
+                observer,
+                Arc::new(crate::events::JobMetrics::new(st.metrics.clone(), &names)),
+            ]))
+        }
+        None => observer,
+    };
+    let job = Arc::new(Job {
+        name: source.name.clone(),
+        source: source.clone(),
+        first_reads: Arc::new(FirstReads::new(plan.count)),
+        plan,
+        reader: config.transfer.reader,
+        verify: opts.verify.unwrap_or(config.transfer.verify),
+        retry: RetryPolicy::from_config(&config.transfer),
+        image: Some(report),
+        resumable: false,
+    });
+    let outcomes = transfer::run(
+        job,
+        dests,
+        budget,
+        progress,
+        HashMap::new(),
+        observer,
+        cancel,
+    )
+    .await;
+    renderer.finish().await;
+    if let Some(st) = &status {
+        st.board.remove(&source.name);
+        let ok = outcomes.iter().all(|o| o.result.is_ok());
+        st.metrics
+            .job_ended(if ok { "done" } else { "failed" }, started.elapsed());
+    }
+    Ok(outcomes)
+}
+
+/// How a push ended, for its exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Every destination verified.
+    Verified,
+    /// At least one destination failed.
+    Failed,
+    /// Stopped by a signal.
+    Interrupted,
+}
+
+/// Prints one line per destination and says how the push ended.
+pub fn report(outcomes: &[Outcome], interrupted: bool) -> Ended {
+    let mut failed = false;
+    for o in outcomes {
+        match &o.result {
+            Ok(m) => println!(
+                "verified {} ({} bytes, crc32c {}) at {} [{}]",
+                o.key, m.file_size_bytes, m.crc32c, o.destination, m.verify
+            ),
+            Err(TransferError::Cancelled) => eprintln!(
+                "ferry: INTERRUPTED {}: {} ({}): the upload was aborted; nothing is left there",
+                o.destination, o.key, o.url
+            ),
+            Err(e) => {
+                failed = true;
+                eprintln!(
+                    "ferry: FAILED {}: {} ({}): {e}",
+                    o.destination, o.key, o.url
+                );
+            }
+        }
+    }
+    if interrupted {
+        Ended::Interrupted
+    } else if failed {
+        Ended::Failed
+    } else {
+        Ended::Verified
+    }
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/status` for the push on
+/// `addr` (`ferry push --metrics-addr`) until the process ends.
+pub async fn serve_status(
+    addr: std::net::SocketAddr,
+) -> std::io::Result<(Arc<Status>, std::net::SocketAddr)> {
+    let st = Status::new(
+        crate::metrics::Metrics::new(),
+        Arc::new(crate::progress::Board::default()),
+    );
+    let bound = crate::http::serve(addr, st.clone(), Shutdown::never()).await?;
+    Ok((st, bound))
+}
