@@ -1,0 +1,358 @@
+//! The readers: part indexes in, [`Part`]s out, each within the memory budget.
+//! `pread` into pooled buffers (the default), or one guarded read-only mapping
+//! per part (`reader = "mmap"`, see `mapping`).
+
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+
+use crate::chunk::part::checked;
+use crate::chunk::{Budget, FirstReads, Part, PartPlan, ReadError};
+use crate::source::Source;
+
+/// A share of the budget for one part, possibly with a buffer to reuse.
+pub struct Lease {
+    permit: OwnedSemaphorePermit,
+    buf: Option<memmap2::MmapMut>,
+}
+
+/// A zeroed anonymous mapping for a part: returned to the kernel at once when
+/// dropped, whatever the allocator would do. (`MADV_HUGEPAGE` was measured here
+/// and lost: direct compaction on fault cost more than the saved page faults.)
+///
+/// Pre-faulted (`MAP_POPULATE`): the kernel fills the whole mapping in one go,
+/// instead of one page fault per 4 KiB as the bytes are first written.
+pub fn buffer(len: usize) -> std::io::Result<memmap2::MmapMut> {
+    memmap2::MmapOptions::new()
+        .len(len.max(1))
+        .populate()
+        .map_anon()
+}
+
+/// Turns part indexes into [`Part`]s. `read` blocks: call it from a blocking thread.
+pub trait Reader: Send + Sync {
+    /// A pooled buffer with the budget it already holds, if one is idle.
+    fn pooled(&self) -> Option<Lease> {
+        None
+    }
+    /// Notified when a buffer returns to the pool.
+    fn returned(&self) -> Option<&Notify> {
+        None
+    }
+    fn read(&self, index: u32, lease: Lease) -> Result<Part, ReadError>;
+    fn plan(&self) -> &PartPlan;
+}
+
+/// Waits for the memory of part `index`: an idle pooled buffer, or new budget.
+///
+/// Idle pooled buffers hold budget, so waiting only on the budget could wait
+/// forever while every permit sits in the pool: wait on both.
+pub async fn lease(reader: &dyn Reader, budget: &Budget, index: u32) -> Lease {
+    let bytes = reader.plan().part_bytes.max(reader.plan().len(index));
+    let Some(returned) = reader.returned() else {
+        return Lease {
+            permit: budget.acquire(bytes).await,
+            buf: None,
+        };
+    };
+    loop {
+        let mut notified = std::pin::pin!(returned.notified());
+        notified.as_mut().enable();
+        if let Some(l) = reader.pooled() {
+            return l;
+        }
+        tokio::select! {
+            permit = budget.acquire(bytes) => return Lease { permit, buf: None },
+            _ = notified => continue,
+        }
+    }
+}
+
+/// Reads part `index` on a blocking thread.
+pub async fn read(reader: Arc<dyn Reader>, budget: &Budget, index: u32) -> Result<Part, ReadError> {
+    let lease = lease(&*reader, budget, index).await;
+    read_leased(reader, index, lease).await
+}
+
+/// The memory of part `index` if it is free right now.
+pub fn try_lease(reader: &dyn Reader, budget: &Budget, index: u32) -> Option<Lease> {
+    if let Some(l) = reader.pooled() {
+        return Some(l);
+    }
+    let bytes = reader.plan().part_bytes.max(reader.plan().len(index));
+    budget
+        .try_acquire(bytes)
+        .map(|permit| Lease { permit, buf: None })
+}
+
+/// Reads part `index` into memory already leased, on a blocking thread.
+pub async fn read_leased(
+    reader: Arc<dyn Reader>,
+    index: u32,
+    lease: Lease,
+) -> Result<Part, ReadError> {
+    let offset = reader.plan().offset(index);
+    tokio::task::spawn_blocking(move || reader.read(index, lease))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ReadError::Io {
+                index,
+                offset,
+                source: std::io::Error::other(e),
+            })
+        })
+}
+
+/// Builds the configured reader over an open source; `first` holds (or will
+/// hold) the CRC32C of every part's first read in this job.
+pub fn reader(
+    kind: crate::config::ReaderKind,
+    source: Source,
+    plan: PartPlan,
+    first: Arc<FirstReads>,
+) -> Arc<dyn Reader> {
+    match kind {
+        crate::config::ReaderKind::Pread => Arc::new(PreadReader::new(source, plan, first)),
+        crate::config::ReaderKind::Mmap => Arc::new(MmapReader {
+            source,
+            plan,
+            first,
+        }),
+    }
+}
+
+#[derive(Default)]
+struct PoolInner {
+    idle: Mutex<Vec<(memmap2::MmapMut, OwnedSemaphorePermit)>>,
+    returned: Notify,
+}
+
+type Pool = Arc<PoolInner>;
+
+/// `pread` into buffers that are reused once every destination is done with them.
+pub struct PreadReader {
+    source: Source,
+    plan: PartPlan,
+    first: Arc<FirstReads>,
+    pool: Pool,
+}
+
+/// Idle buffers kept for reuse, each still holding its share of the budget (so
+/// the budget bounds idle and busy buffers together). Reuse saves the page faults,
+/// zeroing and huge-page compaction of fresh memory; the pool is dropped, and its
+/// budget returned, with the reader at the end of the job.
+const POOL_IDLE_MAX: usize = 16;
+
+impl PreadReader {
+    pub fn new(source: Source, plan: PartPlan, first: Arc<FirstReads>) -> PreadReader {
+        PreadReader {
+            source,
+            plan,
+            first,
+            pool: Arc::default(),
+        }
+    }
+}
+
+struct PooledBuf {
+    buf: Option<memmap2::MmapMut>,
+    len: usize,
+    pool: Pool,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl AsRef<[u8]> for PooledBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.as_deref().map_or(&[], |b| &b[..self.len])
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        if let (Some(buf), Some(permit), Ok(mut idle)) =
+            (self.buf.take(), self.permit.take(), self.pool.idle.lock())
+            && idle.len() < POOL_IDLE_MAX
+        {
+            idle.push((buf, permit));
+        }
+        self.pool.returned.notify_waiters();
+    }
+}
+
+impl Reader for PreadReader {
+    fn plan(&self) -> &PartPlan {
+        &self.plan
+    }
+
+    fn returned(&self) -> Option<&Notify> {
+        Some(&self.pool.returned)
+    }
+
+    fn pooled(&self) -> Option<Lease> {
+        let (buf, permit) = self.pool.idle.lock().ok()?.pop()?;
+        Some(Lease {
+            permit,
+            buf: Some(buf),
+        })
+    }
+
+    fn read(&self, index: u32, lease: Lease) -> Result<Part, ReadError> {
+        let offset = self.plan.offset(index);
+        let read = pread_part(&self.source, &self.plan, &self.pool, index, lease);
+        checked(&self.source, &self.first, read, index, offset)
+    }
+}
+
+/// Reads part `index` into a pooled buffer (or a new one), CRC32C while hot.
+fn pread_part(
+    source: &Source,
+    plan: &PartPlan,
+    pool: &Pool,
+    index: u32,
+    lease: Lease,
+) -> std::io::Result<Part> {
+    let offset = plan.offset(index);
+    let len = plan.len(index) as usize;
+    let mut buf = match lease.buf {
+        Some(b) if b.len() >= len => b,
+        _ => buffer(plan.part_bytes.max(len as u64) as usize)?,
+    };
+    source.file.read_exact_at(&mut buf[..len], offset)?;
+    let crc32c = crc32c::crc32c(&buf[..len]);
+    let owner = PooledBuf {
+        buf: Some(buf),
+        len,
+        pool: pool.clone(),
+        permit: Some(lease.permit),
+    };
+    Ok(Part {
+        index,
+        offset,
+        bytes: Bytes::from_owner(owner),
+        crc32c,
+        budget: None,
+    })
+}
+
+/// One read-only, pre-faulted mapping per part, unmapped when the part drops.
+/// Mappings are guarded (`mapping`): a truncation under them cannot kill the
+/// process. Where no guard can be had the part is read with pread.
+pub struct MmapReader {
+    source: Source,
+    plan: PartPlan,
+    first: Arc<FirstReads>,
+}
+
+impl Reader for MmapReader {
+    fn plan(&self) -> &PartPlan {
+        &self.plan
+    }
+
+    fn read(&self, index: u32, lease: Lease) -> Result<Part, ReadError> {
+        let offset = self.plan.offset(index);
+        let len = self.plan.len(index) as usize;
+        // Never map past the end of a file that was cut before this read.
+        self.source.check()?;
+        let read = match crate::mapping::Mapped::new(&self.source.file, offset, len) {
+            Ok(Some(map)) => {
+                let faults = crate::mapping::zeroed_faults();
+                let crc32c = crc32c::crc32c(map.as_ref());
+                if crate::mapping::zeroed_faults() != faults {
+                    // A page read as zeros: the CRC is not the file's. A file
+                    // cut short says so at the check below; anything else
+                    // (an I/O error) is an error of this read.
+                    self.source.check()?;
+                    return Err(ReadError::Io {
+                        index,
+                        offset,
+                        source: std::io::Error::other(
+                            "a page of the mapping could not be read (SIGBUS)",
+                        ),
+                    });
+                }
+                Ok(Part {
+                    index,
+                    offset,
+                    bytes: Bytes::from_owner(map),
+                    crc32c,
+                    budget: Some(Arc::new(lease.permit)),
+                })
+            }
+            Ok(None) => pread_part(&self.source, &self.plan, &Pool::default(), index, lease),
+            Err(e) => Err(e),
+        };
+        checked(&self.source, &self.first, read, index, offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{MIB, PartLimits, combine};
+    use std::io::Write;
+
+    #[tokio::test]
+    async fn both_readers_give_the_same_parts_and_release_the_budget() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..(13 * MIB as usize))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        f.write_all(&data).unwrap();
+        let source = Source::open(f.path()).unwrap();
+        let plan = PartPlan::new(data.len() as u64, 5 * MIB, PartLimits::S3).unwrap();
+        assert_eq!(plan.count, 3);
+        let budget = Budget::new(64 * MIB);
+        // One table for both: the second reader's parts match the first's.
+        let first = Arc::new(FirstReads::new(plan.count));
+        for kind in [
+            crate::config::ReaderKind::Pread,
+            crate::config::ReaderKind::Mmap,
+        ] {
+            let r = reader(kind, source.clone(), plan, first.clone());
+            let mut crcs = Vec::new();
+            for i in 0..plan.count {
+                let part = read(r.clone(), &budget, i).await.unwrap();
+                let start = part.offset() as usize;
+                assert_eq!(&part.bytes()[..], &data[start..start + part.len() as usize]);
+                assert!(budget.in_use_bytes() >= part.len());
+                crcs.push((part.crc32c(), part.len()));
+            }
+            assert_eq!(combine(crcs), crc32c::crc32c(&data));
+            drop(r);
+            assert_eq!(budget.in_use_bytes(), 0, "{kind:?} leaked budget");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_part_read_again_must_match_its_first_read() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&vec![9u8; 12 * MIB as usize]).unwrap();
+        let source = Source::open(f.path()).unwrap();
+        let plan = PartPlan::new(12 * MIB, 5 * MIB, PartLimits::S3).unwrap();
+        let first = Arc::new(FirstReads::new(plan.count));
+        // As a resumed job's journal would say: part 1 was read before, and
+        // gave another CRC32C than the file gives now.
+        let now = crc32c::crc32c(&vec![9u8; 5 * MIB as usize]);
+        first.record(1, now ^ 1).unwrap();
+        let budget = Budget::new(64 * MIB);
+        for kind in [
+            crate::config::ReaderKind::Pread,
+            crate::config::ReaderKind::Mmap,
+        ] {
+            let r = reader(kind, source.clone(), plan, first.clone());
+            let e = read(r, &budget, 1).await.unwrap_err();
+            assert!(matches!(e, ReadError::Changed(_)), "{kind:?}: {e}");
+            assert!(e.to_string().contains("read again"), "{e}");
+        }
+        // The source stays changed for every later check, and every part fails.
+        assert!(source.check().is_err());
+        let r = reader(crate::config::ReaderKind::Pread, source, plan, first);
+        assert!(matches!(
+            read(r, &budget, 0).await,
+            Err(ReadError::Changed(_))
+        ));
+        assert_eq!(budget.in_use_bytes(), 0, "a refused part kept its memory");
+    }
+}

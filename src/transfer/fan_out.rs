@@ -1,0 +1,145 @@
+//! The fan-out: each part read once and handed to every destination that
+//! wants it, and the detaching of a destination that holds the others back
+//! (see the module doc of `transfer`).
+//!
+//! The queue of each destination is an unbounded channel whose bound is the
+//! memory budget: a queued part holds its share of the budget, and the reader
+//! waits for budget before it reads, so a queue never holds more than
+//! `memory_limit / part_size` parts.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::chunk::{self, Budget, Part};
+use crate::events::Observer;
+use crate::shutdown::Shutdown;
+
+pub(super) struct Feed {
+    pub(super) tx: Option<mpsc::UnboundedSender<Part>>,
+    pub(super) queued_bytes: Arc<AtomicU64>,
+    pub(super) detached: Arc<AtomicBool>,
+    pub(super) skip: Arc<HashSet<u32>>,
+}
+
+impl Feed {
+    fn live(&self) -> bool {
+        self.tx.is_some()
+    }
+}
+
+/// Reads each part once, in order, and hands it to every destination that wants it.
+pub(super) async fn fan_out(
+    reader: Arc<dyn chunk::Reader>,
+    budget: Budget,
+    mut feeds: Vec<Feed>,
+    lag_limit: u64,
+    read_error: Arc<Mutex<Option<String>>>,
+    observer: Arc<dyn Observer>,
+    cancel: Shutdown,
+) {
+    let plan = *reader.plan();
+    for index in 0..plan.count {
+        if cancel.is_requested() {
+            return;
+        }
+        let len = plan.len(index);
+        let wanted: Vec<usize> = feeds
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.live() && !f.skip.contains(&index))
+            .map(|(i, _)| i)
+            .collect();
+        if feeds.iter().all(|f| !f.live()) {
+            return;
+        }
+        if wanted.is_empty() {
+            continue;
+        }
+        let lease = loop {
+            if let Some(l) = chunk::try_lease(&*reader, &budget, index) {
+                break l;
+            }
+            detach_laggard(&mut feeds, lag_limit);
+            if let Ok(l) =
+                tokio::time::timeout(LAG_CHECK, chunk::lease(&*reader, &budget, index)).await
+            {
+                break l;
+            }
+        };
+        let part = match chunk::read_leased(reader.clone(), index, lease).await {
+            Ok(p) => p,
+            Err(e) => {
+                if let Ok(mut slot) = read_error.lock() {
+                    *slot = Some(e.to_string());
+                }
+                return;
+            }
+        };
+        observer.read_bytes(len);
+        for i in wanted {
+            let f = &mut feeds[i];
+            let Some(tx) = &f.tx else { continue };
+            f.queued_bytes.fetch_add(len, Ordering::Relaxed);
+            if tx.send(part.clone()).is_err() {
+                f.tx = None;
+            }
+        }
+    }
+}
+
+/// Parts one destination may have on the wire at once when several share the
+/// budget: its share of the budget, at least one. Parts in flight hold memory
+/// until they are sent; without a share, a slow link with all of its
+/// `parallel_parts` in flight holds the whole budget and the fast links wait for
+/// it (the detaching of laggards only sees parts still queued).
+pub(super) fn in_flight_share(budget_bytes: u64, part_bytes: u64, destinations: usize) -> usize {
+    if destinations <= 1 {
+        return usize::MAX;
+    }
+    let parts = budget_bytes / part_bytes.max(1);
+    ((parts / destinations as u64) as usize).max(1)
+}
+
+/// How often a reader waiting for memory looks for a destination to detach.
+const LAG_CHECK: Duration = Duration::from_millis(100);
+
+/// Detaches the destination holding the most unsent parts, if it holds more than
+/// `lag_limit` while another destination has nothing left to send: then it is
+/// holding the others back. When every destination still has parts queued, a
+/// full budget is plain back-pressure (the store is the bottleneck), and the
+/// parts keep being read once.
+fn detach_laggard(feeds: &mut [Feed], lag_limit: u64) {
+    let queued = |f: &Feed| f.queued_bytes.load(Ordering::Relaxed);
+    let starving = feeds.iter().filter(|f| f.live() && queued(f) == 0).count();
+    let worst = feeds
+        .iter_mut()
+        .filter(|f| f.live())
+        .max_by_key(|f| f.queued_bytes.load(Ordering::Relaxed));
+    if let Some(f) = worst
+        && starving > 0
+        && queued(f) > lag_limit
+    {
+        f.detached.store(true, Ordering::Release);
+        // Dropping the sender wakes a worker waiting in recv; the worker drops
+        // the parts still queued, which returns their memory.
+        f.tx = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_share_the_parts_in_flight() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(in_flight_share(512 * MIB, 64 * MIB, 1), usize::MAX);
+        assert_eq!(in_flight_share(512 * MIB, 64 * MIB, 2), 4);
+        assert_eq!(in_flight_share(512 * MIB, 64 * MIB, 3), 2);
+        assert_eq!(in_flight_share(128 * MIB, 64 * MIB, 3), 1);
+    }
+}

@@ -1,0 +1,213 @@
+//! One job: a file read once and uploaded to every destination at the same time.
+//!
+//! Promises:
+//! - each part is read from disk once and handed to every destination as the same
+//!   `Bytes` (no copy); the memory of all parts in flight stays within the budget;
+//! - each destination uploads with its own concurrency and its own retries; a slow
+//!   or failing destination never stalls the others;
+//! - a destination reports success only after its object verified (size and part
+//!   count, or a full read-back and CRC32C) and its manifest was written;
+//! - every request is retried a bounded number of times with exponential backoff
+//!   and full jitter.
+//!
+//! Design choice: no lockstep. The reader runs ahead for the fastest destination.
+//! When the budget is full and one destination holds more than its share of it in
+//! unsent parts, that destination is *detached*: its queued parts are dropped, the
+//! reader stops feeding it, and it reads the rest of its parts itself (from the
+//! page cache, usually). The others keep the single read; the laggard costs a
+//! second read instead of costing everyone time. Destinations that merely differ
+//! a little in speed are never detached, because the budget absorbs the difference.
+
+mod fan_out;
+mod prepare;
+mod retry;
+mod verify;
+mod worker;
+
+pub use prepare::{PrepareError, destinations, inspect_source, plan_for};
+pub use retry::{Halt, RetryPolicy, retry};
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::warn;
+
+use crate::chunk::{self, Budget, FirstReads, PartPlan};
+use crate::config::{ReaderKind, VerifyMode};
+use crate::events::Observer;
+use crate::manifest::Manifest;
+use crate::progress::Progress;
+use crate::shutdown::Shutdown;
+use crate::source::{Change, Source};
+use crate::store::{Destination, PartReceipt, StoreError};
+
+use fan_out::{Feed, fan_out, in_flight_share};
+use worker::Worker;
+
+/// Why a destination did not verify.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("reading the source failed: {0}")]
+    Read(String),
+    #[error("verification failed: {0}")]
+    Verify(String),
+    #[error("stopped before finishing")]
+    Cancelled,
+    /// The source changed: nothing read from it may be completed anywhere.
+    #[error("the source changed while uploading: {0}")]
+    Changed(Change),
+}
+
+/// Where a destination's upload stood when the job was interrupted.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub upload_id: String,
+    pub receipts: Vec<PartReceipt>,
+}
+
+/// What to upload.
+pub struct Job {
+    /// The object's name under each destination's prefix.
+    pub name: String,
+    /// The open file, checked for changes after each part read and before each
+    /// object is completed.
+    pub source: Source,
+    /// The CRC32C of each part's first read (seeded from the journal on resume).
+    pub first_reads: Arc<FirstReads>,
+    pub plan: PartPlan,
+    pub reader: ReaderKind,
+    pub verify: VerifyMode,
+    pub retry: RetryPolicy,
+    /// What inspection found, for the manifest and the CreateImage body.
+    pub image: Option<crate::image::Report>,
+    /// A later attempt resumes this job (the daemon, with its journal): an upload
+    /// that was stopped or failed for a passing reason (network, 5xx) is kept for
+    /// it. Nothing resumes a `ferry push`: every upload it does not complete is
+    /// aborted, including when it is interrupted.
+    pub resumable: bool,
+}
+
+impl TransferError {
+    /// A failure that may pass by itself (network, server errors, throttling).
+    pub fn transient(&self) -> bool {
+        matches!(self, TransferError::Store(e) if e.retryable())
+    }
+}
+
+/// The result for one destination.
+#[derive(Debug)]
+pub struct Outcome {
+    pub destination: String,
+    pub url: String,
+    pub key: String,
+    pub result: Result<Manifest, TransferError>,
+}
+
+/// Runs one job to every destination and returns one outcome per destination.
+pub async fn run(
+    job: Arc<Job>,
+    destinations: Vec<Arc<Destination>>,
+    budget: Budget,
+    progress: Arc<Progress>,
+    mut resume: HashMap<String, Resume>,
+    observer: Arc<dyn Observer>,
+    cancel: Shutdown,
+) -> Vec<Outcome> {
+    let reader = chunk::reader(
+        job.reader,
+        job.source.clone(),
+        job.plan,
+        job.first_reads.clone(),
+    );
+    let read_error: Arc<Mutex<Option<String>>> = Arc::default();
+    // More than a part queued while another destination starves (see detach_laggard).
+    let lag_limit = if destinations.len() <= 1 {
+        u64::MAX
+    } else {
+        job.plan.part_bytes
+    };
+    let max_in_flight = in_flight_share(
+        budget.limit_bytes(),
+        job.plan.part_bytes,
+        destinations.len(),
+    );
+
+    let zeroed_before = crate::mapping::zeroed_faults();
+    let mut feeds = Vec::new();
+    let mut workers = JoinSet::new();
+    for (slot, dest) in destinations.iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicU64::new(0));
+        let detached = Arc::new(AtomicBool::new(false));
+        let resumed = resume.remove(dest.name());
+        let skip: HashSet<u32> = resumed
+            .as_ref()
+            .map(|r| r.receipts.iter().map(|p| p.index).collect())
+            .unwrap_or_default();
+        let skip = Arc::new(skip);
+        feeds.push(Feed {
+            tx: Some(tx),
+            queued_bytes: queued.clone(),
+            detached: detached.clone(),
+            skip: skip.clone(),
+        });
+        let ctx = Worker {
+            job: job.clone(),
+            dest: dest.clone(),
+            reader: reader.clone(),
+            budget: budget.clone(),
+            progress: progress.clone(),
+            observer: observer.clone(),
+            read_error: read_error.clone(),
+            queued,
+            detached,
+            max_in_flight,
+            cancel: cancel.clone(),
+            zeroed_before,
+        };
+        workers.spawn(async move {
+            let result = ctx.upload(rx, resumed).await;
+            (slot, result)
+        });
+    }
+
+    let fan_out = tokio::spawn(fan_out(
+        reader, budget, feeds, lag_limit, read_error, observer, cancel,
+    ));
+
+    let mut results: Vec<Option<Result<Manifest, TransferError>>> =
+        destinations.iter().map(|_| None).collect();
+    while let Some(joined) = workers.join_next().await {
+        match joined {
+            Ok((slot, r)) => results[slot] = Some(r),
+            Err(e) => warn!("a destination task ended abnormally: {e}"),
+        }
+    }
+    let _ = fan_out.await;
+    let zeroed = crate::mapping::zeroed_faults().saturating_sub(zeroed_before);
+    if zeroed > 0 {
+        warn!(
+            "{}: {zeroed} read(s) of mapped pages that could not be read (a file cut short, or an I/O error) were answered with zeros instead of ending ferry (SIGBUS); no object was completed after them",
+            job.name
+        );
+    }
+    destinations
+        .iter()
+        .zip(results)
+        .map(|(d, r)| Outcome {
+            destination: d.name().to_string(),
+            url: d.url().to_string(),
+            key: d.key(&job.name),
+            result: r.unwrap_or_else(|| {
+                Err(TransferError::Read(
+                    "the destination task ended abnormally".into(),
+                ))
+            }),
+        })
+        .collect()
+}

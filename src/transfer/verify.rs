@@ -1,0 +1,197 @@
+//! The end of one destination's upload: a last check of the source, the
+//! completion, the verification of the object (size and part count, or a
+//! full read-back and its CRC32C), and the manifest written beside it.
+
+use std::time::SystemTime;
+
+use tracing::warn;
+
+use crate::chunk;
+use crate::config::{ReaderKind, VerifyMode};
+use crate::manifest::{self, DestinationEntry, Manifest, PartEntry};
+use crate::store::PartReceipt;
+
+use super::TransferError;
+use super::retry::retry;
+use super::worker::Worker;
+
+impl Worker {
+    pub(super) async fn finish(
+        &self,
+        upload_id: &str,
+        receipts: &[PartReceipt],
+        started: SystemTime,
+    ) -> Result<Manifest, TransferError> {
+        let name = &self.job.name;
+        let plan = self.job.plan;
+        let policy = &self.job.retry;
+        let dn = self.dest.name();
+        // Every part was sent before this check: a change it does not see
+        // happened after the last byte left, and cannot be in the object.
+        if let Err(c) = self.job.source.check() {
+            self.abort(upload_id).await;
+            return Err(TransferError::Changed(c));
+        }
+        // A mapped page that could not be read was answered with zeros, which
+        // may have gone out in a part: nothing read since then is trusted. The
+        // count is the process's, so another job's fault also stops this one:
+        // a spurious failure, never a wrong copy.
+        if self.job.reader == ReaderKind::Mmap
+            && crate::mapping::zeroed_faults() != self.zeroed_before
+        {
+            self.abort(upload_id).await;
+            return Err(TransferError::Read(
+                "a mapped page of the source could not be read (SIGBUS: an I/O error, or a file cut short) and read as zeros; nothing was completed".into(),
+            ));
+        }
+        let halt = self.halt();
+        let complete = retry(policy, dn, &*self.observer, &halt, || {
+            self.dest.complete(name, upload_id, receipts)
+        })
+        .await;
+        if let Err(e) = complete {
+            // A retried complete may fail only because an earlier attempt succeeded
+            // and its answer was lost: let verification decide.
+            warn!(
+                destination = dn,
+                "completing {name} failed ({e}); checking the object"
+            );
+            if self.verify(receipts).await.is_err() {
+                let e = self.blamed(e);
+                if !self.keeps_upload(&e) {
+                    self.abort(upload_id).await;
+                }
+                return Err(e);
+            }
+        }
+        crate::failpoint::reached("complete");
+        let crc = match self.verify(receipts).await {
+            Ok(crc) => crc,
+            Err(e) => {
+                let checksum = matches!(&e, TransferError::Verify(m) if m.contains("CRC32C"));
+                self.observer.verify_failed(dn, checksum);
+                return Err(e);
+            }
+        };
+        let m = Manifest {
+            manifest_version: manifest::FORMAT_VERSION,
+            ferry_version: crate::VERSION.to_string(),
+            file_name: name.clone(),
+            file_size_bytes: plan.file_bytes,
+            part_size_bytes: plan.part_bytes,
+            part_count: plan.count,
+            crc32c: manifest::crc_hex(crc),
+            crc32c_base64: manifest::crc_base64(crc),
+            parts: receipts
+                .iter()
+                .map(|r| PartEntry {
+                    index: r.index,
+                    offset: plan.offset(r.index),
+                    size_bytes: r.size_bytes,
+                    crc32c: manifest::crc_hex(r.crc32c),
+                })
+                .collect(),
+            destination: DestinationEntry {
+                name: dn.to_string(),
+                url: self.dest.url().to_string(),
+                key: self.dest.key(name),
+            },
+            verify: match self.job.verify {
+                VerifyMode::Head => "head".into(),
+                VerifyMode::Readback => "readback".into(),
+            },
+            source_host: manifest::hostname(),
+            started_at: manifest::timestamp(started),
+            finished_at: manifest::timestamp(SystemTime::now()),
+            image: self.image_fields(),
+        };
+        let body = bytes::Bytes::from(m.to_json());
+        let mname = format!("{name}{}", manifest::MANIFEST_SUFFIX);
+        retry(policy, dn, &*self.observer, &halt, || {
+            self.dest.put_small(&mname, body.clone())
+        })
+        .await?;
+        crate::failpoint::reached("manifest");
+        Ok(m)
+    }
+
+    fn image_fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        let Some(report) = &self.job.image else {
+            return serde_json::Map::new();
+        };
+        let mut m = report.manifest_fields();
+        m.insert(
+            "oci_create_image".into(),
+            crate::image::create_image_body(
+                report,
+                &self.dest.object_url(&self.job.name),
+                &self.job.name,
+            ),
+        );
+        m
+    }
+
+    /// Checks the finished object; returns its CRC32C.
+    async fn verify(&self, receipts: &[PartReceipt]) -> Result<u32, TransferError> {
+        let plan = self.job.plan;
+        let name = &self.job.name;
+        if receipts.len() != plan.count as usize
+            || receipts
+                .iter()
+                .enumerate()
+                .any(|(i, r)| r.index as usize != i)
+        {
+            return Err(TransferError::Verify(format!(
+                "{} of {} parts were sent",
+                receipts.len(),
+                plan.count
+            )));
+        }
+        let crc = chunk::combine(receipts.iter().map(|r| (r.crc32c, r.size_bytes)));
+        let sent: u64 = receipts.iter().map(|r| r.size_bytes).sum();
+        if sent != plan.file_bytes {
+            return Err(TransferError::Verify(format!(
+                "sent {sent} bytes of a {} byte file",
+                plan.file_bytes
+            )));
+        }
+        let dn = self.dest.name();
+        match self.job.verify {
+            VerifyMode::Head => {
+                let info = retry(&self.job.retry, dn, &*self.observer, &self.halt(), || {
+                    self.dest.head(name)
+                })
+                .await?;
+                if info.size_bytes != plan.file_bytes {
+                    return Err(TransferError::Verify(format!(
+                        "the stored object has {} bytes, the file {}",
+                        info.size_bytes, plan.file_bytes
+                    )));
+                }
+                if let Some(n) = info.parts
+                    && n != plan.count
+                {
+                    return Err(TransferError::Verify(format!(
+                        "the stored object has {n} parts, {} were sent",
+                        plan.count
+                    )));
+                }
+            }
+            VerifyMode::Readback => {
+                let (size, got) = retry(&self.job.retry, dn, &*self.observer, &self.halt(), || {
+                    self.dest.readback(name)
+                })
+                .await?;
+                if size != plan.file_bytes || got != crc {
+                    return Err(TransferError::Verify(format!(
+                        "read back {size} bytes with CRC32C {}, expected {} bytes with {}",
+                        manifest::crc_hex(got),
+                        plan.file_bytes,
+                        manifest::crc_hex(crc)
+                    )));
+                }
+            }
+        }
+        Ok(crc)
+    }
+}

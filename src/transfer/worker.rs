@@ -1,0 +1,310 @@
+//! One destination's upload: begin (or resume), send its parts with its own
+//! concurrency and retries, then finish (`verify`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::chunk::{self, Budget, Part};
+use crate::events::Observer;
+use crate::manifest::Manifest;
+use crate::progress::{Phase, Progress};
+use crate::shutdown::Shutdown;
+use crate::store::{Destination, PartReceipt};
+
+use super::retry::{Halt, retry};
+use super::{Job, Resume, TransferError};
+
+pub(super) struct Worker {
+    pub(super) job: Arc<Job>,
+    pub(super) dest: Arc<Destination>,
+    pub(super) reader: Arc<dyn chunk::Reader>,
+    pub(super) budget: Budget,
+    pub(super) progress: Arc<Progress>,
+    pub(super) observer: Arc<dyn Observer>,
+    pub(super) read_error: Arc<Mutex<Option<String>>>,
+    pub(super) queued: Arc<AtomicU64>,
+    pub(super) detached: Arc<AtomicBool>,
+    /// This destination's share of parts in flight (see [`in_flight_share`]).
+    pub(super) max_in_flight: usize,
+    pub(super) cancel: Shutdown,
+    /// `mapping::zeroed_faults()` when the job began.
+    pub(super) zeroed_before: u64,
+}
+
+impl Worker {
+    pub(super) async fn upload(
+        &self,
+        rx: mpsc::UnboundedReceiver<Part>,
+        resumed: Option<Resume>,
+    ) -> Result<Manifest, TransferError> {
+        let was_resumed = resumed.is_some();
+        let dp = self.progress.get(self.dest.name());
+        let result = self.blame(self.attempt(Some(rx), resumed, dp.as_deref()).await);
+        let result = match result {
+            Err(TransferError::Store(e)) if was_resumed && !e.retryable() => {
+                // The store no longer knows the upload (expired, aborted by hand,
+                // or a record from before a restart of the store): start over.
+                warn!(
+                    destination = self.dest.name(),
+                    "cannot continue the journaled upload of {} ({e}); starting it over",
+                    self.job.name
+                );
+                self.observer.upload_restarted(self.dest.name());
+                if let Some(dp) = &dp {
+                    dp.reset();
+                }
+                self.blame(self.attempt(None, None, dp.as_deref()).await)
+            }
+            other => other,
+        };
+        if let Some(dp) = &dp {
+            dp.set_phase(if result.is_ok() {
+                Phase::Done
+            } else {
+                Phase::Failed
+            });
+        }
+        if result.is_ok() {
+            self.observer.verified(self.dest.name());
+        }
+        result
+    }
+
+    /// A failure while the source changed is the source's doing, whatever the
+    /// destination answered (a short read, a part the store refused): say so.
+    fn blame(&self, r: Result<Manifest, TransferError>) -> Result<Manifest, TransferError> {
+        r.map_err(|e| self.blamed(e))
+    }
+
+    pub(super) fn blamed(&self, e: TransferError) -> TransferError {
+        if matches!(e, TransferError::Changed(_) | TransferError::Cancelled) {
+            return e;
+        }
+        match self.job.source.check() {
+            Err(c) => TransferError::Changed(c),
+            Ok(()) => e,
+        }
+    }
+
+    /// What ends this destination's retries early.
+    pub(super) fn halt(&self) -> Halt {
+        Halt {
+            cancel: self.cancel.clone(),
+            source: Some(self.job.source.clone()),
+        }
+    }
+
+    /// One go at the upload; without `rx` it reads every part itself.
+    async fn attempt(
+        &self,
+        rx: Option<mpsc::UnboundedReceiver<Part>>,
+        resumed: Option<Resume>,
+        dp: Option<&crate::progress::DestinationProgress>,
+    ) -> Result<Manifest, TransferError> {
+        let started = SystemTime::now();
+        let name = self.job.name.clone();
+        let (upload_id, mut receipts) = match resumed {
+            Some(r) => {
+                self.observer.resumed(self.dest.name());
+                info!(
+                    destination = self.dest.name(),
+                    "resuming upload of {name}: {} of {} parts already sent",
+                    r.receipts.len(),
+                    self.job.plan.count
+                );
+                let done: BTreeMap<u32, PartReceipt> =
+                    r.receipts.into_iter().map(|p| (p.index, p)).collect();
+                (r.upload_id, done)
+            }
+            None => {
+                let id = retry(
+                    &self.job.retry,
+                    self.dest.name(),
+                    &*self.observer,
+                    &self.halt(),
+                    || self.dest.begin(&name),
+                )
+                .await?;
+                crate::failpoint::reached("begin");
+                (id, BTreeMap::new())
+            }
+        };
+        self.observer.upload_started(self.dest.name(), &upload_id);
+        if let Some(dp) = dp {
+            dp.add(receipts.values().map(|r| r.size_bytes).sum());
+        }
+
+        let sent = self.send_parts(rx, &upload_id, &mut receipts, dp).await;
+        if let Err(e) = sent {
+            // Blamed before deciding: an upload of a changed source is never kept.
+            let e = self.blamed(e);
+            if !self.keeps_upload(&e) {
+                self.abort(&upload_id).await;
+            }
+            return Err(e);
+        }
+        if let Some(dp) = dp {
+            dp.set_phase(Phase::Verifying);
+        }
+        let receipts: Vec<PartReceipt> = receipts.into_values().collect();
+        self.finish(&upload_id, &receipts, started).await
+    }
+
+    /// An upload that failed with `e` is kept for a later attempt (stopped, or
+    /// failed for a passing reason, in a job that resumes); else aborted.
+    pub(super) fn keeps_upload(&self, e: &TransferError) -> bool {
+        self.job.resumable && (matches!(e, TransferError::Cancelled) || e.transient())
+    }
+
+    pub(super) async fn abort(&self, upload_id: &str) {
+        match self.dest.abort(&self.job.name, upload_id).await {
+            Ok(()) => self.observer.upload_aborted(self.dest.name()),
+            Err(e) => warn!(
+                destination = self.dest.name(),
+                "could not abort the upload of {}: {e}", self.job.name
+            ),
+        }
+    }
+
+    async fn send_parts(
+        &self,
+        rx: Option<mpsc::UnboundedReceiver<Part>>,
+        upload_id: &str,
+        receipts: &mut BTreeMap<u32, PartReceipt>,
+        dp: Option<&crate::progress::DestinationProgress>,
+    ) -> Result<(), TransferError> {
+        let slots = Arc::new(Semaphore::new(
+            self.dest.parallel_parts().min(self.max_in_flight),
+        ));
+        let mut tasks: JoinSet<Sent> = JoinSet::new();
+        let mut self_read = rx.is_none();
+        let mut rx = rx.unwrap_or_else(|| mpsc::unbounded_channel().1);
+        let cancel = self.cancel.clone();
+        let plan = self.job.plan;
+        type Sent = Result<(PartReceipt, Duration), TransferError>;
+        let reap = |r: Result<Sent, tokio::task::JoinError>,
+                    receipts: &mut BTreeMap<u32, PartReceipt>|
+         -> Result<(), TransferError> {
+            match r {
+                Ok(Ok((receipt, took))) => {
+                    if let Some(dp) = dp {
+                        dp.add(receipt.size_bytes);
+                    }
+                    self.observer.part_done(self.dest.name(), &receipt, took);
+                    crate::failpoint::reached("part");
+                    receipts.insert(receipt.index, receipt);
+                    Ok(())
+                }
+                Ok(Err(e)) => {
+                    self.observer.part_failed(self.dest.name());
+                    Err(e)
+                }
+                Err(e) => Err(TransferError::Read(format!("part task failed: {e}"))),
+            }
+        };
+        for index in 0..plan.count {
+            if receipts.contains_key(&index) {
+                continue;
+            }
+            let slot = tokio::select! {
+                s = slots.clone().acquire_owned() => s.expect("never closed"),
+                _ = cancel.requested() => break,
+            };
+            while let Some(r) = tasks.try_join_next() {
+                reap(r, receipts)?;
+            }
+            if !self_read && self.detached.load(Ordering::Acquire) {
+                self_read = true;
+                self.note_detached(index);
+                // Drop what is still queued: that returns its memory to the budget.
+                rx.close();
+                while let Ok(p) = rx.try_recv() {
+                    self.queued.fetch_sub(p.len(), Ordering::Relaxed);
+                }
+            }
+            let part = if self_read {
+                self.read_self(index).await?
+            } else {
+                match rx.recv().await {
+                    Some(p) => {
+                        self.queued.fetch_sub(p.len(), Ordering::Relaxed);
+                        p
+                    }
+                    None if self.detached.load(Ordering::Acquire) => {
+                        self_read = true;
+                        self.note_detached(index);
+                        self.read_self(index).await?
+                    }
+                    None => {
+                        if cancel.is_requested() {
+                            break;
+                        }
+                        // The reader stopped: a changed source is the usual reason.
+                        self.job.source.check().map_err(TransferError::Changed)?;
+                        let why = self
+                            .read_error
+                            .lock()
+                            .ok()
+                            .and_then(|e| e.clone())
+                            .unwrap_or_else(|| "the reader stopped".into());
+                        return Err(TransferError::Read(why));
+                    }
+                }
+            };
+            debug_assert_eq!(part.index(), index);
+            let dest = self.dest.clone();
+            let name = self.job.name.clone();
+            let id = upload_id.to_string();
+            let policy = self.job.retry;
+            let observer = self.observer.clone();
+            let halt = self.halt();
+            tasks.spawn(async move {
+                let _slot = slot;
+                let started = std::time::Instant::now();
+                retry(&policy, dest.name(), &*observer, &halt, || {
+                    dest.put_part(&name, &id, &part)
+                })
+                .await
+                .map(|r| (r, started.elapsed()))
+            });
+        }
+        if self.cancel.is_requested() && !self.job.resumable {
+            // Nothing resumes this upload: drop the parts on the wire at once.
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+            return Err(TransferError::Cancelled);
+        }
+        while let Some(r) = tasks.join_next().await {
+            reap(r, receipts)?;
+        }
+        if self.cancel.is_requested() && receipts.len() < plan.count as usize {
+            return Err(TransferError::Cancelled);
+        }
+        Ok(())
+    }
+
+    fn note_detached(&self, index: u32) {
+        info!(
+            destination = self.dest.name(),
+            "{} falls behind the others; it reads its own parts from part {index}",
+            self.dest.name()
+        );
+    }
+
+    async fn read_self(&self, index: u32) -> Result<Part, TransferError> {
+        let part = chunk::read(self.reader.clone(), &self.budget, index)
+            .await
+            .map_err(|e| match e {
+                chunk::ReadError::Changed(c) => TransferError::Changed(c),
+                e => TransferError::Read(e.to_string()),
+            })?;
+        self.observer.read_bytes(part.len());
+        Ok(part)
+    }
+}
