@@ -1,0 +1,425 @@
+//! `s3://BUCKET/PREFIX/`: any S3-compatible store, through object_store's
+//! `MultipartStore`, with the endpoint, region and credentials resolved once
+//! (S3Target) and nothing else ever contacted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path as ObjPath;
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+
+use super::{Address, Backend, ObjectInfo, PartReceipt, StoreError, url_escape};
+use crate::chunk::Part;
+use crate::config::{DestinationConfig, TransferConfig};
+
+pub(super) struct S3Backend {
+    store: Arc<dyn ObjectStore>,
+    multipart: Arc<dyn MultipartStore>,
+    prefix: String,
+    object_url_base: String,
+}
+
+impl S3Backend {
+    pub(super) fn new(
+        name: &str,
+        bucket: &str,
+        prefix: String,
+        cfg: &DestinationConfig,
+        transfer: &TransferConfig,
+        part_bytes_hint: u64,
+    ) -> Result<(S3Backend, Address), StoreError> {
+        let target = S3Target::resolve(name, bucket, cfg)?;
+        let s3 = build_s3(&target, cfg, transfer, part_bytes_hint)?;
+        Ok((
+            S3Backend {
+                store: s3.clone(),
+                multipart: s3,
+                prefix,
+                object_url_base: target.object_url_base(),
+            },
+            target.address(),
+        ))
+    }
+
+    /// The object path of `prefix + name`, exactly: object_store's
+    /// `Path::from` would percent-encode `%`, `#`, `[`, `~`, quotes and more
+    /// into the stored key. A key object_store cannot carry (control
+    /// characters, `.`/`..` segments) is refused.
+    fn obj_path(&self, name: &str) -> Result<ObjPath, StoreError> {
+        key_path(&self.key(name))
+    }
+
+    fn remote(&self, op: &'static str, name: &str) -> impl Fn(object_store::Error) -> StoreError {
+        let key = self.key(name);
+        move |source| StoreError::Remote {
+            op,
+            key: key.clone(),
+            source,
+        }
+    }
+}
+
+fn key_path(key: &str) -> Result<ObjPath, StoreError> {
+    if key.is_empty() || key.starts_with('/') || key.ends_with('/') {
+        return Err(StoreError::Key {
+            key: key.to_string(),
+            message: "it may not be empty or start or end with '/'".into(),
+        });
+    }
+    ObjPath::parse(key).map_err(|e| StoreError::Key {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+#[async_trait::async_trait]
+impl Backend for S3Backend {
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn object_url(&self, name: &str) -> String {
+        format!("{}{}", self.object_url_base, url_escape(&self.key(name)))
+    }
+
+    async fn begin(&self, name: &str) -> Result<String, StoreError> {
+        self.multipart
+            .create_multipart(&self.obj_path(name)?)
+            .await
+            .map_err(self.remote("begin upload", name))
+    }
+
+    async fn put_part(
+        &self,
+        name: &str,
+        upload_id: &str,
+        part: &Part,
+    ) -> Result<String, StoreError> {
+        let id = self
+            .multipart
+            .put_part(
+                &self.obj_path(name)?,
+                &upload_id.to_string(),
+                part.index() as usize,
+                PutPayload::from_bytes(part.bytes().clone()),
+            )
+            .await
+            .map_err(self.remote("upload part", name))?;
+        Ok(id.content_id)
+    }
+
+    async fn complete(
+        &self,
+        name: &str,
+        upload_id: &str,
+        receipts: &[PartReceipt],
+    ) -> Result<(), StoreError> {
+        let parts = receipts
+            .iter()
+            .map(|r| PartId {
+                content_id: r.part_id.clone(),
+            })
+            .collect();
+        self.multipart
+            .complete_multipart(&self.obj_path(name)?, &upload_id.to_string(), parts)
+            .await
+            .map(drop)
+            .map_err(self.remote("complete upload", name))
+    }
+
+    async fn abort_key(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
+        self.multipart
+            .abort_multipart(&key_path(key)?, &upload_id.to_string())
+            .await
+            .map_err(|source| StoreError::Remote {
+                op: "abort upload",
+                key: key.to_string(),
+                source,
+            })
+    }
+
+    async fn head(&self, name: &str) -> Result<ObjectInfo, StoreError> {
+        let meta = self
+            .store
+            .head(&self.obj_path(name)?)
+            .await
+            .map_err(self.remote("head", name))?;
+        let parts = meta
+            .e_tag
+            .as_deref()
+            .map(|t| t.trim_matches('"'))
+            .and_then(|t| t.rsplit_once('-'))
+            .and_then(|(_, n)| n.parse().ok());
+        Ok(ObjectInfo {
+            size_bytes: meta.size,
+            parts,
+        })
+    }
+
+    async fn readback(&self, name: &str) -> Result<(u64, u32), StoreError> {
+        let remote = self.remote("read back", name);
+        let mut stream = self
+            .store
+            .get(&self.obj_path(name)?)
+            .await
+            .map_err(&remote)?
+            .into_stream();
+        let (mut crc, mut size) = (0u32, 0u64);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(&remote)?;
+            crc = crc32c::crc32c_append(crc, &chunk);
+            size += chunk.len() as u64;
+        }
+        Ok((size, crc))
+    }
+
+    async fn put_small(&self, name: &str, body: Bytes) -> Result<(), StoreError> {
+        self.store
+            .put(&self.obj_path(name)?, PutPayload::from_bytes(body))
+            .await
+            .map(drop)
+            .map_err(self.remote("write", name))
+    }
+
+    async fn get_small(&self, name: &str) -> Result<Bytes, StoreError> {
+        let remote = self.remote("read", name);
+        self.store
+            .get(&self.obj_path(name)?)
+            .await
+            .map_err(&remote)?
+            .bytes()
+            .await
+            .map_err(&remote)
+    }
+
+    async fn probe(&self, _part_bytes: u64) -> Result<(), StoreError> {
+        match self.store.head(&self.obj_path(".ferry-probe")?).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(StoreError::Remote {
+                op: "probe",
+                key: self.key(".ferry-probe"),
+                source,
+            }),
+        }
+    }
+}
+
+/// An S3 destination's endpoint, region, bucket and credentials, resolved
+/// once from its table and the environment. These are the only endpoint and
+/// credential source the destination ever uses: object_store's own fallbacks
+/// (public AWS for a URL alone, the instance-metadata service when no key is
+/// found) are never reached unless the table says `credentials = "instance"`.
+struct S3Target {
+    bucket: String,
+    endpoint: String,
+    region: String,
+    keys: Option<(String, String, Option<String>)>,
+}
+
+impl S3Target {
+    fn resolve(name: &str, bucket: &str, cfg: &DestinationConfig) -> Result<S3Target, StoreError> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let region = cfg
+            .region
+            .clone()
+            .or_else(|| env("AWS_REGION"))
+            .or_else(|| env("AWS_DEFAULT_REGION"))
+            .unwrap_or_else(|| "us-east-1".to_string());
+        let endpoint = cfg
+            .endpoint
+            .clone()
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .or_else(|| env("AWS_ENDPOINT"))
+            .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"))
+            .trim_end_matches('/')
+            .to_string();
+        let setup = |m: String| StoreError::Setup(format!("destination {name} ({}): {m}", cfg.url));
+        let keys = match cfg.credentials.unwrap_or_default() {
+            crate::config::Credentials::Instance => {
+                if cfg.access_key_id.is_some() || cfg.secret_access_key.is_some() {
+                    return Err(setup(
+                        "credentials = \"instance\" and access keys are both set: keep one".into(),
+                    ));
+                }
+                None
+            }
+            crate::config::Credentials::Keys => {
+                let pair = match (&cfg.access_key_id, &cfg.secret_access_key) {
+                    (Some(id), Some(secret)) => (id.clone(), secret.clone(), None),
+                    (Some(_), None) | (None, Some(_)) => {
+                        return Err(setup(
+                            "access_key_id and secret_access_key go together: set both".into(),
+                        ));
+                    }
+                    (None, None) => {
+                        match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+                            (Some(id), Some(secret)) => (id, secret, env("AWS_SESSION_TOKEN")),
+                            (Some(_), None) | (None, Some(_)) => {
+                                return Err(setup(
+                                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY go together: set both"
+                                    .into(),
+                            ));
+                            }
+                            (None, None) => {
+                                return Err(setup(format!(
+                                    "no credentials: set access_key_id and secret_access_key in \
+                                 [destinations.{name}], or AWS_ACCESS_KEY_ID and \
+                                 AWS_SECRET_ACCESS_KEY in ferry's environment, or \
+                                 credentials = \"instance\" to use the role of the cloud \
+                                 instance ferry runs on"
+                                )));
+                            }
+                        }
+                    }
+                };
+                Some(pair)
+            }
+        };
+        Ok(S3Target {
+            bucket: bucket.to_string(),
+            endpoint,
+            region,
+            keys,
+        })
+    }
+
+    fn address(&self) -> Address {
+        Address::S3 {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            bucket: self.bucket.clone(),
+        }
+    }
+
+    /// The base URL of objects: OCI's native form for OCI's S3-compatible
+    /// endpoint (`https://NS.compat.objectstorage.REGION.oraclecloud.com`),
+    /// path style otherwise.
+    fn object_url_base(&self) -> String {
+        let host = url::Url::parse(&self.endpoint)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        if let Some((ns, rest)) = host.split_once(".compat.objectstorage.")
+            && let Some(region) = rest.strip_suffix(".oraclecloud.com")
+        {
+            format!(
+                "https://objectstorage.{region}.oraclecloud.com/n/{ns}/b/{}/o/",
+                self.bucket
+            )
+        } else {
+            format!("{}/{}/", self.endpoint, self.bucket)
+        }
+    }
+}
+
+fn build_s3(
+    target: &S3Target,
+    cfg: &DestinationConfig,
+    transfer: &TransferConfig,
+    part_bytes_hint: u64,
+) -> Result<Arc<AmazonS3>, StoreError> {
+    // object_store's whole-request timeout defaults to 30 s, which a large part on a
+    // slow link exceeds: allow part_size at min_throughput, and never under 60 s.
+    let secs = (part_bytes_hint / (transfer.min_throughput_kib * 1024)).max(60);
+    let options = ClientOptions::new()
+        .with_timeout(Duration::from_secs(secs))
+        .with_connect_timeout(Duration::from_secs(transfer.connect_timeout_secs))
+        .with_pool_idle_timeout(Duration::from_secs(30));
+    let allow_http = cfg
+        .allow_http
+        .unwrap_or_else(|| is_loopback_http(&target.endpoint));
+    // Keys: nothing from the environment but what S3Target read. Instance:
+    // the AWS SDKs' chain (web identity, container, instance metadata), as asked.
+    let b = match target.keys {
+        Some(_) => AmazonS3Builder::new(),
+        None => AmazonS3Builder::from_env(),
+    };
+    // Client options first: they replace the whole option set, allow_http included.
+    let mut b = b
+        .with_client_options(options)
+        .with_allow_http(allow_http)
+        .with_bucket_name(&target.bucket)
+        .with_retry(RetryConfig {
+            max_retries: 0,
+            ..RetryConfig::default()
+        })
+        .with_virtual_hosted_style_request(false)
+        .with_endpoint(&target.endpoint)
+        .with_region(&target.region);
+    b = match transfer.payload_checksum {
+        crate::config::PayloadChecksum::Crc64nvme => b
+            .with_unsigned_payload(true)
+            .with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME),
+        crate::config::PayloadChecksum::Sha256 => b,
+    };
+    if let Some((id, secret, token)) = &target.keys {
+        b = b.with_access_key_id(id).with_secret_access_key(secret);
+        if let Some(t) = token {
+            b = b.with_token(t);
+        }
+    }
+    b.build()
+        .map(Arc::new)
+        .map_err(|e| StoreError::Setup(format!("s3://{}: {e}", target.bucket)))
+}
+
+fn is_loopback_http(endpoint: &str) -> bool {
+    url::Url::parse(endpoint).is_ok_and(|u| {
+        u.scheme() == "http"
+            && match u.host() {
+                Some(url::Host::Domain(d)) => d == "localhost",
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                None => false,
+            }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_endpoints_allow_http() {
+        assert!(is_loopback_http("http://127.0.0.1:8333"));
+        assert!(is_loopback_http("http://localhost:8333"));
+        assert!(!is_loopback_http("http://10.0.0.1:8333"));
+        assert!(!is_loopback_http("https://127.0.0.1"));
+    }
+
+    #[test]
+    fn keys_are_the_name_exactly_and_never_leave_the_prefix() {
+        for name in ["100%.qcow2", "a#b?c", "back\\slash~[x]*", "q\"'<>", "ü 空"] {
+            let p = backend("exports/").obj_path(name).unwrap();
+            assert_eq!(p.as_ref(), format!("exports/{name}"));
+        }
+        for bad in ["..", ".", "new\nline", "a/../../etc"] {
+            assert!(backend("exports/").obj_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// An S3 backend that is never asked anything (keys and paths only).
+    fn backend(prefix: &str) -> S3Backend {
+        let cfg = DestinationConfig {
+            url: "s3://bkt/".into(),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            access_key_id: Some("k".into()),
+            secret_access_key: Some("s".into()),
+            ..Default::default()
+        };
+        S3Backend::new(
+            "t",
+            "bkt",
+            prefix.into(),
+            &cfg,
+            &TransferConfig::default(),
+            5 << 20,
+        )
+        .unwrap()
+        .0
+    }
+}
