@@ -34,6 +34,9 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::image::sidecar::SUFFIX as SIDECAR_SUFFIX;
+
+mod watch;
+pub use watch::{Hint, watch};
 pub const READY_SUFFIX: &str = ".ready";
 pub const ERROR_SUFFIX: &str = ".error.json";
 
