@@ -10,6 +10,7 @@
 //! configuration, the configuration reads nothing (destination URLs are
 //! parsed here for that reason).
 
+use crate::error::Class;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,14 @@ pub enum ConfigError {
     Parse { origin: String, message: String },
     #[error("config {origin}: {message}")]
     Invalid { origin: String, message: String },
+}
+
+impl ConfigError {
+    /// [`Class::Fatal`]: the configuration must be fixed; a reload keeps the
+    /// running one.
+    pub fn class(&self) -> Class {
+        Class::Fatal
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -406,6 +415,13 @@ pub enum UrlError {
         "{0:?}: destination URLs take no query ('?') or fragment ('#'); a key prefix or directory holding them is not supported"
     )]
     QueryOrFragment(String),
+}
+
+impl UrlError {
+    /// [`Class::Fatal`]: the configuration must be fixed.
+    pub fn class(&self) -> Class {
+        Class::Fatal
+    }
 }
 
 impl DestinationUrl {

@@ -22,6 +22,7 @@
 //! completes. A crash loses at most that long of part receipts, which are then
 //! sent again: resending a part is safe, losing a record is not.
 
+use crate::error::Class;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,14 @@ pub enum JournalError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl JournalError {
+    /// [`Class::Retry`]: a running daemon takes no new files until the state
+    /// directory takes writes again (fatal only at start).
+    pub fn class(&self) -> Class {
+        Class::Retry
+    }
 }
 
 impl JournalError {

@@ -8,6 +8,7 @@
 pub mod chunk;
 pub mod config;
 pub mod daemon;
+pub mod error;
 pub mod events;
 pub mod failpoint;
 pub mod http;

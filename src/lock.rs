@@ -12,6 +12,7 @@
 //! guessing whether a pid is still alive or was reused. The holder's pid is
 //! written into the file only so the refusal can name it.
 
+use crate::error::Class;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -36,6 +37,14 @@ pub enum LockError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl LockError {
+    /// [`Class::Fatal`] at start (another daemon, or a directory ferry cannot
+    /// lock); a running daemon takes no new files while its lock is lost.
+    pub fn class(&self) -> Class {
+        Class::Fatal
+    }
 }
 
 /// An exclusive lock on `DIR/<file>`, held while this lives.

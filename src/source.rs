@@ -40,6 +40,7 @@
 //! works the same in the daemon, in `ferry push` and in tests, and SIGIO can
 //! never terminate the process (its default action) once a lease exists.
 
+use crate::error::Class;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
@@ -67,6 +68,13 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl SourceError {
+    /// Always [`Class::Refuse`]: the file cannot be a source as it is.
+    pub fn class(&self) -> Class {
+        Class::Refuse
+    }
 }
 
 /// What identifies the bytes of a file: if any of it moves, the bytes may have.

@@ -2,6 +2,7 @@
 //! bytes were read, its first read's CRC32C when it is read again, and a
 //! source that did not change meanwhile.
 
+use crate::error::Class;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -74,6 +75,17 @@ pub enum ReadError {
     /// be shipped.
     #[error("{0}")]
     Changed(#[from] Change),
+}
+
+impl ReadError {
+    /// A changed source is [`Class::Refuse`] (the file is at fault); a read
+    /// error is [`Class::Fatal`] for the job (the disk needs a look).
+    pub fn class(&self) -> Class {
+        match self {
+            ReadError::Changed(_) => Class::Refuse,
+            ReadError::Io { .. } => Class::Fatal,
+        }
+    }
 }
 
 /// The CRC32C of each part's first read in a job, shared by every reader of

@@ -2,6 +2,7 @@
 //! limits, and how the parts' CRC32Cs make the whole file's.
 
 use crate::chunk::MIB;
+use crate::error::Class;
 
 /// Limits of a store's multipart upload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +32,13 @@ pub enum PlanError {
         "file of {file_bytes} bytes is larger than the {max_bytes} bytes a multipart upload can hold (10,000 parts of at most 5 GiB)"
     )]
     TooLarge { file_bytes: u64, max_bytes: u64 },
+}
+
+impl PlanError {
+    /// [`Class::Refuse`]: no part size the stores take can carry this file.
+    pub fn class(&self) -> Class {
+        Class::Refuse
+    }
 }
 
 /// How a file is cut into parts.

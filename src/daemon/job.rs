@@ -14,6 +14,7 @@ use super::Settings;
 use super::recovery::abort_record;
 use super::retries::JOB_ATTEMPTS;
 use crate::chunk::{FirstReads, PartPlan};
+use crate::error::Class;
 use crate::events::{JobMetrics, Observer, Observers};
 use crate::journal::{DestinationRecord, JobJournal, JobRecord, Journal};
 use crate::manifest;
@@ -22,7 +23,10 @@ use crate::progress::{Board, Progress, ProgressLog};
 use crate::source::Source;
 use crate::spool::{Claimed, DestinationError, ErrorReport};
 use crate::store::Destination;
-use crate::transfer::{self, Job, Outcome, Resume, RetryPolicy, TransferError};
+use crate::transfer::{
+    self, CHANGED_ADVICE, DESTINATION_ADVICE, Job, Outcome, PrepareError, Resume, RetryPolicy,
+    TransferError,
+};
 
 /// What every job shares.
 #[derive(Clone)]
@@ -37,8 +41,11 @@ pub(super) struct JobCtx {
 /// How a job ended, for the loop to act on the spool.
 pub(super) enum JobEnd {
     Done(Claimed, Instant),
-    /// The report, and whether it is a refusal of the file (not a failure).
-    Failed(Claimed, Box<ErrorReport>, bool, Instant),
+    /// The file was refused before a byte was sent: it is not an image OCI
+    /// takes, or cannot be read, or the configuration cannot take it.
+    Refused(Claimed, Box<ErrorReport>, Instant),
+    /// At least one destination did not verify it, for good.
+    Failed(Claimed, Box<ErrorReport>, Instant),
     /// Shutting down: the file stays in `active/` with its journal record.
     Interrupted(Claimed),
     /// Every failure may pass by itself (a destination down, throttling): the
@@ -50,6 +57,7 @@ impl JobEnd {
     pub(super) fn claimed(&self) -> &Claimed {
         match self {
             JobEnd::Done(c, _)
+            | JobEnd::Refused(c, ..)
             | JobEnd::Failed(c, ..)
             | JobEnd::Interrupted(c)
             | JobEnd::Retry(c, _) => c,
@@ -79,7 +87,7 @@ pub(super) async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
     let settings = &ctx.settings;
     let prepared = match prepare(settings, &claimed) {
         Ok(p) => p,
-        Err(r) => return JobEnd::Failed(claimed, r, true, started),
+        Err(r) => return JobEnd::Refused(claimed, r, started),
     };
     let mut dests = settings.destinations.clone();
     let start = match start(&ctx, &prepared, &mut dests).await {
@@ -93,7 +101,7 @@ pub(super) async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
                 vec![],
                 CHANGED_ADVICE,
             );
-            return JobEnd::Failed(claimed, Box::new(r), false, started);
+            return JobEnd::Failed(claimed, Box::new(r), started);
         }
     };
     let Prepared {
@@ -141,7 +149,10 @@ pub(super) async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
     ctx.board.remove(&name);
     let _ = job_journal.flush(true);
     let end = conclude(claimed, outcomes, ctx.cancel.is_requested(), started);
-    if matches!(end, JobEnd::Done(..) | JobEnd::Failed(..)) {
+    if matches!(
+        end,
+        JobEnd::Done(..) | JobEnd::Failed(..) | JobEnd::Refused(..)
+    ) {
         // The job ends for good: an upload still recorded (kept for a retry
         // while another destination failed for good) can never finish.
         abort_record(&job_journal.record(), settings).await;
@@ -163,62 +174,34 @@ struct Prepared {
 /// Opens, inspects and plans the claimed file. An error is a refusal of the
 /// file, with the report that says why and what to do.
 fn prepare(settings: &Settings, claimed: &Claimed) -> Result<Prepared, Box<ErrorReport>> {
-    let refuse =
-        |reason: String, what: &str| Box::new(report(&claimed.name, &reason, vec![], what));
-    let Some(name) = claimed.name.to_str().map(str::to_string) else {
-        return Err(refuse(
-            "the file name is not valid UTF-8, so it cannot be an object key".into(),
-            "Rename the file to a UTF-8 name and put it back in the spool.",
-        ));
+    let refuse = |e: PrepareError| {
+        let mut r = report(&claimed.name, "", vec![], e.advice());
+        r.reason = match &e {
+            PrepareError::Refused(i) | PrepareError::Unattested(i) => i.reasons.join("; "),
+            _ => e.to_string(),
+        };
+        r.inspection = e.into_report();
+        Box::new(r)
     };
-    let source = Source::open(&claimed.path).map_err(|e| {
-        refuse(
-            e.to_string(),
-            "Put the image back in the spool as a regular, readable, non-empty file.",
-        )
-    })?;
+    let source = Source::open(&claimed.path).map_err(|e| refuse(e.into()))?;
     let config = &settings.config;
-    let image = match transfer::inspect_source(
+    let image = transfer::inspect_source(
         &claimed.path,
         claimed.sidecar.as_deref(),
         config,
         true,
         false,
-    ) {
-        Ok(r) => r,
-        Err(transfer::PrepareError::Refused(r)) => {
-            let what = if r.license.is_none()
-                && r.reasons.iter().any(|x| x.starts_with("no licence"))
-            {
-                "Write the sidecar as the reason says, then put the image (and its .meta.json) back in the spool."
-            } else {
-                "Fix or convert the image as the reasons say, then put it back in the spool."
-            };
-            let mut rep = refuse(r.reasons.join("; "), what);
-            rep.inspection = Some(*r);
-            return Err(rep);
-        }
-        Err(e) => {
-            return Err(refuse(
-                e.to_string(),
-                "Put the image back in the spool as a regular, readable file with a valid sidecar.",
-            ));
-        }
-    };
+    )
+    .map_err(refuse)?;
     let plan = transfer::plan_for(
         &source,
         &settings.destinations,
         config.transfer.part_size.as_u64(),
         &settings.budget,
     )
-    .map_err(|e| {
-        refuse(
-            e.to_string(),
-            "Change the configuration as the reason says, or split the image.",
-        )
-    })?;
+    .map_err(refuse)?;
     Ok(Prepared {
-        name,
+        name: source.name.clone(),
         source,
         image,
         plan,
@@ -369,7 +352,7 @@ pub(super) async fn give_up(ctx: JobCtx, c: Claimed) -> JobEnd {
         vec![],
         "Check the destinations named in the log and in /status, then move the file from failed/ back into the spool.",
     );
-    JobEnd::Failed(c, Box::new(r), false, started)
+    JobEnd::Failed(c, Box::new(r), started)
 }
 
 /// What a journal record left by an earlier attempt allows.
@@ -422,9 +405,7 @@ fn continuation(
     Continuation::Resume
 }
 
-/// What to do about an image that changed while ferry had it.
-const CHANGED_ADVICE: &str = "Make sure the producer has finished writing before the file appears in the spool (write X.partial, then rename it to X) and that nothing writes to it afterwards; then put it back. Nothing was completed from the changed bytes.";
-
+/// The job's end from its outcomes, one per destination.
 fn conclude(claimed: Claimed, outcomes: Vec<Outcome>, cancelled: bool, started: Instant) -> JobEnd {
     let interrupted = outcomes
         .iter()
@@ -432,11 +413,11 @@ fn conclude(claimed: Claimed, outcomes: Vec<Outcome>, cancelled: bool, started: 
     if interrupted || (cancelled && outcomes.iter().any(|o| o.result.is_err())) {
         return JobEnd::Interrupted(claimed);
     }
-    let transient_only = outcomes
+    let passing_only = outcomes
         .iter()
         .filter_map(|o| o.result.as_ref().err())
-        .all(|e| e.transient());
-    if transient_only && outcomes.iter().any(|o| o.result.is_err()) {
+        .all(|e| e.class() == Class::Retry);
+    if passing_only && outcomes.iter().any(|o| o.result.is_err()) {
         let why = outcomes
             .iter()
             .filter_map(|o| {
@@ -463,10 +444,10 @@ fn conclude(claimed: Claimed, outcomes: Vec<Outcome>, cancelled: bool, started: 
         return JobEnd::Done(claimed, started);
     }
     let changed = outcomes.iter().find_map(|o| match &o.result {
-        Err(TransferError::Changed(c)) => Some(c.clone()),
+        Err(e @ TransferError::Changed(c)) => Some((c.clone(), e.advice())),
         _ => None,
     });
-    let (reason, what) = if let Some(c) = changed {
+    let (reason, what) = if let Some((c, advice)) = changed {
         let before: Vec<&str> = outcomes
             .iter()
             .filter(|o| o.result.is_ok())
@@ -480,7 +461,7 @@ fn conclude(claimed: Claimed, outcomes: Vec<Outcome>, cancelled: bool, started: 
                 before.join(", ")
             );
         }
-        (reason, CHANGED_ADVICE)
+        (reason, advice)
     } else {
         (
             format!(
@@ -493,9 +474,85 @@ fn conclude(claimed: Claimed, outcomes: Vec<Outcome>, cancelled: bool, started: 
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            "Check the named destinations (reachable, credentials, bucket exists), then move the file from failed/ back into the spool; destinations that verified are uploaded again.",
+            DESTINATION_ADVICE,
         )
     };
     let r = report(&claimed.name, &reason, failures, what);
-    JobEnd::Failed(claimed, Box::new(r), false, started)
+    JobEnd::Failed(claimed, Box::new(r), started)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::Change;
+    use crate::store::StoreError;
+
+    fn claimed() -> Claimed {
+        Claimed {
+            name: "a.qcow2".into(),
+            path: "/spool/.ferry/active/a.qcow2".into(),
+            sidecar: None,
+        }
+    }
+
+    fn failed(destination: &str, e: TransferError) -> Outcome {
+        Outcome {
+            destination: destination.into(),
+            url: format!("memory://{destination}/"),
+            key: "a.qcow2".into(),
+            result: Err(e),
+        }
+    }
+
+    fn timeout() -> TransferError {
+        TransferError::Store(StoreError::Io {
+            op: "put part",
+            key: "a.qcow2".into(),
+            source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+        })
+    }
+
+    fn mismatch() -> TransferError {
+        TransferError::Mismatch {
+            size: 10,
+            crc32c: 1,
+            expected_size: 10,
+            expected_crc32c: 2,
+        }
+    }
+
+    /// The end, and the advice of a failure, come from the variants' class.
+    #[test]
+    fn a_job_ends_by_the_class_of_its_failures() {
+        let t = Instant::now();
+        let end = conclude(claimed(), vec![failed("a", timeout())], false, t);
+        assert!(matches!(end, JobEnd::Retry(..)), "a timeout passes");
+
+        let outcomes = vec![failed("a", timeout()), failed("b", mismatch())];
+        let JobEnd::Failed(_, r, _) = conclude(claimed(), outcomes, false, t) else {
+            panic!("a mismatch is for good");
+        };
+        assert_eq!(r.what_to_do, DESTINATION_ADVICE);
+        assert_eq!(r.destinations.len(), 2);
+
+        let changed = TransferError::Changed(Change("its size changed".into()));
+        let JobEnd::Failed(_, r, _) = conclude(claimed(), vec![failed("a", changed)], false, t)
+        else {
+            panic!("a changed source is for good");
+        };
+        assert_eq!(r.what_to_do, CHANGED_ADVICE);
+        assert!(
+            r.reason.starts_with("changed while uploading"),
+            "{}",
+            r.reason
+        );
+
+        let end = conclude(
+            claimed(),
+            vec![failed("a", TransferError::Cancelled)],
+            true,
+            t,
+        );
+        assert!(matches!(end, JobEnd::Interrupted(..)));
+    }
 }

@@ -38,6 +38,7 @@ use tracing::{error, info, warn};
 
 use crate::chunk::Budget;
 use crate::config::{Config, OnSuccess};
+use crate::error::Class;
 use crate::journal::Journal;
 use crate::lock::DirLock;
 use crate::metrics::Metrics;
@@ -71,6 +72,13 @@ pub enum DaemonError {
     Metrics(std::net::SocketAddr, std::io::Error),
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
+}
+
+impl DaemonError {
+    /// [`Class::Fatal`]: the daemon does not start.
+    pub fn class(&self) -> Class {
+        Class::Fatal
+    }
 }
 
 /// The lock file in the state directory and in the spool's `.ferry/`.
@@ -589,10 +597,12 @@ fn settle_job(
 ) -> Option<(Claimed, String)> {
     match &end {
         JobEnd::Done(_, t) => status.metrics.job_ended("done", t.elapsed()),
-        JobEnd::Failed(c, r, refused, t) => {
-            status
-                .metrics
-                .job_ended(if *refused { "refused" } else { "failed" }, t.elapsed());
+        JobEnd::Refused(c, r, t) | JobEnd::Failed(c, r, t) => {
+            let outcome = match &end {
+                JobEnd::Refused(..) => "refused",
+                _ => "failed",
+            };
+            status.metrics.job_ended(outcome, t.elapsed());
             status.record_error(&c.name.to_string_lossy(), &r.reason);
         }
         JobEnd::Interrupted(_) | JobEnd::Retry(..) => {}
@@ -614,7 +624,7 @@ fn settle_job(
                 Err(e) => error!("{e}"),
             }
         }
-        JobEnd::Failed(c, report, _, _) => {
+        JobEnd::Refused(c, report, _) | JobEnd::Failed(c, report, _) => {
             warn!("{:?} failed: {}", c.name, report.reason);
             if let Err(e) = spool.finish_failed(&c, &report) {
                 error!("{e}; the file stays in {}", spool.active_dir().display());

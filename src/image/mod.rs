@@ -23,6 +23,7 @@ mod qcow2;
 pub mod sidecar;
 mod vmdk;
 
+use crate::error::Class;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -46,6 +47,14 @@ pub enum InspectError {
     },
     #[error("{path}: {message}")]
     Sidecar { path: String, message: String },
+}
+
+impl InspectError {
+    /// Always [`Class::Refuse`]: the image or its sidecar cannot be read as
+    /// one.
+    pub fn class(&self) -> Class {
+        Class::Refuse
+    }
 }
 
 /// Inspection policy (the `[policy]` table).

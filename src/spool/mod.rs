@@ -24,6 +24,7 @@
 //! every tick (a directory listing is cheap next to an upload), so an overflowed
 //! queue or a missed event costs at most one tick.
 
+use crate::error::Class;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
@@ -48,6 +49,14 @@ pub enum SpoolError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl SpoolError {
+    /// [`Class::Retry`]: the daemon says so on `/readyz` and looks again
+    /// every second (a directory removed, a disk full).
+    pub fn class(&self) -> Class {
+        Class::Retry
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {

@@ -1,6 +1,8 @@
 //! What went wrong talking to a destination, in one error type for every
 //! backend, and whether another try can cure it.
 
+use crate::error::Class;
+
 /// An S3 error message as a person reads it, on one line: object_store appends
 /// the server's XML error document; only its Code and Message are kept.
 pub fn readable(message: &str) -> String {
@@ -198,6 +200,18 @@ fn xml_field(xml: &str, tag: &str) -> Option<String> {
 }
 
 impl StoreError {
+    /// [`Class::Retry`] for what another try after a pause may cure (see
+    /// [`StoreError::retryable`]); [`Class::Refuse`] for a file name that
+    /// cannot be a key; [`Class::Fatal`] for the rest: refused credentials,
+    /// a missing bucket or upload, a request the server will never accept.
+    pub fn class(&self) -> Class {
+        match self {
+            StoreError::Key { .. } => Class::Refuse,
+            _ if self.retryable() => Class::Retry,
+            _ => Class::Fatal,
+        }
+    }
+
     /// Worth another try after a pause: network trouble, timeouts, 5xx,
     /// throttling, a body damaged on its way. Not: refused credentials, a
     /// missing bucket or upload, a request the server will never accept.

@@ -37,6 +37,7 @@ use tracing::warn;
 
 use crate::chunk::{self, Budget, FirstReads, PartPlan};
 use crate::config::{ReaderKind, VerifyMode};
+use crate::error::Class;
 use crate::events::Observer;
 use crate::manifest::Manifest;
 use crate::progress::Progress;
@@ -54,8 +55,22 @@ pub enum TransferError {
     Store(#[from] StoreError),
     #[error("reading the source failed: {0}")]
     Read(String),
+    /// The finished object is not what was sent: parts missing, another size.
     #[error("verification failed: {0}")]
     Verify(String),
+    /// The object read back does not give the file's size and CRC32C.
+    #[error(
+        "verification failed: read back {size} bytes with CRC32C {}, expected {} bytes with {}",
+        crate::manifest::crc_hex(*crc32c),
+        expected_size,
+        crate::manifest::crc_hex(*expected_crc32c)
+    )]
+    Mismatch {
+        size: u64,
+        crc32c: u32,
+        expected_size: u64,
+        expected_crc32c: u32,
+    },
     #[error("stopped before finishing")]
     Cancelled,
     /// The source changed: nothing read from it may be completed anywhere.
@@ -92,10 +107,39 @@ pub struct Job {
     pub resumable: bool,
 }
 
+/// What to do about an image that changed while ferry had it.
+pub const CHANGED_ADVICE: &str = "Make sure the producer has finished writing before the file appears in the spool (write X.partial, then rename it to X) and that nothing writes to it afterwards; then put it back. Nothing was completed from the changed bytes.";
+
+/// What to do about destinations that did not verify.
+pub const DESTINATION_ADVICE: &str = "Check the named destinations (reachable, credentials, bucket exists), then move the file from failed/ back into the spool; destinations that verified are uploaded again.";
+
 impl TransferError {
+    /// A stop request and a store's passing failures are [`Class::Retry`]; a
+    /// changed source is [`Class::Refuse`] (the file is at fault); a read
+    /// error, a failed verification and a store's lasting failures are
+    /// [`Class::Fatal`] for this destination's upload.
+    pub fn class(&self) -> Class {
+        match self {
+            TransferError::Store(e) => e.class(),
+            TransferError::Cancelled => Class::Retry,
+            TransferError::Changed(_) => Class::Refuse,
+            TransferError::Read(_) | TransferError::Verify(_) | TransferError::Mismatch { .. } => {
+                Class::Fatal
+            }
+        }
+    }
+
     /// A failure that may pass by itself (network, server errors, throttling).
     pub fn transient(&self) -> bool {
-        matches!(self, TransferError::Store(e) if e.retryable())
+        matches!(self, TransferError::Store(_)) && self.class() == Class::Retry
+    }
+
+    /// What the operator should do.
+    pub fn advice(&self) -> &'static str {
+        match self {
+            TransferError::Changed(_) => CHANGED_ADVICE,
+            _ => DESTINATION_ADVICE,
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tracing::warn;
 
 use crate::chunk::{self, Budget, PartPlan};
+use crate::error::Class;
 use crate::source::Source;
 use crate::store::Destination;
 
@@ -31,8 +32,66 @@ pub enum PrepareError {
     Budget { part: String, limit: String },
     #[error(transparent)]
     Inspect(#[from] crate::image::InspectError),
+    /// Inspection refused the image: OCI would not import it.
     #[error("refused {}: {}", .0.file, .0.reasons.join("; "))]
     Refused(Box<crate::image::Report>),
+    /// Inspection refused the image, among its reasons that no sidecar
+    /// attests its licences (the policy requires one).
+    #[error("refused {}: {}", .0.file, .0.reasons.join("; "))]
+    Unattested(Box<crate::image::Report>),
+}
+
+impl PrepareError {
+    /// The file's own faults are [`Class::Refuse`]; a destination that cannot
+    /// be set up and a part size no store or budget takes are
+    /// [`Class::Fatal`] (the configuration must change).
+    pub fn class(&self) -> Class {
+        match self {
+            PrepareError::Source(_)
+            | PrepareError::Plan { .. }
+            | PrepareError::Inspect(_)
+            | PrepareError::Refused(_)
+            | PrepareError::Unattested(_) => Class::Refuse,
+            PrepareError::Destination(_)
+            | PrepareError::PartSize(_)
+            | PrepareError::Budget { .. } => Class::Fatal,
+        }
+    }
+
+    /// What the operator should do, for the daemon's `X.error.json`.
+    pub fn advice(&self) -> &'static str {
+        match self {
+            PrepareError::Source(crate::source::SourceError::BadName { .. }) => {
+                "Rename the file to a UTF-8 name and put it back in the spool."
+            }
+            PrepareError::Source(_) => {
+                "Put the image back in the spool as a regular, readable, non-empty file."
+            }
+            PrepareError::Unattested(_) => {
+                "Write the sidecar as the reason says, then put the image (and its .meta.json) back in the spool."
+            }
+            PrepareError::Refused(_) => {
+                "Fix or convert the image as the reasons say, then put it back in the spool."
+            }
+            PrepareError::Inspect(_) => {
+                "Put the image back in the spool as a regular, readable file with a valid sidecar."
+            }
+            PrepareError::Destination(_)
+            | PrepareError::PartSize(_)
+            | PrepareError::Plan { .. }
+            | PrepareError::Budget { .. } => {
+                "Change the configuration as the reason says, or split the image."
+            }
+        }
+    }
+
+    /// The inspection report of a refused image.
+    pub fn into_report(self) -> Option<crate::image::Report> {
+        match self {
+            PrepareError::Refused(r) | PrepareError::Unattested(r) => Some(*r),
+            _ => None,
+        }
+    }
 }
 
 /// Inspects a source with its sidecar (`X.meta.json` beside it, if present);
@@ -48,7 +107,12 @@ pub fn inspect_source(
     let report = crate::image::inspect(path, sidecar, &policy)?;
     if report.verdict == crate::image::Verdict::Refuse {
         if config.policy.refuse && !force {
-            return Err(PrepareError::Refused(Box::new(report)));
+            let unattested = policy.require_license_attestation && report.license.is_none();
+            return Err(if unattested {
+                PrepareError::Unattested(Box::new(report))
+            } else {
+                PrepareError::Refused(Box::new(report))
+            });
         }
         warn!(
             "shipping {} although OCI would refuse it: {}",

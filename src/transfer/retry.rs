@@ -6,6 +6,7 @@ use std::time::Duration;
 use tracing::warn;
 
 use crate::config::TransferConfig;
+use crate::error::Class;
 use crate::events::Observer;
 use crate::shutdown::Shutdown;
 use crate::source::Source;
@@ -93,7 +94,7 @@ where
         if let Some(why) = halt.why() {
             return Err(why);
         }
-        if !e.retryable() || attempt >= policy.max_retries {
+        if e.class() != Class::Retry || attempt >= policy.max_retries {
             return Err(e.into());
         }
         let pause = policy.backoff(attempt);

@@ -68,7 +68,7 @@ impl Worker {
         let crc = match self.verify(receipts).await {
             Ok(crc) => crc,
             Err(e) => {
-                let checksum = matches!(&e, TransferError::Verify(m) if m.contains("CRC32C"));
+                let checksum = matches!(&e, TransferError::Mismatch { .. });
                 self.observer.verify_failed(dn, checksum);
                 return Err(e);
             }
@@ -183,12 +183,12 @@ impl Worker {
                 })
                 .await?;
                 if size != plan.file_bytes || got != crc {
-                    return Err(TransferError::Verify(format!(
-                        "read back {size} bytes with CRC32C {}, expected {} bytes with {}",
-                        manifest::crc_hex(got),
-                        plan.file_bytes,
-                        manifest::crc_hex(crc)
-                    )));
+                    return Err(TransferError::Mismatch {
+                        size,
+                        crc32c: got,
+                        expected_size: plan.file_bytes,
+                        expected_crc32c: crc,
+                    });
                 }
             }
         }

@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::chunk::{self, Budget, Part};
+use crate::error::Class;
 use crate::events::Observer;
 use crate::manifest::Manifest;
 use crate::progress::{Phase, Progress};
@@ -47,7 +48,7 @@ impl Worker {
         let dp = self.progress.get(self.dest.name());
         let result = self.blame(self.attempt(Some(rx), resumed, dp.as_deref()).await);
         let result = match result {
-            Err(TransferError::Store(e)) if was_resumed && !e.retryable() => {
+            Err(TransferError::Store(e)) if was_resumed && e.class() != Class::Retry => {
                 // The store no longer knows the upload (expired, aborted by hand,
                 // or a record from before a restart of the store): start over.
                 warn!(
