@@ -53,7 +53,7 @@ pub async fn push(
     let source = Source::open(path)?;
     let sidecar = crate::image::sidecar::path_of(path);
     let report = inspect_source(
-        path,
+        &source,
         sidecar.exists().then_some(sidecar.as_path()),
         config,
         false,

@@ -62,6 +62,10 @@ pub enum SourceError {
     Empty { path: String },
     #[error("{path}: its name is not valid UTF-8; rename it before uploading")]
     BadName { path: String },
+    #[error(
+        "{path}: another file was renamed over it after ferry claimed it; ferry ships only the file it claimed, and this one was neither inspected nor read"
+    )]
+    Replaced { path: String },
     #[error("{path}: cannot open: {source}")]
     Open {
         path: String,
@@ -165,6 +169,20 @@ pub struct Source {
 }
 
 impl Source {
+    /// Opens the file a claim took: as [`Source::open`], and, when `file_id`
+    /// (device, inode) is known, only if it is still that file.
+    pub fn open_claimed(path: &Path, file_id: Option<(u64, u64)>) -> Result<Source, SourceError> {
+        let source = Source::open(path)?;
+        match file_id {
+            Some(id) if id != (source.identity.dev, source.identity.ino) => {
+                Err(SourceError::Replaced {
+                    path: path.display().to_string(),
+                })
+            }
+            _ => Ok(source),
+        }
+    }
+
     /// Opens a regular, non-empty file without following a symlink and without
     /// blocking on a FIFO, and takes a read lease on it where the kernel grants one.
     pub fn open(path: &Path) -> Result<Source, SourceError> {

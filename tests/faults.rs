@@ -634,3 +634,50 @@ fn an_interrupted_push_aborts_what_it_cannot_finish() {
         "a multipart upload was left open"
     );
 }
+
+/// A regular file renamed over `active/X` after the claim (a writer in ferry's
+/// own directory) is neither inspected nor shipped: the job opens `active/X`
+/// once, finds another inode than the one claimed, and refuses it; the
+/// inspection and the upload read only through that one descriptor.
+#[test]
+fn a_file_swapped_in_after_the_claim_is_neither_inspected_nor_shipped() {
+    let site = Site::new("[destinations.phoenix]\nurl = \"file://ROOT/out/phoenix/\"\n");
+    let out = site.root.join("out/phoenix");
+    std::fs::create_dir_all(&out).unwrap();
+    let log = site.root.join("daemon.log");
+    // Every claim pauses 1.5 s before its job starts.
+    let mut daemon = Daemon::start_with(&site.config, &log, |c| {
+        c.env("FERRY_PAUSE_AT", "claim:1500");
+    });
+    assert!(wait_until(Duration::from_secs(20), || http_get(
+        site.metrics_port,
+        "/healthz"
+    )
+    .is_some()));
+    let intruder = site.root.join("intruder.img");
+    random_file(&intruder, 2 << 20, 531);
+    random_file(&site.spool.join("x.img.partial"), 2 << 20, 530);
+    std::fs::rename(site.spool.join("x.img.partial"), site.spool.join("x.img")).unwrap();
+    let active = site.active().join("x.img");
+    assert!(
+        wait_until(Duration::from_secs(20), || active.exists()),
+        "never claimed"
+    );
+    std::fs::rename(&intruder, &active).unwrap();
+    let report = site
+        .error_report("x.img", Duration::from_secs(60))
+        .expect("the swapped-in file was not refused");
+    let reason = report["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("renamed over it"), "{reason}");
+    assert!(
+        report["inspection"].is_null(),
+        "the swapped-in file was inspected: {report}"
+    );
+    assert!(
+        !list(&out).iter().any(|n| n.starts_with("x.img")),
+        "something of x.img was shipped: {:?}",
+        list(&out)
+    );
+    assert_eq!(site.metric("ferry_jobs_total{outcome=\"refused\"}"), 1);
+    assert!(daemon.running(), "the daemon stopped");
+}

@@ -183,16 +183,11 @@ fn prepare(settings: &Settings, claimed: &Claimed) -> Result<Prepared, Box<Error
         r.inspection = e.into_report();
         Box::new(r)
     };
-    let source = Source::open(&claimed.path).map_err(|e| refuse(e.into()))?;
+    let source =
+        Source::open_claimed(&claimed.path, claimed.file_id).map_err(|e| refuse(e.into()))?;
     let config = &settings.config;
-    let image = transfer::inspect_source(
-        &claimed.path,
-        claimed.sidecar.as_deref(),
-        config,
-        true,
-        false,
-    )
-    .map_err(refuse)?;
+    let image = transfer::inspect_source(&source, claimed.sidecar.as_deref(), config, true, false)
+        .map_err(refuse)?;
     let plan = transfer::plan_for(
         &source,
         &settings.destinations,
@@ -492,6 +487,7 @@ mod tests {
             name: "a.qcow2".into(),
             path: "/spool/.ferry/active/a.qcow2".into(),
             sidecar: None,
+            file_id: None,
         }
     }
 

@@ -90,6 +90,7 @@ mod tests {
             name: name.into(),
             path: PathBuf::from("/spool/.ferry/active").join(name),
             sidecar: None,
+            file_id: None,
         }
     }
 

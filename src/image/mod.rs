@@ -347,24 +347,44 @@ impl ReadAt for GzMember<'_> {
     }
 }
 
-/// Inspects an image file, with its sidecar if one is given.
+/// Inspects an image file, with its sidecar if one is given (`ferry inspect`).
 pub fn inspect(
     path: &Path,
     sidecar: Option<&Path>,
     policy: &Policy,
 ) -> Result<Report, InspectError> {
     let shown = path.display().to_string();
-    let io = |source| InspectError::Io {
-        path: shown.clone(),
-        source,
-    };
     let file = {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)
-            .map_err(io)?
+            .map_err(|source| InspectError::Io {
+                path: shown.clone(),
+                source,
+            })?
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    inspect_file(&file, &name, &shown, sidecar, policy)
+}
+
+/// Inspects an image through a file already open (the one a push or a job
+/// uploads from, so the bytes inspected are the bytes sent), named `name`
+/// and shown as `shown` in errors.
+pub fn inspect_file(
+    file: &File,
+    name: &str,
+    shown: &str,
+    sidecar: Option<&Path>,
+    policy: &Policy,
+) -> Result<Report, InspectError> {
+    let io = |source| InspectError::Io {
+        path: shown.to_string(),
+        source,
     };
     let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
@@ -373,18 +393,14 @@ pub fn inspect(
             "not a regular file",
         )));
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut report = Report::new(&name, meta.len());
+    let mut report = Report::new(name, meta.len());
     let whole = FileRange {
-        file: &file,
+        file,
         start: 0,
         len: meta.len(),
     };
     let mut oci_meta = None;
-    detect_and_check(&whole, &file, &mut report, policy, &mut oci_meta).map_err(io)?;
+    detect_and_check(&whole, file, &mut report, policy, &mut oci_meta).map_err(io)?;
 
     if let Some(v) = report.virtual_size {
         if v > policy.max_virtual_size_bytes {

@@ -112,6 +112,12 @@ pub struct Claimed {
     pub name: OsString,
     pub path: PathBuf,
     pub sidecar: Option<PathBuf>,
+    /// The device and inode of the file this claim took. The job opens
+    /// `path` once and ships only that file: another one renamed over it
+    /// after the claim is refused, never inspected or read. `None` for a job
+    /// found in `active/` at start: its journal record then says which file
+    /// it was.
+    pub file_id: Option<(u64, u64)>,
 }
 
 /// Why a claim did not happen.
@@ -371,6 +377,7 @@ impl Spool {
             name: r.name.clone(),
             path: dst.clone(),
             sidecar,
+            file_id: Some((r.dev, r.ino)),
         };
         match std::fs::symlink_metadata(&dst) {
             Ok(m) if m.file_type().is_file() && m.dev() == r.dev && m.ino() == r.ino => {
@@ -408,6 +415,7 @@ impl Spool {
             name: name.to_os_string(),
             path: self.active.join(name),
             sidecar: side.exists().then_some(side),
+            file_id: None,
         }
     }
 

@@ -64,6 +64,9 @@ impl PrepareError {
             PrepareError::Source(crate::source::SourceError::BadName { .. }) => {
                 "Rename the file to a UTF-8 name and put it back in the spool."
             }
+            PrepareError::Source(crate::source::SourceError::Replaced { .. }) => {
+                "Put the image back in the spool as a regular file, written in full, then renamed into place; nothing but ferry may write in the spool's .ferry/ directory."
+            }
             PrepareError::Source(_) => {
                 "Put the image back in the spool as a regular, readable, non-empty file."
             }
@@ -94,17 +97,19 @@ impl PrepareError {
     }
 }
 
-/// Inspects a source with its sidecar (`X.meta.json` beside it, if present);
-/// a refusal is an error unless the policy or `force` says ship anyway.
+/// Inspects an open source, through the descriptor the upload reads, with
+/// its sidecar (`X.meta.json` beside it, if present); a refusal is an error
+/// unless the policy or `force` says ship anyway.
 pub fn inspect_source(
-    path: &std::path::Path,
+    source: &Source,
     sidecar: Option<&std::path::Path>,
     config: &crate::config::Config,
     daemon: bool,
     force: bool,
 ) -> Result<crate::image::Report, PrepareError> {
     let policy = crate::image::Policy::from_config(&config.policy, daemon);
-    let report = crate::image::inspect(path, sidecar, &policy)?;
+    let shown = source.path.display().to_string();
+    let report = crate::image::inspect_file(&source.file, &source.name, &shown, sidecar, &policy)?;
     if report.verdict == crate::image::Verdict::Refuse {
         if config.policy.refuse && !force {
             let unattested = policy.require_license_attestation && report.license.is_none();
