@@ -229,35 +229,25 @@ impl Journal {
 /// File names may hold any byte but '/'; records are named by a reversible
 /// encoding that keeps them plain ASCII.
 fn encode(name: &str) -> String {
-    let mut s = String::with_capacity(name.len());
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
-            s.push(b as char);
-        } else {
-            s.push_str(&format!("%{b:02X}"));
-        }
-    }
+    let mut s = percent_encoding::utf8_percent_encode(name, RECORD_NAME).to_string();
+    // Never a hidden file, never "." or "..".
     if s.starts_with('.') {
         s.replace_range(0..1, "%2E");
     }
     s
 }
 
+/// What stays as it is in a record's file name: letters, digits, '-', '_', '.'.
+const RECORD_NAME: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.');
+
+/// The name a record's file stands for; `None` for a file ferry did not name
+/// (not the encoding of any name).
 fn decode(s: &str) -> Option<String> {
-    let mut out = Vec::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
+    let name = percent_encoding::percent_decode_str(s).decode_utf8().ok()?;
+    (encode(&name) == s).then(|| name.into_owned())
 }
 
 /// A job's record kept in memory and written behind, as the module doc says.
@@ -389,6 +379,18 @@ mod tests {
                     verified: false,
                 },
             )]),
+        }
+    }
+
+    #[test]
+    fn only_names_ferry_wrote_decode() {
+        for name in ["disk.qcow2", ".hidden", "a b\nc", "ü%41"] {
+            assert_eq!(decode(&encode(name)).as_deref(), Some(name));
+        }
+        // Not the encoding of any name: a bad escape, a lowercase one, a byte
+        // ferry would have escaped, a leading dot.
+        for foreign in ["a%zz", "a%2f", "a b", ".x", "%FF"] {
+            assert_eq!(decode(foreign), None, "{foreign}");
         }
     }
 

@@ -372,16 +372,18 @@ impl Destination {
     }
 }
 
+/// What stays as it is in a URL path: RFC 3986's unreserved characters and
+/// the '/' between segments; every other byte is percent-encoded.
+const URL_PATH: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
+/// A key or path as it goes into a manifest's URL.
 pub(crate) fn url_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, URL_PATH).to_string()
 }
 
 pub(crate) async fn blocking<T: Send + 'static>(
