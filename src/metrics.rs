@@ -5,6 +5,9 @@
 //! Counting on the hot path is a few atomic adds on handles resolved once per
 //! destination and job ([`DestinationMetrics`]), never a label lookup per part.
 //! Definitions only: which event moves which counter is `events`' business.
+//! `Metrics::new` is long (about 90 lines) because it is the list of every
+//! series with its help text, one registration after another, in the order
+//! of the README's table: a list, not logic.
 //!
 //! Design choice: the `prometheus` crate, whose classic text format (0.0.4) every
 //! scraper and Debian's `promtool` read; OpenMetrics-only encoders are rejected

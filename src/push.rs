@@ -37,6 +37,25 @@ pub struct PushOptions {
     pub force: bool,
 }
 
+/// Puts a push on the status board `st` serves, and returns the observer
+/// that counts its events in `st`'s metrics.
+fn shown(
+    st: &Status,
+    budget: &Budget,
+    name: &str,
+    progress: &Arc<Progress>,
+    names: &[&str],
+) -> Arc<dyn Observer> {
+    if let Ok(mut b) = st.budget.lock() {
+        *b = Some(budget.clone());
+    }
+    st.board.insert(name, progress.clone());
+    Arc::new(Observers(vec![
+        Arc::new(NoObserver),
+        Arc::new(crate::events::JobMetrics::new(st.metrics.clone(), names)),
+    ]))
+}
+
 /// One file to every chosen destination, with progress. When `cancel` trips,
 /// uploads not yet complete are aborted and end `Cancelled`; destinations
 /// that verified before keep their objects.
@@ -85,17 +104,8 @@ pub async fn push(
     let names: Vec<&str> = dests.iter().map(|d| d.name()).collect();
     let progress = Progress::new(&source.name, plan.file_bytes, &names);
     let renderer = crate::progress::Renderer::start(progress.clone(), progress_every);
-    let observer: Arc<dyn Observer> = match &status {
-        Some(st) => {
-            if let Ok(mut b) = st.budget.lock() {
-                *b = Some(budget.clone());
-            }
-            st.board.insert(&source.name, progress.clone());
-            Arc::new(Observers(vec![
-                observer,
-                Arc::new(crate::events::JobMetrics::new(st.metrics.clone(), &names)),
-            ]))
-        }
+    let observer = match &status {
+        Some(st) => shown(st, &budget, &source.name, &progress, &names),
         None => observer,
     };
     let job = Arc::new(Job {

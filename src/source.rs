@@ -157,6 +157,22 @@ impl Watch {
     }
 }
 
+/// What a file is when it is neither a regular file nor a symlink.
+fn special_kind(ft: &std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        Some("directory")
+    } else if ft.is_fifo() {
+        Some("FIFO")
+    } else if ft.is_socket() {
+        Some("socket")
+    } else if ft.is_block_device() || ft.is_char_device() {
+        Some("device")
+    } else {
+        None
+    }
+}
+
 /// An open source file.
 #[derive(Debug, Clone)]
 pub struct Source {
@@ -186,7 +202,7 @@ impl Source {
     /// Opens a regular, non-empty file without following a symlink and without
     /// blocking on a FIFO, and takes a read lease on it where the kernel grants one.
     pub fn open(path: &Path) -> Result<Source, SourceError> {
-        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        use std::os::unix::fs::OpenOptionsExt;
         let shown = path.display().to_string();
         let lmeta = std::fs::symlink_metadata(path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
@@ -200,21 +216,10 @@ impl Source {
                 }
             }
         })?;
-        let ft = lmeta.file_type();
-        let kind = if ft.is_symlink() {
+        if lmeta.file_type().is_symlink() {
             return Err(SourceError::Symlink { path: shown });
-        } else if ft.is_dir() {
-            Some("directory")
-        } else if ft.is_fifo() {
-            Some("FIFO")
-        } else if ft.is_socket() {
-            Some("socket")
-        } else if ft.is_block_device() || ft.is_char_device() {
-            Some("device")
-        } else {
-            None
-        };
-        if let Some(kind) = kind {
+        }
+        if let Some(kind) = special_kind(&lmeta.file_type()) {
             return Err(SourceError::NotRegular { path: shown, kind });
         }
         let file = std::fs::OpenOptions::new()

@@ -3,6 +3,10 @@
 //! footer and end-of-stream marker), grain bounds, and guest sector 0 through the
 //! grain directory and tables (compressed grains included). Little-endian.
 //! A text descriptor or a COWD header is a multi-file or snapshot VMDK: refused.
+//!
+//! `check` is long (about 180 lines) on purpose: it follows the sparse
+//! extent header and the descriptor field by field, in the order of VMware's
+//! specification, each with its refusal, so it can be read beside it.
 
 use super::{ReadAt, Report, boot, le32, le64};
 

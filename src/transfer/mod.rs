@@ -17,6 +17,13 @@
 //! page cache, usually). The others keep the single read; the laggard costs a
 //! second read instead of costing everyone time. Destinations that merely differ
 //! a little in speed are never detached, because the budget absorbs the difference.
+//!
+//! Rooms: `prepare.rs` (what a job needs before a byte is sent), `fan_out.rs`
+//! (the single read, handed to every destination), `worker.rs` (one
+//! destination's upload), `retry.rs` (bounded retries), `verify.rs` (the last
+//! check and the manifest). [`run`] is about 90 lines on purpose: it is the
+//! whole wiring of a job (the reader, a feed and a worker per destination, the
+//! fan-out, the outcomes gathered), read top to bottom in one place.
 
 mod fan_out;
 mod prepare;
@@ -240,13 +247,22 @@ pub async fn run(
             job.name
         );
     }
+    outcomes(&job.name, &destinations, results)
+}
+
+/// One outcome per destination, in their order.
+fn outcomes(
+    name: &str,
+    destinations: &[Arc<Destination>],
+    results: Vec<Option<Result<Manifest, TransferError>>>,
+) -> Vec<Outcome> {
     destinations
         .iter()
         .zip(results)
         .map(|(d, r)| Outcome {
             destination: d.name().to_string(),
             url: d.url().to_string(),
-            key: d.key(&job.name),
+            key: d.key(name),
             result: r.unwrap_or_else(|| {
                 Err(TransferError::Read(
                     "the destination task ended abnormally".into(),

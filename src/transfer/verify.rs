@@ -23,7 +23,6 @@ impl Worker {
         started: SystemTime,
     ) -> Result<Manifest, TransferError> {
         let name = &self.job.name;
-        let plan = self.job.plan;
         let policy = &self.job.retry;
         let dn = self.dest.name();
         // Every part was sent before this check: a change it does not see
@@ -73,7 +72,23 @@ impl Worker {
                 return Err(e);
             }
         };
-        let m = Manifest {
+        let m = self.manifest(receipts, crc, started);
+        let body = bytes::Bytes::from(m.to_json());
+        let mname = format!("{name}{}", manifest::MANIFEST_SUFFIX);
+        retry(policy, dn, &*self.observer, &halt, || {
+            self.dest.put_small(&mname, body.clone())
+        })
+        .await?;
+        crate::failpoint::reached("manifest");
+        Ok(m)
+    }
+
+    /// The manifest of the verified object.
+    fn manifest(&self, receipts: &[PartReceipt], crc: u32, started: SystemTime) -> Manifest {
+        let plan = self.job.plan;
+        let name = &self.job.name;
+        let dn = self.dest.name();
+        Manifest {
             manifest_version: manifest::FORMAT_VERSION,
             ferry_version: crate::VERSION.to_string(),
             file_name: name.clone(),
@@ -104,15 +119,7 @@ impl Worker {
             started_at: manifest::timestamp(started),
             finished_at: manifest::timestamp(SystemTime::now()),
             image: self.image_fields(),
-        };
-        let body = bytes::Bytes::from(m.to_json());
-        let mname = format!("{name}{}", manifest::MANIFEST_SUFFIX);
-        retry(policy, dn, &*self.observer, &halt, || {
-            self.dest.put_small(&mname, body.clone())
-        })
-        .await?;
-        crate::failpoint::reached("manifest");
-        Ok(m)
+        }
     }
 
     fn image_fields(&self) -> serde_json::Map<String, serde_json::Value> {

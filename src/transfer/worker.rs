@@ -21,6 +21,16 @@ use crate::store::{Destination, PartReceipt};
 use super::retry::{Halt, retry};
 use super::{Job, Resume, TransferError};
 
+/// A part task's end: its receipt and how long it took.
+type Sent = Result<(PartReceipt, Duration), TransferError>;
+
+/// Where a destination's parts come from: the fan-out's queue, or, once it
+/// is detached (or when it has no queue), its own reads.
+struct Inbox {
+    rx: mpsc::UnboundedReceiver<Part>,
+    self_read: bool,
+}
+
 pub(super) struct Worker {
     pub(super) job: Arc<Job>,
     pub(super) dest: Arc<Destination>,
@@ -173,6 +183,9 @@ impl Worker {
         }
     }
 
+    /// Sends every part not in `receipts`, at most `parallel_parts` at once,
+    /// each retried on its own; returns when all were sent, one failed for
+    /// good, or a stop was requested.
     async fn send_parts(
         &self,
         rx: Option<mpsc::UnboundedReceiver<Part>>,
@@ -184,31 +197,12 @@ impl Worker {
             self.dest.parallel_parts().min(self.max_in_flight),
         ));
         let mut tasks: JoinSet<Sent> = JoinSet::new();
-        let mut self_read = rx.is_none();
-        let mut rx = rx.unwrap_or_else(|| mpsc::unbounded_channel().1);
+        let mut inbox = Inbox {
+            self_read: rx.is_none(),
+            rx: rx.unwrap_or_else(|| mpsc::unbounded_channel().1),
+        };
         let cancel = self.cancel.clone();
         let plan = self.job.plan;
-        type Sent = Result<(PartReceipt, Duration), TransferError>;
-        let reap = |r: Result<Sent, tokio::task::JoinError>,
-                    receipts: &mut BTreeMap<u32, PartReceipt>|
-         -> Result<(), TransferError> {
-            match r {
-                Ok(Ok((receipt, took))) => {
-                    if let Some(dp) = dp {
-                        dp.add(receipt.size_bytes);
-                    }
-                    self.observer.part_done(self.dest.name(), &receipt, took);
-                    crate::failpoint::reached("part");
-                    receipts.insert(receipt.index, receipt);
-                    Ok(())
-                }
-                Ok(Err(e)) => {
-                    self.observer.part_failed(self.dest.name());
-                    Err(e)
-                }
-                Err(e) => Err(TransferError::Read(format!("part task failed: {e}"))),
-            }
-        };
         for index in 0..plan.count {
             if receipts.contains_key(&index) {
                 continue;
@@ -218,45 +212,10 @@ impl Worker {
                 _ = cancel.requested() => break,
             };
             while let Some(r) = tasks.try_join_next() {
-                reap(r, receipts)?;
+                self.reap(r, receipts, dp)?;
             }
-            if !self_read && self.detached.load(Ordering::Acquire) {
-                self_read = true;
-                self.note_detached(index);
-                // Drop what is still queued: that returns its memory to the budget.
-                rx.close();
-                while let Ok(p) = rx.try_recv() {
-                    self.queued.fetch_sub(p.len(), Ordering::Relaxed);
-                }
-            }
-            let part = if self_read {
-                self.read_self(index).await?
-            } else {
-                match rx.recv().await {
-                    Some(p) => {
-                        self.queued.fetch_sub(p.len(), Ordering::Relaxed);
-                        p
-                    }
-                    None if self.detached.load(Ordering::Acquire) => {
-                        self_read = true;
-                        self.note_detached(index);
-                        self.read_self(index).await?
-                    }
-                    None => {
-                        if cancel.is_requested() {
-                            break;
-                        }
-                        // The reader stopped: a changed source is the usual reason.
-                        self.job.source.check().map_err(TransferError::Changed)?;
-                        let why = self
-                            .read_error
-                            .lock()
-                            .ok()
-                            .and_then(|e| e.clone())
-                            .unwrap_or_else(|| "the reader stopped".into());
-                        return Err(TransferError::Read(why));
-                    }
-                }
+            let Some(part) = self.next_part(index, &mut inbox).await? else {
+                break;
             };
             debug_assert_eq!(part.index(), index);
             let dest = self.dest.clone();
@@ -282,12 +241,83 @@ impl Worker {
             return Err(TransferError::Cancelled);
         }
         while let Some(r) = tasks.join_next().await {
-            reap(r, receipts)?;
+            self.reap(r, receipts, dp)?;
         }
         if self.cancel.is_requested() && receipts.len() < plan.count as usize {
             return Err(TransferError::Cancelled);
         }
         Ok(())
+    }
+
+    /// Takes in a part task's end: a receipt is recorded, counted and shown.
+    fn reap(
+        &self,
+        r: Result<Sent, tokio::task::JoinError>,
+        receipts: &mut BTreeMap<u32, PartReceipt>,
+        dp: Option<&crate::progress::DestinationProgress>,
+    ) -> Result<(), TransferError> {
+        match r {
+            Ok(Ok((receipt, took))) => {
+                if let Some(dp) = dp {
+                    dp.add(receipt.size_bytes);
+                }
+                self.observer.part_done(self.dest.name(), &receipt, took);
+                crate::failpoint::reached("part");
+                receipts.insert(receipt.index, receipt);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.observer.part_failed(self.dest.name());
+                Err(e)
+            }
+            Err(e) => Err(TransferError::Read(format!("part task failed: {e}"))),
+        }
+    }
+
+    /// Part `index`: from the fan-out's queue, or read by this destination
+    /// itself once it is detached. `None` when a stop was requested.
+    async fn next_part(
+        &self,
+        index: u32,
+        inbox: &mut Inbox,
+    ) -> Result<Option<Part>, TransferError> {
+        if !inbox.self_read && self.detached.load(Ordering::Acquire) {
+            inbox.self_read = true;
+            self.note_detached(index);
+            // Drop what is still queued: that returns its memory to the budget.
+            inbox.rx.close();
+            while let Ok(p) = inbox.rx.try_recv() {
+                self.queued.fetch_sub(p.len(), Ordering::Relaxed);
+            }
+        }
+        if inbox.self_read {
+            return self.read_self(index).await.map(Some);
+        }
+        match inbox.rx.recv().await {
+            Some(p) => {
+                self.queued.fetch_sub(p.len(), Ordering::Relaxed);
+                Ok(Some(p))
+            }
+            None if self.detached.load(Ordering::Acquire) => {
+                inbox.self_read = true;
+                self.note_detached(index);
+                self.read_self(index).await.map(Some)
+            }
+            None => {
+                if self.cancel.is_requested() {
+                    return Ok(None);
+                }
+                // The reader stopped: a changed source is the usual reason.
+                self.job.source.check().map_err(TransferError::Changed)?;
+                let why = self
+                    .read_error
+                    .lock()
+                    .ok()
+                    .and_then(|e| e.clone())
+                    .unwrap_or_else(|| "the reader stopped".into());
+                Err(TransferError::Read(why))
+            }
+        }
     }
 
     fn note_detached(&self, index: u32) {
