@@ -378,6 +378,12 @@ pub fn check_part_size(part_bytes: u64, memory_limit_bytes: u64) -> Result<(), S
 }
 
 /// A parsed destination URL.
+///
+/// Parsed here rather than by the `url` crate, on purpose: `url` resolves
+/// `..` segments away (`s3://b/a/../c` would become `s3://b/c`, a prefix the
+/// operator did not write, where ferry must refuse), and `file://./var/`,
+/// the relative directory of the quick start, is not a URL to it. What is
+/// parsed is small: a scheme, a bucket, a prefix checked segment by segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DestinationUrl {
     /// A directory; relative paths are relative to the working directory.
@@ -604,6 +610,14 @@ mod tests {
             assert!(DestinationUrl::parse(url).is_err(), "{url}");
         }
         assert!(DestinationUrl::parse("file://./var/x/").is_ok());
+    }
+
+    /// Why destination URLs are parsed here (see [`DestinationUrl`]): the
+    /// `url` crate would hand back a prefix the operator did not write.
+    #[test]
+    fn the_url_crate_would_resolve_dot_dot_away() {
+        let u = url::Url::parse("s3://bkt/a/../b/").unwrap();
+        assert_eq!(u.path(), "/b/");
     }
     #[test]
     fn sizes_parse_in_binary_units() {

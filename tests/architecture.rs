@@ -124,6 +124,79 @@ fn no_module_imports_a_module_that_imports_it_back() {
     assert!(shown.is_empty(), "import cycles:\n{}", shown.join("\n"));
 }
 
+/// The import rules of ARCHITECTURE.md's code map: for each module, the
+/// modules it must never import (`Err`) or the only ones it may (`Ok`).
+type Rule = Result<BTreeSet<String>, BTreeSet<String>>;
+
+fn rules(map: &str) -> BTreeMap<String, Rule> {
+    let ticked = |text: &str| -> BTreeSet<String> {
+        text.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let mut out = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in map.lines() {
+        if let Some(rest) = line.strip_prefix("- `") {
+            let entry = rest.split('`').next().unwrap_or("");
+            let name = entry
+                .strip_suffix(".rs")
+                .or_else(|| entry.strip_suffix('/'))
+                .unwrap_or(entry);
+            current = (!matches!(name, "lib" | "main")).then(|| name.to_string());
+            if let Some(n) = &current {
+                out.insert(n.clone(), Err(BTreeSet::new()));
+            }
+        }
+        let Some(module) = &current else { continue };
+        if let Some((_, never)) = line.split_once("Never imports:") {
+            out.insert(module.clone(), Err(ticked(never)));
+        } else if let Some((_, only)) = line.split_once("Imports only:") {
+            out.insert(module.clone(), Ok(ticked(only)));
+        }
+    }
+    out
+}
+
+/// What breaks the rules: (module, what it imports that it must not).
+fn broken(g: &BTreeMap<String, BTreeSet<String>>, r: &BTreeMap<String, Rule>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (m, deps) in g {
+        match r.get(m) {
+            None => out.push(format!("{m} is not in ARCHITECTURE.md's code map")),
+            Some(Err(never)) => {
+                for d in deps.intersection(never) {
+                    out.push(format!("{m} imports {d}, which it must never import"));
+                }
+            }
+            Some(Ok(only)) => {
+                for d in deps.difference(only) {
+                    out.push(format!("{m} imports {d}; it may import only {only:?}"));
+                }
+            }
+        }
+    }
+    for m in r.keys() {
+        if !g.contains_key(m) {
+            out.push(format!("ARCHITECTURE.md maps {m}, which is not a module"));
+        }
+    }
+    out
+}
+
+#[test]
+fn each_module_keeps_the_rules_of_the_code_map() {
+    let map =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("ARCHITECTURE.md"))
+            .unwrap();
+    let r = rules(&map);
+    assert!(r.len() >= 20, "read too few rules: {r:?}");
+    let b = broken(&graph(), &r);
+    assert!(b.is_empty(), "{}", b.join("\n"));
+}
+
 #[test]
 fn the_checker_sees_a_cycle() {
     // The check itself must be able to fail.
@@ -135,4 +208,23 @@ fn the_checker_sees_a_cycle() {
         named("use crate::{config, store::X};\n// crate::daemon\nlet x = crate::chunk::y;"),
         BTreeSet::from(["config".into(), "store".into(), "chunk".into()])
     );
+}
+
+#[test]
+fn the_rules_check_can_fail() {
+    let r = rules(
+        "- `a.rs`: owns a.\n  Imports only: `b`.\n- `c/`: owns c.\n  Never imports: `a`, `b`.\n- `main.rs`: x\n",
+    );
+    assert_eq!(r["a"], Ok(BTreeSet::from(["b".to_string()])));
+    assert_eq!(
+        r["c"],
+        Err(BTreeSet::from(["a".to_string(), "b".to_string()]))
+    );
+    assert!(!r.contains_key("main"));
+    let mut g = BTreeMap::new();
+    g.insert("a".to_string(), BTreeSet::from(["c".to_string()]));
+    g.insert("c".to_string(), BTreeSet::from(["b".to_string()]));
+    g.insert("d".to_string(), BTreeSet::new());
+    let b = broken(&g, &r);
+    assert_eq!(b.len(), 3, "{b:?}");
 }
