@@ -1120,3 +1120,55 @@ fn impossible_part_sizes_are_refused_at_start() {
         );
     }
 }
+
+/// Found in review: a job waiting to be tried again keeps its uploads and its
+/// journal record. When its file is then replaced in `active/` (another file
+/// renamed over it), the next attempt refuses it, and must also abort what
+/// the earlier attempt left open and forget its record; otherwise the
+/// uploads stay open, and the next file of that name is taken for a changed
+/// one.
+#[test]
+fn a_file_replaced_while_its_job_waits_leaves_nothing_open() {
+    let Some(s3) = s3() else { return };
+    let prefix = unique_prefix("waits");
+    let relay = Relay::start(&s3);
+    // Every part is answered 503: the job waits for another attempt (15 s).
+    relay.set(r#"{"part_error_every": 1, "error_status": 503}"#);
+    let site = Site::new(&format!(
+        "[transfer]\npart_size = \"5MiB\"\nmax_retries = 1\nretry_base_ms = 10\nretry_max_ms = 20\n{}",
+        s3_dest("busy", &s3.buckets[0], &prefix, &relay.endpoint(), ""),
+    ));
+    let d = site.daemon();
+    let name = "waits.qcow2";
+    drop_image(&site.spool, name, 12 * MIB, 1270);
+    assert!(
+        wait_until(Duration::from_secs(60), || d
+            .log_text()
+            .contains("failing for a passing reason")),
+        "the job never waited for another attempt:\n{}",
+        d.log_text()
+    );
+    assert_eq!(
+        s3.open_uploads(&s3.buckets[0], &prefix).len(),
+        1,
+        "the waiting job keeps its upload"
+    );
+    let intruder = site.root.join("intruder.qcow2");
+    random_file(&intruder, 6 * MIB, 1271);
+    std::fs::rename(&intruder, site.active().join(name)).unwrap();
+    let Some(report) = site.error_report(name, Duration::from_secs(60)) else {
+        panic!("the replaced file was not refused:\n{}", d.log_text())
+    };
+    assert!(reason(&report).contains("renamed over it"), "{report}");
+    assert_eq!(
+        s3.open_uploads(&s3.buckets[0], &prefix),
+        Vec::<String>::new(),
+        "the waiting job's upload was left open"
+    );
+    assert!(
+        list(&site.root.join("state/jobs"))
+            .iter()
+            .all(|n| !n.ends_with(".json")),
+        "a journal record was left"
+    );
+}

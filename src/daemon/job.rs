@@ -87,7 +87,12 @@ pub(super) async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
     let settings = &ctx.settings;
     let prepared = match prepare(settings, &claimed) {
         Ok(p) => p,
-        Err(r) => return JobEnd::Refused(claimed, r, started),
+        Err(r) => {
+            // Refused for good: what an earlier attempt of this job left open
+            // (it waited for a retry) can never finish.
+            forget_earlier(&ctx, &claimed).await;
+            return JobEnd::Refused(claimed, r, started);
+        }
     };
     let mut dests = settings.destinations.clone();
     let start = match start(&ctx, &prepared, &mut dests).await {
@@ -326,11 +331,9 @@ fn resume(
     taken
 }
 
-/// Ends a job that failed for passing reasons `JOB_ATTEMPTS` times: its
-/// uploads are aborted and its record removed (so the file, put back in the
-/// spool, starts afresh), then it goes to `failed/`.
-pub(super) async fn give_up(ctx: JobCtx, c: Claimed) -> JobEnd {
-    let started = Instant::now();
+/// Aborts the uploads of an earlier attempt of this job and removes its
+/// record, for a job that ends for good before it starts its own.
+async fn forget_earlier(ctx: &JobCtx, c: &Claimed) {
     if let Some(name) = c.name.to_str()
         && let Some(record) = ctx.journal.load(name)
     {
@@ -339,6 +342,14 @@ pub(super) async fn give_up(ctx: JobCtx, c: Claimed) -> JobEnd {
             error!("{e}");
         }
     }
+}
+
+/// Ends a job that failed for passing reasons `JOB_ATTEMPTS` times: its
+/// uploads are aborted and its record removed (so the file, put back in the
+/// spool, starts afresh), then it goes to `failed/`.
+pub(super) async fn give_up(ctx: JobCtx, c: Claimed) -> JobEnd {
+    let started = Instant::now();
+    forget_earlier(&ctx, &c).await;
     let r = report(
         &c.name,
         &format!(
@@ -469,7 +480,10 @@ fn conclude(claimed: Claimed, outcomes: Vec<Outcome>, cancelled: bool, started: 
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            DESTINATION_ADVICE,
+            outcomes
+                .iter()
+                .find_map(|o| o.result.as_ref().err())
+                .map_or(DESTINATION_ADVICE, TransferError::advice),
         )
     };
     let r = report(&claimed.name, &reason, failures, what);

@@ -286,6 +286,9 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
             }
             _ = status_tick.tick() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status_line(&d.board))]);
+                // /readyz reads this; checked here too so an idle daemon (one
+                // scan a rescan_secs) shows a broken state directory within 5 s.
+                d.state_ok = state_dir_ok(&d.journal, &d.status, d.state_ok);
             }
             _ = tokio::time::sleep(wait) => {
                 next_scan = Instant::now() + d.tick();

@@ -145,6 +145,9 @@ impl TransferError {
     pub fn advice(&self) -> &'static str {
         match self {
             TransferError::Changed(_) => CHANGED_ADVICE,
+            TransferError::Store(e) if e.class() == Class::Refuse => {
+                "Rename the file as the reason says, then put it back in the spool."
+            }
             _ => DESTINATION_ADVICE,
         }
     }
