@@ -1077,17 +1077,7 @@ fn a_job_that_ends_for_good_leaves_no_upload_open() {
         panic!("the job did not end:\n{}", d.log_text())
     };
     assert!(reason(&report).contains("refused"), "{report}");
-    assert_eq!(
-        s3.open_uploads(&s3.buckets[0], &prefix),
-        Vec::<String>::new(),
-        "the kept upload was left open"
-    );
-    assert!(
-        list(&site.root.join("state/jobs"))
-            .iter()
-            .all(|n| !n.ends_with(".json")),
-        "a journal record was left"
-    );
+    assert_nothing_left(&s3, &prefix, &site, "the kept upload was left open");
 }
 
 /// A weak spot: a part size the stores cannot take was silently changed
@@ -1119,6 +1109,22 @@ fn impossible_part_sizes_are_refused_at_start() {
             "{transfer}: {log}"
         );
     }
+}
+
+/// No upload left open under `prefix` in the first bucket, and no journal
+/// record: what a job that ended for good must leave.
+fn assert_nothing_left(s3: &S3, prefix: &str, site: &Site, what: &str) {
+    assert_eq!(
+        s3.open_uploads(&s3.buckets[0], prefix),
+        Vec::<String>::new(),
+        "{what}"
+    );
+    assert!(
+        list(&site.root.join("state/jobs"))
+            .iter()
+            .all(|n| !n.ends_with(".json")),
+        "a journal record was left"
+    );
 }
 
 /// Found in review: a job waiting to be tried again keeps its uploads and its
@@ -1160,15 +1166,10 @@ fn a_file_replaced_while_its_job_waits_leaves_nothing_open() {
         panic!("the replaced file was not refused:\n{}", d.log_text())
     };
     assert!(reason(&report).contains("renamed over it"), "{report}");
-    assert_eq!(
-        s3.open_uploads(&s3.buckets[0], &prefix),
-        Vec::<String>::new(),
-        "the waiting job's upload was left open"
-    );
-    assert!(
-        list(&site.root.join("state/jobs"))
-            .iter()
-            .all(|n| !n.ends_with(".json")),
-        "a journal record was left"
+    assert_nothing_left(
+        &s3,
+        &prefix,
+        &site,
+        "the waiting job's upload was left open",
     );
 }
