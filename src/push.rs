@@ -16,7 +16,7 @@ use tracing::info;
 
 use crate::chunk::{self, Budget, FirstReads, PartPlan};
 use crate::config::VerifyMode;
-use crate::events::{NoObserver, Observer, Observers};
+use crate::events::{NoObserver, Observer};
 use crate::progress::Progress;
 use crate::shutdown::Shutdown;
 use crate::source::Source;
@@ -50,10 +50,7 @@ fn shown(
         *b = Some(budget.clone());
     }
     st.board.insert(name, progress.clone());
-    Arc::new(Observers(vec![
-        Arc::new(NoObserver),
-        Arc::new(crate::events::JobMetrics::new(st.metrics.clone(), names)),
-    ]))
+    Arc::new(crate::events::JobMetrics::new(st.metrics.clone(), names))
 }
 
 /// One file to every chosen destination, with progress. When `cancel` trips,
@@ -68,7 +65,6 @@ pub async fn push(
     cancel: Shutdown,
 ) -> Result<Vec<Outcome>, PrepareError> {
     let started = std::time::Instant::now();
-    let observer: Arc<dyn Observer> = Arc::new(NoObserver);
     let source = Source::open(path)?;
     let sidecar = crate::image::sidecar::path_of(path);
     let report = inspect_source(
@@ -106,7 +102,7 @@ pub async fn push(
     let renderer = crate::progress::Renderer::start(progress.clone(), progress_every);
     let observer = match &status {
         Some(st) => shown(st, &budget, &source.name, &progress, &names),
-        None => observer,
+        None => Arc::new(NoObserver),
     };
     let job = Arc::new(Job {
         name: source.name.clone(),

@@ -180,11 +180,11 @@ struct Prepared {
 /// file, with the report that says why and what to do.
 fn prepare(settings: &Settings, claimed: &Claimed) -> Result<Prepared, Box<ErrorReport>> {
     let refuse = |e: PrepareError| {
-        let mut r = report(&claimed.name, "", vec![], e.advice());
-        r.reason = match &e {
+        let reason = match &e {
             PrepareError::Refused(i) | PrepareError::Unattested(i) => i.reasons.join("; "),
             _ => e.to_string(),
         };
+        let mut r = report(&claimed.name, &reason, vec![], e.advice());
         r.inspection = e.into_report();
         Box::new(r)
     };
@@ -273,10 +273,7 @@ async fn start(
             abort_record(&prev, &ctx.settings).await;
         }
         Continuation::Changed(why) => {
-            abort_record(&prev, &ctx.settings).await;
-            if let Err(e) = ctx.journal.remove(name) {
-                error!("{e}");
-            }
+            abort_and_forget(ctx, name, &prev).await;
             return Err(why);
         }
     }
@@ -337,10 +334,15 @@ async fn forget_earlier(ctx: &JobCtx, c: &Claimed) {
     if let Some(name) = c.name.to_str()
         && let Some(record) = ctx.journal.load(name)
     {
-        abort_record(&record, &ctx.settings).await;
-        if let Err(e) = ctx.journal.remove(name) {
-            error!("{e}");
-        }
+        abort_and_forget(ctx, name, &record).await;
+    }
+}
+
+/// Aborts the uploads of `record` (of the job `name`) and removes it.
+async fn abort_and_forget(ctx: &JobCtx, name: &str, record: &JobRecord) {
+    abort_record(record, &ctx.settings).await;
+    if let Err(e) = ctx.journal.remove(name) {
+        error!("{e}");
     }
 }
 

@@ -136,11 +136,6 @@ impl TransferError {
         }
     }
 
-    /// A failure that may pass by itself (network, server errors, throttling).
-    pub fn transient(&self) -> bool {
-        matches!(self, TransferError::Store(_)) && self.class() == Class::Retry
-    }
-
     /// What the operator should do.
     pub fn advice(&self) -> &'static str {
         match self {

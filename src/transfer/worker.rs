@@ -170,7 +170,8 @@ impl Worker {
     /// An upload that failed with `e` is kept for a later attempt (stopped, or
     /// failed for a passing reason, in a job that resumes); else aborted.
     pub(super) fn keeps_upload(&self, e: &TransferError) -> bool {
-        self.job.resumable && (matches!(e, TransferError::Cancelled) || e.transient())
+        // A stop, or a store's passing failure: a later attempt continues it.
+        self.job.resumable && e.class() == Class::Retry
     }
 
     pub(super) async fn abort(&self, upload_id: &str) {
