@@ -118,6 +118,10 @@ impl Observer for JobMetrics {
     fn verified(&self, destination: &str) {
         if let Some(d) = self.get(destination) {
             d.verified_ok.inc();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |t| t.as_secs() as i64);
+            d.last_success.set(now);
         }
     }
     fn verify_failed(&self, destination: &str, checksum: bool) {
@@ -172,5 +176,10 @@ mod tests {
             assert!(text.contains(line), "{line} missing in:\n{text}");
         }
         assert!(!text.contains("elsewhere"));
+        let t = m.last_successes();
+        assert!(t.is_empty(), "a destination never added is not kept: {t:?}");
+        m.add_destination("phoenix", None);
+        let t = m.last_successes();
+        assert!(t.len() == 1 && t[0].1 > 1_700_000_000, "{t:?}");
     }
 }

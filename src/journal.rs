@@ -202,17 +202,38 @@ impl Journal {
 
     pub fn save(&self, record: &JobRecord) -> Result<(), JournalError> {
         self.ensure_dir()?;
-        let path = self.path(&record.name);
-        let tmp = path.with_extension("json.tmp");
         let body = serde_json::to_vec(record).expect("a job record always serializes");
-        let mut f = std::fs::File::create(&tmp).map_err(JournalError::io(&tmp))?;
-        f.write_all(&body).map_err(JournalError::io(&tmp))?;
-        f.sync_all().map_err(JournalError::io(&tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(JournalError::io(&path))?;
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(JournalError::io(&self.dir))
+        write_whole(&self.dir, &self.path(&record.name), &body)
+    }
+
+    /// `STATE_DIR/last-success.json`: when each destination last verified an
+    /// object, so `ferry_last_success_timestamp_seconds` survives a restart.
+    fn last_success_path(&self) -> PathBuf {
+        let state_dir = self.dir.parent().unwrap_or(&self.dir);
+        state_dir.join(LAST_SUCCESS_FILE)
+    }
+
+    /// Each destination's last success (Unix seconds); empty when none was
+    /// kept, or the file is unreadable (said in the log: it only feeds a metric).
+    pub fn last_successes(&self) -> BTreeMap<String, i64> {
+        let path = self.last_success_path();
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "{} is unreadable ({e}); last-success times start from now",
+                    path.display()
+                );
+                BTreeMap::new()
+            }),
+            Err(_) => BTreeMap::new(),
+        }
+    }
+
+    pub fn save_last_successes(&self, times: &[(String, i64)]) -> Result<(), JournalError> {
+        let path = self.last_success_path();
+        let map: BTreeMap<&str, i64> = times.iter().map(|(d, t)| (d.as_str(), *t)).collect();
+        let body = serde_json::to_vec_pretty(&map).expect("a map of times always serializes");
+        write_whole(path.parent().unwrap_or(&self.dir), &path, &body)
     }
 
     pub fn remove(&self, name: &str) -> Result<(), JournalError> {
@@ -224,6 +245,21 @@ impl Journal {
                 .map_err(JournalError::io(&self.dir)),
         }
     }
+}
+
+const LAST_SUCCESS_FILE: &str = "last-success.json";
+
+/// Writes `path` whole or not at all: a temp file, fsync, rename, fsync of `dir`.
+fn write_whole(dir: &Path, path: &Path, body: &[u8]) -> Result<(), JournalError> {
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(JournalError::io(&tmp))?;
+    f.write_all(body).map_err(JournalError::io(&tmp))?;
+    f.sync_all().map_err(JournalError::io(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(JournalError::io(path))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(JournalError::io(dir))
 }
 
 /// File names may hold any byte but '/'; records are named by a reversible

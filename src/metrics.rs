@@ -37,6 +37,23 @@ pub const BUFFER_BYTES_IN_USE: &str = "ferry_buffer_bytes_in_use";
 pub const BUFFER_BYTES_LIMIT: &str = "ferry_buffer_bytes_limit";
 pub const UPLOADS_RESUMED: &str = "ferry_uploads_resumed_total";
 pub const BUILD_INFO: &str = "ferry_build_info";
+pub const LAST_SUCCESS: &str = "ferry_last_success_timestamp_seconds";
+
+/// Every `reason` of [`PART_RETRIES`]: each destination's series exist at 0
+/// from the start, so `increase()` sees the first retry after a restart.
+pub const RETRY_REASONS: &[&str] = &[
+    "timeout",
+    "server_error",
+    "slow_down",
+    "reset",
+    "checksum",
+    "dns",
+    "refused",
+    "tls",
+    "other",
+];
+/// Every `outcome` of [`JOBS`].
+pub const JOB_OUTCOMES: &[&str] = &["done", "refused", "failed"];
 
 /// Buckets for parts of 5 MiB .. 5 GiB on links from a LAN to a slow WAN.
 const PART_BUCKETS: &[f64] = &[
@@ -65,6 +82,9 @@ pub struct Metrics {
     pub buffer_in_use: IntGauge,
     pub buffer_limit: IntGauge,
     uploads_resumed: IntCounterVec,
+    last_success: IntGaugeVec,
+    /// Destinations given to [`Metrics::add_destination`].
+    known: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Handles for one destination, resolved once.
@@ -79,6 +99,8 @@ pub struct DestinationMetrics {
     pub uploads_resumed: IntCounter,
     /// By destination and reason; the reason is only known per event.
     pub retries: IntCounterVec,
+    /// When this destination last verified an object (Unix seconds).
+    pub last_success: IntGauge,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -125,7 +147,20 @@ impl Metrics {
         ));
         must(registry.register(Box::new(build.clone())));
         build.with_label_values(&[crate::VERSION]).set(1);
-        Arc::new(Metrics {
+        // process_cpu_seconds_total, process_resident_memory_bytes,
+        // process_open_fds and the rest, read from /proc at each scrape.
+        must(registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )));
+        let last_success = must(IntGaugeVec::new(
+            Opts::new(
+                LAST_SUCCESS,
+                "When a destination last verified an object, in Unix seconds; 0: never (as far as this state directory knows).",
+            ),
+            &["destination"],
+        ));
+        must(registry.register(Box::new(last_success.clone())));
+        let metrics = Arc::new(Metrics {
             read_bytes: counter(READ_BYTES, "Bytes read from source images."),
             uploaded_bytes: counter_vec(
                 UPLOADED_BYTES,
@@ -140,7 +175,7 @@ impl Metrics {
             part_duration,
             part_retries: counter_vec(
                 PART_RETRIES,
-                "Requests retried, by destination and reason (timeout, server_error, slow_down, reset, checksum, other).",
+                "Requests retried, by destination and reason (timeout, server_error, slow_down, reset, checksum, dns, refused, tls, other).",
                 &["destination", "reason"],
             ),
             checksum_mismatches: counter_vec(
@@ -175,8 +210,45 @@ impl Metrics {
                 "Uploads continued from the journal after a restart, by destination.",
                 &["destination"],
             ),
+            last_success,
+            known: Default::default(),
             registry,
-        })
+        });
+        for outcome in JOB_OUTCOMES {
+            metrics.jobs.with_label_values(&[outcome]);
+        }
+        metrics
+    }
+
+    /// Makes every series of `destination` exist, at 0 (or the last success
+    /// given), before its first event: a dashboard's `increase()` then sees
+    /// the first one. Call at start and for each destination a reload adds;
+    /// calling it again for a known destination changes nothing.
+    pub fn add_destination(&self, destination: &str, last_success: Option<i64>) {
+        let handles = self.destination(destination);
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(destination.to_string());
+        for reason in RETRY_REASONS {
+            handles.retries.with_label_values(&[destination, reason]);
+        }
+        if let Some(t) = last_success
+            && t > handles.last_success.get()
+        {
+            handles.last_success.set(t);
+        }
+    }
+
+    /// The last success of every destination added so far that has one
+    /// (Unix seconds), for the state directory to keep across restarts.
+    pub fn last_successes(&self) -> Vec<(String, i64)> {
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        known
+            .iter()
+            .map(|d| (d.clone(), self.last_success.with_label_values(&[d]).get()))
+            .filter(|(_, t)| *t > 0)
+            .collect()
     }
 
     /// Handles for `destination`; call once per destination and job.
@@ -196,6 +268,7 @@ impl Metrics {
                 .with_label_values(&[destination, "failed"]),
             uploads_resumed: self.uploads_resumed.with_label_values(&d),
             retries: self.part_retries.clone(),
+            last_success: self.last_success.with_label_values(&d),
         })
     }
 

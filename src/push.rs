@@ -50,6 +50,9 @@ fn shown(
         *b = Some(budget.clone());
     }
     st.board.insert(name, progress.clone());
+    for n in names {
+        st.metrics.add_destination(n, None);
+    }
     Arc::new(crate::events::JobMetrics::new(st.metrics.clone(), names))
 }
 

@@ -280,3 +280,166 @@ fn readyz_follows_an_s3_destination_down_and_up() {
     assert!(up, "not ready again within 30 s: {:?}", ready());
     eprintln!("ready again {took:?} after the server returned");
 }
+
+/// The value of the series `name{labels}` (labels as the text format writes
+/// them, or "" for none) in `text`; None when it is not there.
+fn series(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let head = if labels.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix(&head)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// Issue 13, item 3: right after start, every labelled counter of every
+/// configured destination is at 0 (a dashboard's `increase()` sees the first
+/// event), the process_* metrics are there, promtool is content; a destination
+/// added by SIGHUP gets its series too; the last-success time is set by a
+/// verified object and survives a restart.
+#[test]
+fn every_labelled_series_exists_at_zero_right_after_start() {
+    let dir = tmpdir();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("spool")).unwrap();
+    let port = free_port();
+    let tables = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| {
+                format!(
+                    "[destinations.{n}]\nurl = \"file://{}/{n}/\"\n",
+                    root.display()
+                )
+            })
+            .collect::<String>()
+    };
+    let cfg = daemon_config(root, port, &tables(&["phoenix", "ashburn"]));
+    let d = Daemon::start(&cfg, &root.join("daemon.log"));
+    let mut text = String::new();
+    assert!(wait_until(Duration::from_secs(20), || {
+        match http_get(port, "/metrics") {
+            Some((200, t)) => {
+                text = t;
+                true
+            }
+            _ => false,
+        }
+    }));
+    let (rc, out) = promtool_check(&text);
+    assert_eq!(rc, 0, "promtool: {out}\n{text}");
+    assert!(out.trim().is_empty(), "promtool printed: {out}");
+    let at_zero = |text: &str, dest: &str| {
+        let d = format!("destination=\"{dest}\"");
+        let mut want = vec![
+            ("ferry_uploaded_bytes_total", d.clone()),
+            ("ferry_parts_uploaded_total", d.clone()),
+            ("ferry_checksum_mismatches_total", d.clone()),
+            ("ferry_uploads_resumed_total", d.clone()),
+            ("ferry_part_upload_duration_seconds_count", d.clone()),
+            ("ferry_last_success_timestamp_seconds", d.clone()),
+            (
+                "ferry_objects_verified_total",
+                format!("{d},outcome=\"ok\""),
+            ),
+            (
+                "ferry_objects_verified_total",
+                format!("{d},outcome=\"failed\""),
+            ),
+        ];
+        for reason in [
+            "timeout",
+            "server_error",
+            "slow_down",
+            "reset",
+            "checksum",
+            "dns",
+            "refused",
+            "tls",
+            "other",
+        ] {
+            want.push((
+                "ferry_part_retries_total",
+                format!("{d},reason=\"{reason}\""),
+            ));
+        }
+        for (name, labels) in want {
+            assert_eq!(
+                series(text, name, &labels),
+                Some(0.0),
+                "{name}{{{labels}}} is not at 0 in:\n{text}"
+            );
+        }
+    };
+    for dest in ["phoenix", "ashburn"] {
+        at_zero(&text, dest);
+    }
+    for outcome in ["done", "refused", "failed"] {
+        let labels = format!("outcome=\"{outcome}\"");
+        assert_eq!(
+            series(&text, "ferry_jobs_total", &labels),
+            Some(0.0),
+            "{labels}"
+        );
+    }
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(series(&text, name, "").is_some(), "{name} missing");
+    }
+    // A destination added by a reload has its series before its first event.
+    write(
+        &root.join("ferry.toml"),
+        &std::fs::read_to_string(&cfg).unwrap().replace(
+            "[destinations.phoenix]",
+            &format!("{}[destinations.phoenix]", tables(&["frankfurt"])),
+        ),
+    );
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || http_get(port, "/metrics")
+            .is_some_and(|(_, t)| t.contains("destination=\"frankfurt\""))),
+        "no frankfurt series after SIGHUP"
+    );
+    at_zero(&http_get(port, "/metrics").unwrap().1, "frankfurt");
+    // A verified object sets the time; a restart keeps it.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    drop_image(&root.join("spool"), "first.qcow2", 6 << 20, 13);
+    assert!(wait_until(Duration::from_secs(60), || root
+        .join("spool/.ferry/done/first.qcow2")
+        .exists()));
+    let last = |port| {
+        let text = http_get(port, "/metrics").unwrap().1;
+        ["phoenix", "ashburn", "frankfurt"].map(|d| {
+            series(
+                &text,
+                "ferry_last_success_timestamp_seconds",
+                &format!("destination=\"{d}\""),
+            )
+            .unwrap_or(-1.0)
+        })
+    };
+    let shipped = last(port);
+    assert!(shipped.iter().all(|t| *t >= before.floor()), "{shipped:?}");
+    let jobs = http_get(port, "/metrics").unwrap().1;
+    assert_eq!(
+        series(&jobs, "ferry_jobs_total", "outcome=\"done\""),
+        Some(1.0)
+    );
+    drop(d);
+    let _d = Daemon::start(&cfg, &root.join("daemon.log"));
+    assert!(wait_until(Duration::from_secs(20), || http_get(
+        port, "/healthz"
+    )
+    .is_some()));
+    assert_eq!(last(port), shipped, "the last-success times were not kept");
+}

@@ -356,6 +356,10 @@ impl Daemon {
         let settings = Arc::new(Settings::new(config)?);
         let board = Arc::new(Board::default());
         let metrics = Metrics::new();
+        let kept = journal.last_successes();
+        for d in &settings.destinations {
+            metrics.add_destination(d.name(), kept.get(d.name()).copied());
+        }
         let status = Arc::new(Status {
             spool_dir: Some(settings.config.spool_dir.clone()),
             budget: std::sync::Mutex::new(Some(settings.budget.clone())),
@@ -440,6 +444,9 @@ impl Daemon {
                     self.spool = new_spool;
                     self.watcher = crate::spool::watch(self.spool.dir(), self.hint_tx.clone());
                 }
+                for d in &s.destinations {
+                    self.metrics.add_destination(d.name(), None);
+                }
                 self.settings = Arc::new(s);
                 self.prober.abort();
                 self.prober = tokio::spawn(probe_destinations(
@@ -463,6 +470,14 @@ impl Daemon {
                     self.jobs.spawn(give_up(self.ctx(), c));
                 }
             }
+        }
+        // Kept for the next start; it only feeds a metric, so a failed write
+        // is said and nothing more.
+        if let Err(e) = self
+            .journal
+            .save_last_successes(&self.metrics.last_successes())
+        {
+            warn!("cannot keep the last-success times: {e}");
         }
     }
 
