@@ -26,8 +26,16 @@ pub struct PartEntry {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DestinationEntry {
     pub name: String,
+    /// The destination's URL as configured.
     pub url: String,
+    /// The object's name in the store: the prefix and the file's name (for a
+    /// directory, the file's name in it).
     pub key: String,
+    /// The object's URL, the key encoded once.
+    pub object_url: String,
+    /// For a directory: the file's path on this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -672,9 +672,17 @@ fn object_keys_are_the_file_names_exactly() {
             serde_json::from_slice(&s3_get(&store, &format!("{key}.manifest.json")).unwrap())
                 .unwrap();
         assert_eq!(m["destination"]["key"], key);
-        let uri = m["oci_create_image"]["imageSourceDetails"]["sourceUri"]
+        // Not OCI Object Storage: no CreateImage body, and the manifest says why.
+        assert!(m.get("oci_create_image").is_none(), "{m}");
+        assert!(
+            m["oci_create_image_unavailable"]
+                .as_str()
+                .is_some_and(|w| w.contains("not OCI Object Storage")),
+            "{m}"
+        );
+        let uri = m["destination"]["object_url"]
             .as_str()
-            .unwrap_or_else(|| panic!("no sourceUri in {m}"));
+            .unwrap_or_else(|| panic!("no object_url in {m}"));
         assert!(
             uri.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-._~/:%".contains(&b)),
@@ -690,8 +698,9 @@ fn object_keys_are_the_file_names_exactly() {
     for name in names {
         assert!(same_bytes(&src.join(name), &local.join(name)), "{name}");
         let lm = manifest(&local.join(format!("{name}.manifest.json")));
+        assert_eq!(lm["destination"]["key"], name);
         assert_eq!(
-            lm["destination"]["key"],
+            lm["destination"]["path"],
             local.join(name).display().to_string()
         );
     }

@@ -733,19 +733,19 @@ fn daemon_refuses_before_sending_and_manifests_carry_the_image_fields() {
     assert_eq!(img["os"], "Oracle Linux");
     assert_eq!(img["license"]["attested_by"], "ops@example.com");
     assert!(img["warnings"].is_array());
-    let body = &m["oci_create_image"];
-    assert_eq!(body["launchMode"], "PARAVIRTUALIZED");
-    let src = &body["imageSourceDetails"];
-    assert_eq!(src["sourceType"], "objectStorageUri");
-    assert_eq!(src["sourceImageType"], "QCOW2");
-    assert_eq!(src["operatingSystem"], "Oracle Linux");
-    assert_eq!(src["operatingSystemVersion"], "8");
+    // Issue 13, item 2: OCI cannot import from a directory, so there is no
+    // CreateImage body, and the manifest says why; the key is the name in
+    // the directory, the path where it lies.
+    assert!(m.get("oci_create_image").is_none(), "{m}");
+    let why = m["oci_create_image_unavailable"].as_str().unwrap();
     assert!(
-        src["sourceUri"]
-            .as_str()
-            .unwrap()
-            .ends_with("/phoenix/good.qcow2"),
-        "{src}"
+        why.contains("local directory") && why.contains("OCI Object Storage"),
+        "{why}"
+    );
+    assert_eq!(m["destination"]["key"], "good.qcow2");
+    assert_eq!(
+        m["destination"]["path"],
+        root.join("phoenix/good.qcow2").display().to_string()
     );
     drop(d);
 }

@@ -62,6 +62,15 @@ impl Backend for FileBackend {
         format!("{}{}", self.object_url_base, url_escape(name))
     }
 
+    fn import_url(&self, _name: &str) -> Result<String, String> {
+        Err(format!(
+            "this destination is a local directory ({}); OCI imports custom images only from \
+             OCI Object Storage: ship the image to an s3:// destination on OCI's \
+             S3-compatible endpoint to get a CreateImage body",
+            self.dir.display()
+        ))
+    }
+
     async fn begin(&self, name: &str) -> Result<String, StoreError> {
         let id = format!("{:016x}", rand::random::<u64>());
         let (_, staging) = self.paths(name, &id);

@@ -78,6 +78,14 @@ impl Backend for MemoryBackend {
         format!("memory://{}/{}", self.name, url_escape(&self.key(name)))
     }
 
+    fn import_url(&self, _name: &str) -> Result<String, String> {
+        Err(
+            "this destination is ferry's in-memory store (memory://, for tests and benchmarks); \
+             OCI imports custom images only from OCI Object Storage"
+                .into(),
+        )
+    }
+
     async fn begin(&self, _name: &str) -> Result<String, StoreError> {
         let id = format!("{:016x}", rand::random::<u64>());
         MemoryStore::lock(&self.store.uploads).insert(id.clone(), BTreeMap::new());

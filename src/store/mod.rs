@@ -182,8 +182,11 @@ pub struct ObjectInfo {
 pub(crate) trait Backend: Send + Sync {
     /// The key of `name` as a person reads it (prefix + name, or a path).
     fn key(&self, name: &str) -> String;
-    /// The URL an importer fetches `name` from: the key, encoded once.
+    /// The URL of object `name`: the key, encoded once.
     fn object_url(&self, name: &str) -> String;
+    /// The URL OCI's CreateImage can import `name` from, or why there is
+    /// none (OCI imports only from OCI Object Storage).
+    fn import_url(&self, name: &str) -> Result<String, String>;
     /// Starts an upload of `name`; returns its id, to be journaled.
     async fn begin(&self, name: &str) -> Result<String, StoreError>;
     /// Sends one part; returns the store's id for it (an ETag for S3). Safe to
@@ -292,9 +295,14 @@ impl Destination {
     pub fn address(&self) -> &Address {
         &self.address
     }
-    /// The URL an importer fetches object `name` from: the key, encoded once.
+    /// The URL of object `name`: the key, encoded once.
     pub fn object_url(&self, name: &str) -> String {
         self.backend.object_url(name)
+    }
+    /// The URL OCI's CreateImage can import object `name` from, or why this
+    /// destination has none.
+    pub fn import_url(&self, name: &str) -> Result<String, String> {
+        self.backend.import_url(name)
     }
     /// The key of `name` as a person reads it (prefix + name).
     pub fn key(&self, name: &str) -> String {

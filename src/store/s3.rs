@@ -21,6 +21,10 @@ pub(super) struct S3Backend {
     multipart: Arc<dyn MultipartStore>,
     prefix: String,
     object_url_base: String,
+    /// The base of `import_url`: the bucket in OCI's native form, when the
+    /// endpoint is OCI's.
+    import_base: Option<String>,
+    endpoint: String,
 }
 
 impl S3Backend {
@@ -40,6 +44,8 @@ impl S3Backend {
                 multipart: s3,
                 prefix,
                 object_url_base: target.object_url_base(),
+                import_base: target.oci_native_base(),
+                endpoint: target.endpoint.clone(),
             },
             target.address(),
         ))
@@ -84,6 +90,18 @@ impl Backend for S3Backend {
 
     fn object_url(&self, name: &str) -> String {
         format!("{}{}", self.object_url_base, url_escape(&self.key(name)))
+    }
+
+    fn import_url(&self, name: &str) -> Result<String, String> {
+        match &self.import_base {
+            Some(base) => Ok(format!("{base}{}", url_escape(&self.key(name)))),
+            None => Err(format!(
+                "this destination's endpoint ({}) is not OCI Object Storage; OCI imports \
+                 custom images only from there (an endpoint such as \
+                 https://NAMESPACE.compat.objectstorage.REGION.oraclecloud.com)",
+                self.endpoint
+            )),
+        }
     }
 
     async fn begin(&self, name: &str) -> Result<String, StoreError> {
@@ -296,23 +314,31 @@ impl S3Target {
     }
 
     /// The base URL of objects: OCI's native form for OCI's S3-compatible
-    /// endpoint (`https://NS.compat.objectstorage.REGION.oraclecloud.com`),
-    /// path style otherwise.
+    /// endpoint, path style otherwise.
     fn object_url_base(&self) -> String {
-        let host = url::Url::parse(&self.endpoint)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_string))
-            .unwrap_or_default();
-        if let Some((ns, rest)) = host.split_once(".compat.objectstorage.")
-            && let Some(region) = rest.strip_suffix(".oraclecloud.com")
-        {
-            format!(
-                "https://objectstorage.{region}.oraclecloud.com/n/{ns}/b/{}/o/",
-                self.bucket
-            )
-        } else {
-            format!("{}/{}/", self.endpoint, self.bucket)
+        self.oci_native_base()
+            .unwrap_or_else(|| format!("{}/{}/", self.endpoint, self.bucket))
+    }
+
+    /// For OCI's S3-compatible endpoint
+    /// (`https://NS.compat.objectstorage.REGION.oraclecloud.com`, or
+    /// `...REGION.oci.customer-oci.com`), the base of the bucket's objects in
+    /// OCI's native form, which CreateImage takes as `sourceUri`.
+    fn oci_native_base(&self) -> Option<String> {
+        let url = url::Url::parse(&self.endpoint).ok()?;
+        if url.scheme() != "https" {
+            return None;
         }
+        let host = url.host_str()?;
+        let (ns, rest) = host.split_once(".compat.objectstorage.")?;
+        let (region, domain) = rest.split_once('.')?;
+        if ns.is_empty() || !matches!(domain, "oraclecloud.com" | "oci.customer-oci.com") {
+            return None;
+        }
+        Some(format!(
+            "https://objectstorage.{region}.{domain}/n/{ns}/b/{}/o/",
+            self.bucket
+        ))
     }
 }
 
@@ -421,5 +447,58 @@ mod tests {
         )
         .unwrap()
         .0
+    }
+
+    fn at(endpoint: &str) -> S3Backend {
+        let cfg = DestinationConfig {
+            url: "s3://images/".into(),
+            endpoint: Some(endpoint.into()),
+            access_key_id: Some("k".into()),
+            secret_access_key: Some("s".into()),
+            ..Default::default()
+        };
+        S3Backend::new(
+            "t",
+            "images",
+            "ex/".into(),
+            &cfg,
+            &TransferConfig::default(),
+            5 << 20,
+        )
+        .unwrap()
+        .0
+    }
+
+    /// Issue 13, item 2: only OCI's own endpoints give a CreateImage source,
+    /// in OCI's native form, the key encoded once; any other store says why not.
+    #[test]
+    fn only_oci_endpoints_give_an_import_url() {
+        for (endpoint, want) in [
+            (
+                "https://axaxnpcrorw5.compat.objectstorage.us-ashburn-1.oraclecloud.com",
+                "https://objectstorage.us-ashburn-1.oraclecloud.com/n/axaxnpcrorw5/b/images/o/ex/100%25%20a%23b.qcow2",
+            ),
+            (
+                "https://ns1.compat.objectstorage.eu-frankfurt-1.oci.customer-oci.com",
+                "https://objectstorage.eu-frankfurt-1.oci.customer-oci.com/n/ns1/b/images/o/ex/100%25%20a%23b.qcow2",
+            ),
+        ] {
+            assert_eq!(
+                at(endpoint).import_url("100% a#b.qcow2").as_deref(),
+                Ok(want)
+            );
+        }
+        for endpoint in [
+            "http://127.0.0.1:8333",
+            "https://s3.us-east-1.amazonaws.com",
+            "https://ns.compat.objectstorage.us-ashburn-1.oraclecloud.com.evil.example",
+            "https://compat.objectstorage.us-ashburn-1.oraclecloud.com",
+        ] {
+            let why = at(endpoint).import_url("a.qcow2").unwrap_err();
+            assert!(
+                why.contains(endpoint) && why.contains("not OCI Object Storage"),
+                "{endpoint}: {why}"
+            );
+        }
     }
 }

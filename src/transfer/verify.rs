@@ -9,7 +9,7 @@ use tracing::warn;
 use crate::chunk;
 use crate::config::{ReaderKind, VerifyMode};
 use crate::manifest::{self, DestinationEntry, Manifest, PartEntry};
-use crate::store::PartReceipt;
+use crate::store::{Address, PartReceipt};
 
 use super::TransferError;
 use super::retry::retry;
@@ -106,10 +106,21 @@ impl Worker {
                     crc32c: manifest::crc_hex(r.crc32c),
                 })
                 .collect(),
-            destination: DestinationEntry {
-                name: dn.to_string(),
-                url: self.dest.url().to_string(),
-                key: self.dest.key(name),
+            destination: match self.dest.address() {
+                Address::File { .. } => DestinationEntry {
+                    name: dn.to_string(),
+                    url: self.dest.url().to_string(),
+                    key: name.clone(),
+                    object_url: self.dest.object_url(name),
+                    path: Some(self.dest.key(name)),
+                },
+                _ => DestinationEntry {
+                    name: dn.to_string(),
+                    url: self.dest.url().to_string(),
+                    key: self.dest.key(name),
+                    object_url: self.dest.object_url(name),
+                    path: None,
+                },
             },
             verify: match self.job.verify {
                 VerifyMode::Head => "head".into(),
@@ -127,14 +138,13 @@ impl Worker {
             return serde_json::Map::new();
         };
         let mut m = report.manifest_fields();
-        m.insert(
-            "oci_create_image".into(),
-            crate::image::create_image_body(
-                report,
-                &self.dest.object_url(&self.job.name),
-                &self.job.name,
+        match self.dest.import_url(&self.job.name) {
+            Ok(url) => m.insert(
+                "oci_create_image".into(),
+                crate::image::create_image_body(report, &url, &self.job.name),
             ),
-        );
+            Err(why) => m.insert("oci_create_image_unavailable".into(), why.into()),
+        };
         m
     }
 
