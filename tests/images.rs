@@ -558,6 +558,54 @@ fn sidecar_launch_mode_and_licence_policy() {
         reason.contains("no licence attestation") && reason.contains("disk.qcow2.meta.json"),
         "{reason}"
     );
+    // Issue 13, item 6: the template in the refusal holds placeholders, not
+    // values that could pass for real ones, and a sidecar copied from it as it
+    // is, or with one placeholder left, is refused.
+    let template = &reason[reason.find('{').unwrap()..];
+    let mut filled: serde_json::Value = serde_json::from_str(template).unwrap();
+    let license = filled["license"].as_object().unwrap();
+    let leaves: Vec<&serde_json::Value> = filled
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "license")
+        .map(|(_, v)| v)
+        .chain(license.values())
+        .collect();
+    assert_eq!(leaves.len(), 8, "{template}");
+    for v in leaves {
+        let v = v.as_str().unwrap();
+        assert!(
+            v.starts_with('<') && v.ends_with('>'),
+            "{v:?} could pass for a value"
+        );
+    }
+    filled["os"] = "Oracle Linux".into();
+    filled["os_version"] = "9".into();
+    filled["launch_mode"] = "PARAVIRTUALIZED".into();
+    filled["firmware"] = "BIOS".into();
+    filled["license"]["model"] = "BYOL".into();
+    filled["license"]["attested_at"] = "2026-11-27T09:30:00Z".into();
+    filled["license"]["statement"] = "It complies.".into();
+    for (sidecar, left) in [
+        (template.to_string(), "<your OS>"),
+        (filled.to_string(), "<who attests"),
+    ] {
+        std::fs::write(d.join("disk.qcow2.meta.json"), sidecar).unwrap();
+        let out = ferry()
+            .args(["inspect", "--daemon-policy"])
+            .arg(d.join("disk.qcow2"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("placeholder") && err.contains(left), "{err}");
+    }
+    filled["license"]["attested_by"] = "ops@corp.example".into();
+    std::fs::write(d.join("disk.qcow2.meta.json"), filled.to_string()).unwrap();
+    let (rc, v) = inspect(&d.join("disk.qcow2"), &["--daemon-policy"]);
+    assert_eq!(rc, 0, "{v}");
+    std::fs::remove_file(d.join("disk.qcow2.meta.json")).unwrap();
     let (rc, v) = inspect(&d.join("disk.qcow2"), &[]);
     assert_eq!(rc, 0);
     assert_eq!(v["launch_mode"], "UNKNOWN");

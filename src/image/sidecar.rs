@@ -4,8 +4,18 @@
 
 use serde::{Deserialize, Serialize};
 
-/// What to write, shown when an attestation is required and missing.
-pub const EXAMPLE: &str = r#"{"os": "Oracle Linux", "os_version": "8", "launch_mode": "PARAVIRTUALIZED", "firmware": "BIOS", "license": {"model": "BYOL", "attested_by": "ops@example.com", "attested_at": "2026-11-26T12:00:00Z", "statement": "This image complies with the licences of its OS and software."}}"#;
+/// What to write, shown when an attestation is required and missing. Every
+/// value is a placeholder that cannot pass for a real one, and a sidecar that
+/// still holds one is refused: copied as it is, it would be a false attestation.
+pub const EXAMPLE: &str = r#"{"os": "<your OS>", "os_version": "<its version>", "launch_mode": "<NATIVE, PARAVIRTUALIZED or EMULATED>", "firmware": "<BIOS or UEFI_64>", "license": {"model": "<BYOL, LICENSE_INCLUDED or OPEN_SOURCE>", "attested_by": "<who attests, e.g. your e-mail>", "attested_at": "<when, RFC 3339, e.g. 2026-11-27T09:30:00Z>", "statement": "<what you attest, e.g. This image complies with the licences of its OS and software.>"}}"#;
+
+/// Whether `value` is a placeholder of [`EXAMPLE`] (or one like it): text in
+/// angle brackets with a space in it. An address such as `<ops@example.com>`
+/// has no space, so it is not one.
+fn is_placeholder(value: &str) -> bool {
+    let v = value.trim();
+    v.starts_with('<') && v.ends_with('>') && v.contains(' ')
+}
 
 /// The sidecar of image `X` is `X` + this, beside it.
 pub const SUFFIX: &str = ".meta.json";
@@ -69,6 +79,27 @@ impl Sidecar {
     pub fn parse(text: &str) -> Result<Sidecar, String> {
         let s: Sidecar = serde_json::from_str(text)
             .map_err(|e| format!("the sidecar is not valid: {e}; it should look like {EXAMPLE}"))?;
+        let l = s.license.as_ref();
+        for (key, value) in [
+            ("os", s.os.as_ref()),
+            ("os_version", s.os_version.as_ref()),
+            ("launch_mode", s.launch_mode.as_ref()),
+            ("firmware", s.firmware.as_ref()),
+            ("license.model", l.map(|l| &l.model)),
+            ("license.attested_by", l.map(|l| &l.attested_by)),
+            ("license.attested_at", l.map(|l| &l.attested_at)),
+            ("license.statement", l.map(|l| &l.statement)),
+        ] {
+            if let Some(v) = value
+                && is_placeholder(v)
+            {
+                return Err(format!(
+                    "the sidecar still holds the template's placeholder {v:?} in {key}: \
+                     write the real value (or leave the key out where it is optional); \
+                     an attestation copied from a template is not one"
+                ));
+            }
+        }
         if let Some(m) = &s.launch_mode
             && !matches!(m.as_str(), "NATIVE" | "PARAVIRTUALIZED" | "EMULATED")
         {
@@ -90,6 +121,15 @@ impl Sidecar {
                 "license needs model, attested_by, attested_at and statement, none empty".into(),
             );
         }
+        if let Some(l) = l
+            && humantime::parse_rfc3339_weak(l.attested_at.trim()).is_err()
+        {
+            return Err(format!(
+                "license.attested_at {:?} is not a time in RFC 3339 form, such as 2026-11-27T09:30:00Z \
+                 (date -u +%Y-%m-%dT%H:%M:%SZ prints one)",
+                l.attested_at
+            ));
+        }
         Ok(s)
     }
 }
@@ -98,9 +138,49 @@ impl Sidecar {
 mod tests {
     use super::*;
 
+    const REAL: &str = r#"{"os": "Oracle Linux", "os_version": "9", "launch_mode": "PARAVIRTUALIZED", "license": {"model": "BYOL", "attested_by": "Jane Roe <jane@example.com>", "attested_at": "2026-11-27T09:30:00Z", "statement": "This image complies with the licences of its OS and software."}}"#;
+
+    /// Issue 13, item 6: the template is refused as it is, and so is a
+    /// sidecar with any one of its placeholders left in.
+    #[test]
+    fn the_template_and_any_of_its_placeholders_are_refused() {
+        let e = Sidecar::parse(EXAMPLE).unwrap_err();
+        assert!(e.contains("placeholder") && e.contains("<your OS>"), "{e}");
+        let template: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        let real: serde_json::Value = serde_json::from_str(REAL).unwrap();
+        let mut placeholders = 0;
+        for key in ["os", "os_version", "launch_mode", "firmware"] {
+            let mut v = real.clone();
+            v[key] = template[key].clone();
+            let e = Sidecar::parse(&v.to_string()).unwrap_err();
+            assert!(e.contains("placeholder") && e.contains(key), "{key}: {e}");
+            placeholders += 1;
+        }
+        for key in ["model", "attested_by", "attested_at", "statement"] {
+            let mut v = real.clone();
+            v["license"][key] = template["license"][key].clone();
+            let e = Sidecar::parse(&v.to_string()).unwrap_err();
+            assert!(e.contains("placeholder") && e.contains(key), "{key}: {e}");
+            placeholders += 1;
+        }
+        assert_eq!(placeholders, 8);
+        // A real one passes, an address in angle brackets included.
+        let s = Sidecar::parse(REAL).unwrap();
+        assert_eq!(
+            s.license.unwrap().attested_by,
+            "Jane Roe <jane@example.com>"
+        );
+        let mut v = real.clone();
+        v["license"]["attested_by"] = "<jane@example.com>".into();
+        assert!(Sidecar::parse(&v.to_string()).is_ok());
+        v["license"]["attested_at"] = "yesterday".into();
+        let e = Sidecar::parse(&v.to_string()).unwrap_err();
+        assert!(e.contains("RFC 3339"), "{e}");
+    }
+
     #[test]
     fn example_parses_and_unknown_keys_fail() {
-        let s = Sidecar::parse(EXAMPLE).unwrap();
+        let s = Sidecar::parse(REAL).unwrap();
         assert_eq!(s.license.unwrap().model, "BYOL");
         assert!(
             Sidecar::parse(r#"{"licence": {}}"#)
