@@ -31,6 +31,8 @@ pub trait Observer: Send + Sync {
     fn resumed(&self, _destination: &str) {}
     /// An upload was aborted at its destination: nothing of it is left there.
     fn upload_aborted(&self, _destination: &str) {}
+    /// The next read waits for part-buffer memory (`true`), or has it (`false`).
+    fn memory_wait(&self, _waiting: bool) {}
 }
 
 /// Several observers as one.
@@ -66,6 +68,9 @@ impl Observer for Observers {
     }
     fn upload_aborted(&self, d: &str) {
         self.0.iter().for_each(|o| o.upload_aborted(d));
+    }
+    fn memory_wait(&self, waiting: bool) {
+        self.0.iter().for_each(|o| o.memory_wait(waiting));
     }
 }
 

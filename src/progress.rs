@@ -61,6 +61,8 @@ pub struct Progress {
     pub file_name: String,
     pub started: Instant,
     pub destinations: Vec<Arc<DestinationProgress>>,
+    /// The next part's read waits for part-buffer memory.
+    memory_wait: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
@@ -79,7 +81,13 @@ impl Progress {
                     })
                 })
                 .collect(),
+            memory_wait: Default::default(),
         })
+    }
+
+    /// Whether the job's next read waits for part-buffer memory now.
+    pub fn waiting_for_memory(&self) -> bool {
+        self.memory_wait.load(Ordering::Relaxed)
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<DestinationProgress>> {
@@ -253,6 +261,13 @@ impl ProgressLog {
             progress,
             last: Mutex::new(Instant::now()),
         }
+    }
+}
+
+/// The board learns from the events that a job waits for memory.
+impl crate::events::Observer for Progress {
+    fn memory_wait(&self, waiting: bool) {
+        self.memory_wait.store(waiting, Ordering::Relaxed);
     }
 }
 

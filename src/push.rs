@@ -53,7 +53,10 @@ fn shown(
     for n in names {
         st.metrics.add_destination(n, None);
     }
-    Arc::new(crate::events::JobMetrics::new(st.metrics.clone(), names))
+    Arc::new(crate::events::Observers(vec![
+        Arc::new(crate::events::JobMetrics::new(st.metrics.clone(), names)),
+        progress.clone(),
+    ]))
 }
 
 /// One file to every chosen destination, with progress. When `cancel` trips,

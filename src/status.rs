@@ -26,7 +26,11 @@ const LAST_ERRORS: usize = 20;
 pub struct LastError {
     pub at: String,
     pub file: String,
+    /// refused, failed (the words of `ferry_jobs_total`) or retrying.
+    pub outcome: String,
     pub reason: String,
+    /// When the same file later shipped: the error no longer stands.
+    pub resolved_at: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -41,6 +45,8 @@ pub struct DestinationHealth {
 pub struct Waiting {
     pub file: String,
     pub bytes: u64,
+    /// Why it is not in flight yet: settling, waiting for a job slot, ...
+    pub why: String,
 }
 
 /// A job that failed for a passing reason and waits for its next attempt.
@@ -116,7 +122,7 @@ impl Status {
         *p = problem;
     }
 
-    pub fn record_error(&self, file: &str, reason: &str) {
+    pub fn record_error(&self, file: &str, outcome: &str, reason: &str) {
         if let Ok(mut e) = self.errors.lock() {
             if e.len() >= LAST_ERRORS {
                 e.pop_front();
@@ -124,8 +130,24 @@ impl Status {
             e.push_back(LastError {
                 at: crate::manifest::timestamp(SystemTime::now()),
                 file: file.to_string(),
+                outcome: outcome.to_string(),
                 reason: reason.to_string(),
+                resolved_at: None,
             });
+        }
+    }
+
+    /// `file` shipped: its earlier errors are marked resolved (they stay
+    /// listed, with the time, until newer errors push them out).
+    pub fn resolve(&self, file: &str) {
+        if let Ok(mut e) = self.errors.lock() {
+            let now = crate::manifest::timestamp(SystemTime::now());
+            for err in e
+                .iter_mut()
+                .filter(|err| err.file == file && err.resolved_at.is_none())
+            {
+                err.resolved_at = Some(now.clone());
+            }
         }
     }
 
@@ -194,6 +216,9 @@ impl Status {
                 serde_json::json!({
                     "file": p.file_name,
                     "running_secs": secs.round(),
+                    "waiting_for": p.waiting_for_memory().then_some(
+                        "memory: every part buffer that transfer.memory_limit allows is in use"
+                    ),
                     "destinations": p.destinations.iter().map(|d| {
                         let done = d.done_bytes();
                         let rate = done as f64 / secs;

@@ -485,3 +485,157 @@ fn systemd_unit_verifies() {
         "warnings about the unit: {stderr}"
     );
 }
+
+/// `/status` as JSON.
+fn status_of(port: u16) -> serde_json::Value {
+    http_get(port, "/status")
+        .and_then(|(_, body)| serde_json::from_str(&body).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Issue 13, item 7: one word for one thing. A refusal is "refused" in the
+/// log, in `X.error.json`, on `/status` and in `ferry_jobs_total`; when the
+/// refused file is put back and ships, its stale `X.error.json` is removed and
+/// `/status` marks its error resolved. Waiting entries say why they wait
+/// (settling, a job slot), and a job whose reads wait for part-buffer memory
+/// says so.
+#[test]
+fn words_agree_and_status_says_why_files_wait() {
+    const MIB: u64 = 1 << 20;
+    let Some(s3) = s3() else { return };
+    let relay = Relay::start(&s3);
+    relay.set(r#"{"part_bytes_per_sec": 2000000}"#);
+    let prefix = unique_prefix("words");
+    let dir = tmpdir();
+    let root = dir.path();
+    let spool = root.join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let port = free_port();
+    let cfg = write(
+        &root.join("ferry.toml"),
+        &format!(
+            "spool_dir = \"{r}/spool\"\nstate_dir = \"{r}/state\"\nmetrics_addr = \"127.0.0.1:{port}\"\n\
+             [daemon]\nsettle_secs = 60\nmax_jobs = 1\n\
+             [policy]\nrefuse = true\nrequire_license_attestation = true\n\
+             [transfer]\npart_size = \"8MiB\"\nmemory_limit = \"16MiB\"\nparallel_parts = 1\n{}",
+            s3_dest("slow", &s3.buckets[0], &prefix, &relay.endpoint(), ""),
+            r = root.display()
+        ),
+    );
+    let sidecar = |name: &str| {
+        write(
+            &spool.join(format!("{name}.meta.json")),
+            r#"{"license": {"model": "BYOL", "attested_by": "Jane Roe", "attested_at": "2026-11-27T09:30:00Z", "statement": "It complies."}}"#,
+        );
+    };
+    // Images OCI would take but for the attestation: a boot signature in
+    // random data, made into QCOW2 by qemu-img, renamed into the spool.
+    let image = |name: &str, size: u64, seed: u64| {
+        let raw = root.join(format!("{name}.raw"));
+        random_file(&raw, size, seed);
+        let mut f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(510)).unwrap();
+        std::io::Write::write_all(&mut f, &[0x55, 0xaa]).unwrap();
+        let partial = spool.join(format!("{name}.partial"));
+        let out = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&partial)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        std::fs::rename(&partial, spool.join(name)).unwrap();
+    };
+    let d = Daemon::start(&cfg, &root.join("daemon.log"));
+    let failed = spool.join(".ferry/failed");
+    let done = spool.join(".ferry/done");
+    // Renames are seen once the spool is watched (settle_secs is long).
+    assert!(wait_until(Duration::from_secs(20), || d
+        .log_text()
+        .contains(" watching ")));
+
+    // Refused for want of an attestation: "refused" everywhere.
+    image("first.img", MIB, 71);
+    let report = failed.join("first.img.error.json");
+    assert!(
+        wait_until(Duration::from_secs(30), || report.exists()),
+        "not refused; spool: {:?}, failed/: {:?}, status: {}",
+        list(&spool),
+        list(&failed),
+        status_of(port)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["outcome"], "refused", "{r}");
+    assert!(wait_until(Duration::from_secs(5), || d
+        .log_text()
+        .contains("\"first.img\" refused: no licence attestation")));
+    assert!(!d.log_text().contains("\"first.img\" failed"));
+    let metrics = http_get(port, "/metrics").unwrap().1;
+    assert!(
+        metrics.contains("ferry_jobs_total{outcome=\"refused\"} 1"),
+        "{metrics}"
+    );
+    let st = status_of(port);
+    let err = &st["last_errors"][0];
+    assert_eq!(err["file"], "first.img", "{st}");
+    assert_eq!(err["outcome"], "refused", "{st}");
+    assert!(err["resolved_at"].is_null(), "{st}");
+
+    // A slow job holds the only slot; its reads wait for memory.
+    sidecar("big.img");
+    image("big.img", 30 * MIB, 72);
+    let mut memory_seen = false;
+    assert!(wait_until(Duration::from_secs(30), || {
+        memory_seen |= status_of(port)["jobs"][0]["waiting_for"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("memory"));
+        memory_seen
+    }));
+    sidecar("second.img");
+    image("second.img", MIB, 73);
+    random_file(&spool.join("in-place.img"), MIB, 74);
+    let why = |st: &serde_json::Value, file: &str| -> String {
+        st["waiting"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| w["file"] == file)
+            .and_then(|w| w["why"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut last = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            last = status_of(port);
+            why(&last, "second.img").starts_with("waiting for a job slot")
+                && why(&last, "in-place.img").starts_with("settling")
+        }),
+        "{last}"
+    );
+    assert!(
+        why(&last, "in-place.img").contains("in-place.img.ready"),
+        "{last}"
+    );
+
+    // The refused file put back with its sidecar ships; its old report goes.
+    sidecar("first.img");
+    std::fs::rename(failed.join("first.img"), spool.join("first.img")).unwrap();
+    assert!(wait_until(Duration::from_secs(120), || done
+        .join("first.img")
+        .exists()));
+    assert!(!report.exists(), "the stale error.json stayed in failed/");
+    assert!(
+        d.log_text()
+            .contains("removed the error report of its earlier attempt")
+    );
+    let st = status_of(port);
+    let resolved = st["last_errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["file"] == "first.img")
+        .all(|e| e["resolved_at"].is_string());
+    assert!(resolved, "{st}");
+    drop(d);
+}

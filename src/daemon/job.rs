@@ -73,6 +73,7 @@ pub(super) fn report(
 ) -> ErrorReport {
     ErrorReport {
         file: name.to_string_lossy().into_owned(),
+        outcome: "failed",
         failed_at: manifest::timestamp(SystemTime::now()),
         reason: reason.to_string(),
         destinations,
@@ -127,6 +128,7 @@ pub(super) async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
     let observer: Arc<dyn Observer> = Arc::new(Observers(vec![
         job_journal.clone() as Arc<dyn Observer>,
         Arc::new(ProgressLog::new(progress.clone())),
+        progress.clone(),
         Arc::new(JobMetrics::new(ctx.metrics.clone(), &names)),
     ]));
     let config = &settings.config;

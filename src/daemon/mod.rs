@@ -508,8 +508,12 @@ impl Daemon {
         let (waiting, waiting_bytes) = self.spool.waiting();
         self.metrics.spool_waiting_images.set(waiting as i64);
         self.metrics.spool_waiting_bytes.set(waiting_bytes as i64);
+        let mut list = self.spool.waiting_list(Instant::now());
+        for w in list.iter_mut().filter(|w| w.why == crate::spool::READY) {
+            w.why = self.why_not_claimed(&w.file, locked);
+        }
         if let Ok(mut w) = self.status.waiting.lock() {
-            *w = self.spool.waiting_list();
+            *w = list;
         }
         if waiting > 0 || !self.state_ok || !self.retries.is_empty() || self.status.spool_broken() {
             Duration::from_secs(1)
@@ -532,19 +536,47 @@ impl Daemon {
                 }
                 Ok(ClaimOutcome::NotNow) => {}
                 Ok(ClaimOutcome::Replaced(c, why)) => {
-                    warn!("refusing {:?}: {why}", c.name);
-                    let report = report(
+                    warn!(
+                        "{:?} refused: {why}; moved to {} with its error report",
+                        c.name,
+                        self.spool.failed_dir().display()
+                    );
+                    self.metrics.job_ended("refused", Duration::ZERO);
+                    self.status
+                        .record_error(&c.name.to_string_lossy(), "refused", &why);
+                    let mut report = report(
                         &c.name,
                         &why,
                         vec![],
                         "Put the image back in the spool as a regular file, written in full, then renamed into place.",
                     );
+                    report.outcome = "refused";
                     if let Err(e) = self.spool.finish_failed(&c, &report) {
                         error!("{e}");
                     }
                 }
                 Err(e) => error!("claiming {:?}: {e}", r.name),
             }
+        }
+    }
+
+    /// Why the complete file `name` is still in the spool after a scan
+    /// claimed what it could, for `/status`.
+    fn why_not_claimed(&self, name: &str, locked: bool) -> String {
+        let max = self.settings.config.daemon.max_jobs;
+        if !self.state_ok {
+            "not taking new files: the state directory does not take writes (see /readyz)".into()
+        } else if !locked {
+            "not taking new files: ferry's lock on the spool or the state directory is not held (see the log)".into()
+        } else if self.spool.active_dir().join(name).exists() {
+            "waiting for the image of the same name in flight to end".into()
+        } else if self.jobs.len() >= max {
+            format!(
+                "waiting for a job slot: {} image(s) in flight, daemon.max_jobs = {max}",
+                self.jobs.len()
+            )
+        } else {
+            "complete: taken at the next scan".into()
         }
     }
 
@@ -616,43 +648,68 @@ fn settle_job(
     match &end {
         JobEnd::Done(_, t) => status.metrics.job_ended("done", t.elapsed()),
         JobEnd::Refused(c, r, t) | JobEnd::Failed(c, r, t) => {
-            let outcome = match &end {
-                JobEnd::Refused(..) => "refused",
-                _ => "failed",
-            };
-            status.metrics.job_ended(outcome, t.elapsed());
-            status.record_error(&c.name.to_string_lossy(), &r.reason);
+            status.metrics.job_ended(outcome(&end), t.elapsed());
+            status.record_error(&c.name.to_string_lossy(), outcome(&end), &r.reason);
         }
         JobEnd::Interrupted(_) | JobEnd::Retry(..) => {}
     }
+    let word = outcome(&end);
     match end {
         JobEnd::Done(c, _) => {
             crate::failpoint::reached("done");
             let delete = settings.config.daemon.on_success == OnSuccess::Delete;
             match spool.finish_done(&c, delete) {
-                Ok(()) => info!(
-                    "{:?} verified at every destination; {}",
-                    c.name,
-                    if delete {
-                        "deleted from the spool".to_string()
-                    } else {
-                        format!("moved to {}", spool.done_dir().display())
+                Ok(resolved) => {
+                    info!(
+                        "{:?} verified at every destination; {}",
+                        c.name,
+                        if delete {
+                            "deleted from the spool".to_string()
+                        } else {
+                            format!("moved to {}", spool.done_dir().display())
+                        }
+                    );
+                    if resolved {
+                        info!(
+                            "{:?}: removed the error report of its earlier attempt from {}",
+                            c.name,
+                            spool.failed_dir().display()
+                        );
                     }
-                ),
+                    status.resolve(&c.name.to_string_lossy());
+                }
                 Err(e) => error!("{e}"),
             }
         }
-        JobEnd::Refused(c, report, _) | JobEnd::Failed(c, report, _) => {
-            warn!("{:?} failed: {}", c.name, report.reason);
+        JobEnd::Refused(c, mut report, _) | JobEnd::Failed(c, mut report, _) => {
+            report.outcome = word;
+            warn!(
+                "{:?} {word}: {}; moved to {} with its error report",
+                c.name,
+                report.reason,
+                spool.failed_dir().display()
+            );
             if let Err(e) = spool.finish_failed(&c, &report) {
                 error!("{e}; the file stays in {}", spool.active_dir().display());
             }
         }
         JobEnd::Interrupted(c) => info!("{:?} interrupted; it resumes at the next start", c.name),
         JobEnd::Retry(c, why) => {
-            status.record_error(&c.name.to_string_lossy(), &why);
+            status.record_error(&c.name.to_string_lossy(), "retrying", &why);
             return Some((c, why));
         }
     }
     None
+}
+
+/// The word for how a job ended, in the log, in `X.error.json`, on
+/// `/status` and in `ferry_jobs_total{outcome}` alike.
+fn outcome(end: &JobEnd) -> &'static str {
+    match end {
+        JobEnd::Done(..) => "done",
+        JobEnd::Refused(..) => "refused",
+        JobEnd::Failed(..) => "failed",
+        JobEnd::Interrupted(..) => "interrupted",
+        JobEnd::Retry(..) => "retrying",
+    }
 }

@@ -130,10 +130,17 @@ pub enum ClaimOutcome {
     Replaced(Claimed, String),
 }
 
+/// What [`Spool::waiting_list`] says of a file that is complete, not claimed yet.
+pub const READY: &str = "ready";
+
 /// What `failed/X.error.json` says.
 #[derive(Debug, Clone, Serialize)]
 pub struct ErrorReport {
     pub file: String,
+    /// "refused" (the image, its sidecar or the configuration is at fault:
+    /// shipping it again as it is gives the same answer) or "failed"
+    /// (something went wrong on the way), the words of `ferry_jobs_total`.
+    pub outcome: &'static str,
     pub failed_at: String,
     pub reason: String,
     pub destinations: Vec<DestinationError>,
@@ -293,13 +300,10 @@ impl Spool {
                 seen.ino = meta.ino();
                 seen.still_since = now;
             }
-            let marker = self.dir.join(with_suffix(&name, READY_SUFFIX));
-            let is_ready = self.renamed_in.contains(&name)
-                || std::fs::symlink_metadata(&marker).is_ok()
-                || now.duration_since(seen.still_since) >= self.settle;
-            if is_ready {
+            let (still_since, first_seen) = (seen.still_since, seen.first_seen);
+            if self.is_ready(&name, still_since, now) {
                 ready.push((
-                    seen.first_seen,
+                    first_seen,
                     Ready {
                         name,
                         dev: meta.dev(),
@@ -323,17 +327,39 @@ impl Spool {
         )
     }
 
-    /// The images waiting, for `/status`.
-    pub fn waiting_list(&self) -> Vec<crate::status::Waiting> {
+    /// Whether `name`, still since `still_since`, is complete: renamed in,
+    /// marked with `X.ready`, or still for `settle_secs`.
+    fn is_ready(&self, name: &OsStr, still_since: Instant, now: Instant) -> bool {
+        self.renamed_in.contains(name)
+            || std::fs::symlink_metadata(self.dir.join(with_suffix(name, READY_SUFFIX))).is_ok()
+            || now.duration_since(still_since) >= self.settle
+    }
+
+    /// The images waiting, for `/status`: those still settling say so and
+    /// for how long; the others say [`READY`], for the daemon to say why it
+    /// has not claimed them.
+    pub fn waiting_list(&self, now: Instant) -> Vec<crate::status::Waiting> {
         let mut v: Vec<(&Instant, crate::status::Waiting)> = self
             .seen
             .iter()
             .map(|(n, s)| {
+                let why = if self.is_ready(n, s.still_since, now) {
+                    READY.to_string()
+                } else {
+                    let to_go = self.settle.saturating_sub(now.duration_since(s.still_since));
+                    format!(
+                        "settling: taken once its size and modification time have been still for {}s ({}s to go), or at once when {} appears",
+                        self.settle.as_secs(),
+                        to_go.as_secs_f64().ceil(),
+                        with_suffix(n, READY_SUFFIX).to_string_lossy()
+                    )
+                };
                 (
                     &s.first_seen,
                     crate::status::Waiting {
                         file: n.to_string_lossy().into_owned(),
                         bytes: s.size,
+                        why,
                     },
                 )
             })
@@ -420,7 +446,10 @@ impl Spool {
     }
 
     /// Every destination verified: delete, or move to `done/`.
-    pub fn finish_done(&self, c: &Claimed, delete: bool) -> Result<(), SpoolError> {
+    /// Returns whether an `X.error.json` of an earlier attempt was removed
+    /// from `failed/`: the file was put back and has now shipped, so the
+    /// report no longer describes anything there.
+    pub fn finish_done(&self, c: &Claimed, delete: bool) -> Result<bool, SpoolError> {
         if delete {
             remove_if_present(&c.path)?;
             if let Some(s) = &c.sidecar {
@@ -435,7 +464,14 @@ impl Spool {
             sync_dir(&self.done);
         }
         sync_dir(&self.active);
-        Ok(())
+        // A copy still in failed/ keeps its report beside it.
+        let stale = self.failed.join(with_suffix(&c.name, ERROR_SUFFIX));
+        let resolved = std::fs::symlink_metadata(self.failed.join(&c.name)).is_err()
+            && std::fs::remove_file(&stale).is_ok();
+        if resolved {
+            sync_dir(&self.failed);
+        }
+        Ok(resolved)
     }
 
     /// Refused or failed: move to `failed/` and write `X.error.json` beside it.

@@ -59,9 +59,14 @@ pub(super) async fn fan_out(
         if wanted.is_empty() {
             continue;
         }
+        let mut waited = false;
         let lease = loop {
             if let Some(l) = chunk::try_lease(&*reader, &budget, index) {
                 break l;
+            }
+            if !waited {
+                observer.memory_wait(true);
+                waited = true;
             }
             detach_laggard(&mut feeds, lag_limit);
             if let Ok(l) =
@@ -70,6 +75,9 @@ pub(super) async fn fan_out(
                 break l;
             }
         };
+        if waited {
+            observer.memory_wait(false);
+        }
         let part = match chunk::read_leased(reader.clone(), index, lease).await {
             Ok(p) => p,
             Err(e) => {
