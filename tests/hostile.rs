@@ -459,7 +459,47 @@ fn an_s3_destination_without_credentials_is_refused_and_no_metadata_service_is_a
     });
     let status = d.wait_exit(Duration::from_secs(15));
     assert_eq!(status.and_then(|s| s.code()), Some(2), "the daemon started");
-    assert!(d.log_text().contains("credentials = \"instance\""));
+    let refusal = |log: &str| {
+        log.lines()
+            .find(|l| l.contains("credentials = \"instance\""))
+            .map(|l| l[l.find("ashburn").unwrap_or(0)..].to_string())
+    };
+    let at_start = refusal(&d.log_text()).expect("the refusal names the ways to give credentials");
+    // Issue 13, item 1: a reload that adds such a destination is refused in
+    // the same words, and the running daemon keeps its configuration.
+    let running = Site::new("[destinations.local]\nurl = \"file://ROOT/local/\"\n");
+    let mut d = Daemon::start_with(&running.config, &running.root.join("daemon.log"), |c| {
+        no_credentials_but_a_metadata_service(c, &trap)
+    });
+    assert!(wait_until(Duration::from_secs(20), || d
+        .log_text()
+        .contains(" watching ")));
+    let config = std::fs::read_to_string(&running.config).unwrap();
+    write(
+        &running.config,
+        &format!(
+            "{config}{}",
+            s3_dest("ashburn", &s3.buckets[0], &prefix, &s3.endpoint, "")
+        ),
+    );
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .log_text()
+            .contains("reload refused")),
+        "the reload was not refused"
+    );
+    assert!(d.running(), "a refused reload stopped the daemon");
+    let on_reload = refusal(&d.log_text()).expect("the reload's refusal names the ways");
+    assert_eq!(on_reload, at_start, "not the same words");
+    drop_image(&running.spool, "after-reload.qcow2", MIB, 1161);
+    assert!(
+        wait_until(Duration::from_secs(30), || running
+            .done()
+            .join("after-reload.qcow2")
+            .exists()),
+        "the old configuration did not go on"
+    );
     assert_eq!(trap.hits(), 0, "the instance-metadata service was asked");
 }
 
