@@ -244,17 +244,56 @@ fn readme_service_steps_run_as_root_and_install_what_the_unit_names() {
     }
 }
 
-#[test]
-fn readme_drop_ins_verify_with_the_unit() {
+/// Whether `systemd-analyze` is here; under tests/run.sh it must be.
+fn have_systemd_analyze() -> bool {
     let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
         eprintln!("SKIPPED: systemd-analyze is not installed (tests/run.sh installs it)");
         assert!(
             std::env::var_os("FERRY_REQUIRE_S3").is_none(),
             "tests/run.sh should have installed systemd"
         );
-        return;
+        return false;
     };
     assert!(out.status.success());
+    true
+}
+
+/// The unit as shipped passes `systemd-analyze verify` and keeps its hardening.
+#[test]
+fn systemd_unit_verifies() {
+    if !have_systemd_analyze() {
+        return;
+    }
+    let dir = common::tmpdir();
+    let unit = unit();
+    for key in [
+        "Type=notify",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=\n",
+        "SystemCallFilter=@system-service",
+        "WatchdogSec=",
+        "LimitNOFILE=",
+    ] {
+        assert!(unit.contains(key), "unit lacks {key}");
+    }
+    let unit = unit.replace("/usr/local/bin/ferry", env!("CARGO_BIN_EXE_ferry"));
+    let path = dir.path().join("ferry.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = common::run(Command::new("systemd-analyze").arg("verify").arg(&path));
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("ferry.service:"),
+        "warnings about the unit: {stderr}"
+    );
+}
+
+#[test]
+fn readme_drop_ins_verify_with_the_unit() {
+    if !have_systemd_analyze() {
+        return;
+    }
     let readme = readme();
     let drop_ins = drop_ins(&blocks(section(&readme)));
     assert!(
