@@ -161,6 +161,15 @@ fn the_readme_quick_start_works_as_written() {
     .unwrap();
     assert_eq!(m["image"]["verdict"], "accept", "{m}");
     assert_eq!(m["image"]["license"]["model"], "BYOL", "{m}");
+    // The default's directories are relative; the manifest names the file
+    // where it lies, whatever directory the reader is in.
+    assert_eq!(
+        m["destination"]["path"],
+        dir.join("var/regions/phoenix/images/disk.qcow2")
+            .display()
+            .to_string(),
+        "{m}"
+    );
     drop(d);
 
     // A push to SeaweedFS: the block as written, run from the repository

@@ -112,7 +112,10 @@ impl Worker {
                     url: self.dest.url().to_string(),
                     key: name.clone(),
                     object_url: self.dest.object_url(name),
-                    path: Some(self.dest.key(name)),
+                    path: Some({
+                        let path = self.dest.key(name);
+                        std::path::absolute(&path).map_or(path, |p| p.display().to_string())
+                    }),
                 },
                 _ => DestinationEntry {
                     name: dn.to_string(),
