@@ -212,6 +212,39 @@ fn prometheus_scrapes_a_daemon_during_a_two_gib_upload() {
     let (_, status) = http_get(port, "/status").unwrap();
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["jobs"].as_array().unwrap().len(), 0);
+    // Every query of config/grafana-dashboard.json is one this Prometheus
+    // takes, and the last-success panel shows both regions.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/grafana-dashboard.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$instance", ".*")
+                .replace("$__rate_interval", "1m");
+            let path = format!("/api/v1/query?query={}", query_escape(&expr));
+            let (code, body) = http_get(prom.port, &path).expect("prometheus answers");
+            assert_eq!(code, 200, "{}: {expr}: {body}", panel["title"]);
+            queries += 1;
+        }
+    }
+    assert!(queries >= 14, "{queries} queries");
+    let since = prom.query(
+        "time() - max by (destination) (ferry_last_success_timestamp_seconds{instance=~\".*\"} > 0)",
+    );
+    assert_eq!(since.len(), 2, "{since:?}");
+    assert!(
+        since.iter().all(|(_, s)| (0.0..600.0).contains(s)),
+        "{since:?}"
+    );
     drop(d);
 }
 
