@@ -48,7 +48,7 @@ pub const RETRY_REASONS: &[&str] = &[
     "reset",
     "checksum",
     "dns",
-    "refused",
+    "connection_refused",
     "tls",
     "other",
 ];
@@ -175,7 +175,7 @@ impl Metrics {
             part_duration,
             part_retries: counter_vec(
                 PART_RETRIES,
-                "Requests retried, by destination and reason (timeout, server_error, slow_down, reset, checksum, dns, refused, tls, other).",
+                "Requests retried, by destination and reason (timeout, server_error, slow_down, reset, checksum, dns, connection_refused, tls, other).",
                 &["destination", "reason"],
             ),
             checksum_mismatches: counter_vec(

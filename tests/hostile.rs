@@ -1040,7 +1040,9 @@ fn connection_failures_say_which() {
     let d = site.daemon();
     drop_image(&site.spool, "nowhere.img", 6 * MIB, 1240);
     let counted = wait_until(Duration::from_secs(60), || {
-        site.metric("ferry_part_retries_total{destination=\"refused\",reason=\"refused\"}") >= 1
+        site.metric(
+            "ferry_part_retries_total{destination=\"refused\",reason=\"connection_refused\"}",
+        ) >= 1
             && site.metric("ferry_part_retries_total{destination=\"nohost\",reason=\"dns\"}") >= 1
     });
     let metrics = http_get(site.metrics_port, "/metrics")

@@ -389,7 +389,7 @@ fn every_labelled_series_exists_at_zero_right_after_start() {
             "reset",
             "checksum",
             "dns",
-            "refused",
+            "connection_refused",
             "tls",
             "other",
         ] {

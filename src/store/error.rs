@@ -70,7 +70,7 @@ impl Unreachable {
     fn reason(self) -> &'static str {
         match self {
             Unreachable::NoSuchHost => "dns",
-            Unreachable::Refused => "refused",
+            Unreachable::Refused => "connection_refused",
             Unreachable::Tls => "tls",
             Unreachable::Timeout => "timeout",
         }
