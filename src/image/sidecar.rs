@@ -122,11 +122,11 @@ impl Sidecar {
             );
         }
         if let Some(l) = l
-            && humantime::parse_rfc3339_weak(l.attested_at.trim()).is_err()
+            && chrono::DateTime::parse_from_rfc3339(l.attested_at.trim()).is_err()
         {
             return Err(format!(
                 "license.attested_at {:?} is not a time in RFC 3339 form, such as 2026-11-27T09:30:00Z \
-                 (date -u +%Y-%m-%dT%H:%M:%SZ prints one)",
+                 or 2026-11-27T10:30:00+01:00 (date -Iseconds prints one)",
                 l.attested_at
             ));
         }
@@ -173,6 +173,15 @@ mod tests {
         let mut v = real.clone();
         v["license"]["attested_by"] = "<jane@example.com>".into();
         assert!(Sidecar::parse(&v.to_string()).is_ok());
+        // Any RFC 3339 offset, as `date -Iseconds` prints on a host not on UTC.
+        for at in [
+            "2026-11-27T10:30:00+01:00",
+            "2026-11-27T09:30:00.123Z",
+            "2026-11-27T04:30:00-05:00",
+        ] {
+            v["license"]["attested_at"] = at.into();
+            assert!(Sidecar::parse(&v.to_string()).is_ok(), "{at}");
+        }
         v["license"]["attested_at"] = "yesterday".into();
         let e = Sidecar::parse(&v.to_string()).unwrap_err();
         assert!(e.contains("RFC 3339"), "{e}");
