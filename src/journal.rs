@@ -217,22 +217,32 @@ impl Journal {
     /// kept, or the file is unreadable (said in the log: it only feeds a metric).
     pub fn last_successes(&self) -> BTreeMap<String, i64> {
         let path = self.last_success_path();
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+        let Ok(bytes) = std::fs::read(&path) else {
+            return BTreeMap::new();
+        };
+        match serde_json::from_slice::<LastSuccesses>(&bytes) {
+            Ok(l) if l.format_version == LAST_SUCCESS_VERSION => l.destinations,
+            other => {
+                let why = match other {
+                    Ok(l) => format!("format version {}", l.format_version),
+                    Err(e) => e.to_string(),
+                };
                 tracing::warn!(
-                    "{} is unreadable ({e}); last-success times start from now",
+                    "{} is unusable ({why}); last-success times start again from the next success",
                     path.display()
                 );
                 BTreeMap::new()
-            }),
-            Err(_) => BTreeMap::new(),
+            }
         }
     }
 
     pub fn save_last_successes(&self, times: &[(String, i64)]) -> Result<(), JournalError> {
         let path = self.last_success_path();
-        let map: BTreeMap<&str, i64> = times.iter().map(|(d, t)| (d.as_str(), *t)).collect();
-        let body = serde_json::to_vec_pretty(&map).expect("a map of times always serializes");
+        let body = serde_json::to_vec_pretty(&LastSuccesses {
+            format_version: LAST_SUCCESS_VERSION,
+            destinations: times.iter().cloned().collect(),
+        })
+        .expect("a map of times always serializes");
         write_whole(path.parent().unwrap_or(&self.dir), &path, &body)
     }
 
@@ -248,6 +258,14 @@ impl Journal {
 }
 
 const LAST_SUCCESS_FILE: &str = "last-success.json";
+const LAST_SUCCESS_VERSION: u32 = 1;
+
+/// `last-success.json`: each destination's last verified object, Unix seconds.
+#[derive(Serialize, Deserialize)]
+struct LastSuccesses {
+    format_version: u32,
+    destinations: BTreeMap<String, i64>,
+}
 
 /// Writes `path` whole or not at all: a temp file, fsync, rename, fsync of `dir`.
 fn write_whole(dir: &Path, path: &Path, body: &[u8]) -> Result<(), JournalError> {
@@ -387,6 +405,28 @@ impl crate::events::Observer for JobJournal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn last_successes_round_trip_and_an_unknown_version_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        assert!(j.last_successes().is_empty());
+        j.save_last_successes(&[("ashburn".into(), 1_800_000_000), ("phoenix".into(), 7)])
+            .unwrap();
+        let got = j.last_successes();
+        assert_eq!(got.get("ashburn"), Some(&1_800_000_000));
+        assert_eq!(got.get("phoenix"), Some(&7));
+        let path = dir.path().join(LAST_SUCCESS_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            text.replace("\"format_version\": 1", "\"format_version\": 9"),
+        )
+        .unwrap();
+        assert!(j.last_successes().is_empty());
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(j.last_successes().is_empty());
+    }
 
     fn record(name: &str) -> JobRecord {
         JobRecord {

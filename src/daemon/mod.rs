@@ -471,8 +471,12 @@ impl Daemon {
                 }
             }
         }
-        // Kept for the next start; it only feeds a metric, so a failed write
-        // is said and nothing more.
+        self.keep_last_successes();
+    }
+
+    /// Writes each destination's last success for the next start; it only
+    /// feeds a metric, so a failed write is said and nothing more.
+    fn keep_last_successes(&self) {
         if let Err(e) = self
             .journal
             .save_last_successes(&self.metrics.last_successes())
@@ -610,6 +614,9 @@ impl Daemon {
             );
         }
         self.jobs.abort_all();
+        // Objects verified during the drain count too (and a destination
+        // that verified one before a job was cut short).
+        self.keep_last_successes();
         self.prober.abort();
         self.stop_http.trip();
         info!("stopped");
