@@ -13,7 +13,10 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 pub const MANIFEST_SUFFIX: &str = ".manifest.json";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: `destination.object_url` and, for a directory, `destination.path`
+/// (its `key` became the file's name in it); `oci_create_image` only where
+/// OCI can import from, else `oci_create_image_unavailable`.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PartEntry {
@@ -31,7 +34,8 @@ pub struct DestinationEntry {
     /// The object's name in the store: the prefix and the file's name (for a
     /// directory, the file's name in it).
     pub key: String,
-    /// The object's URL, the key encoded once.
+    /// The object's URL, the key encoded once (absent in version 1).
+    #[serde(default)]
     pub object_url: String,
     /// For a directory: the file's path on this host.
     #[serde(default, skip_serializing_if = "Option::is_none")]

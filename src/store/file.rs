@@ -63,11 +63,12 @@ impl Backend for FileBackend {
     }
 
     fn import_url(&self, _name: &str) -> Result<String, String> {
+        let dir = std::path::absolute(&self.dir).unwrap_or_else(|_| self.dir.clone());
         Err(format!(
             "this destination is a local directory ({}); OCI imports custom images only from \
              OCI Object Storage: ship the image to an s3:// destination on OCI's \
              S3-compatible endpoint to get a CreateImage body",
-            self.dir.display()
+            dir.display()
         ))
     }
 

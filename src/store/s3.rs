@@ -321,9 +321,11 @@ impl S3Target {
     }
 
     /// For OCI's S3-compatible endpoint
-    /// (`https://NS.compat.objectstorage.REGION.oraclecloud.com`, or
-    /// `...REGION.oci.customer-oci.com`), the base of the bucket's objects in
-    /// OCI's native form, which CreateImage takes as `sourceUri`.
+    /// (`https://NS.compat.objectstorage.REGION.REALM_DOMAIN`), the base of
+    /// the bucket's objects in OCI's native form, which CreateImage takes as
+    /// `sourceUri`. The realm domains are those of Oracle's SDKs
+    /// (`oraclecloud.com`, `oraclegovcloud.com`, `oraclegovcloud.uk`,
+    /// `oraclecloudN.com`, `oraclecloud.eu`, ...) and `oci.customer-oci.com`.
     fn oci_native_base(&self) -> Option<String> {
         let url = url::Url::parse(&self.endpoint).ok()?;
         if url.scheme() != "https" {
@@ -332,7 +334,7 @@ impl S3Target {
         let host = url.host_str()?;
         let (ns, rest) = host.split_once(".compat.objectstorage.")?;
         let (region, domain) = rest.split_once('.')?;
-        if ns.is_empty() || !matches!(domain, "oraclecloud.com" | "oci.customer-oci.com") {
+        if ns.is_empty() || ns.contains('.') || !is_oci_realm_domain(domain) {
             return None;
         }
         Some(format!(
@@ -340,6 +342,21 @@ impl S3Target {
             self.bucket
         ))
     }
+}
+
+/// Whether `domain` is one of OCI's realm domains: `oraclecloud.com` and the
+/// numbered `oraclecloudN.com`, `oraclegovcloud.com`, `oraclegovcloud.uk`,
+/// `oraclecloud.eu`, and `oci.customer-oci.com`.
+fn is_oci_realm_domain(domain: &str) -> bool {
+    let numbered = domain
+        .strip_prefix("oraclecloud")
+        .and_then(|d| d.strip_suffix(".com"))
+        .is_some_and(|n| n.is_empty() || n.bytes().all(|b| b.is_ascii_digit()));
+    numbered
+        || matches!(
+            domain,
+            "oraclegovcloud.com" | "oraclegovcloud.uk" | "oraclecloud.eu" | "oci.customer-oci.com"
+        )
 }
 
 fn build_s3(
@@ -455,6 +472,7 @@ mod tests {
             endpoint: Some(endpoint.into()),
             access_key_id: Some("k".into()),
             secret_access_key: Some("s".into()),
+            allow_http: Some(true),
             ..Default::default()
         };
         S3Backend::new(
@@ -482,6 +500,14 @@ mod tests {
                 "https://ns1.compat.objectstorage.eu-frankfurt-1.oci.customer-oci.com",
                 "https://objectstorage.eu-frankfurt-1.oci.customer-oci.com/n/ns1/b/images/o/ex/100%25%20a%23b.qcow2",
             ),
+            (
+                "https://ns2.compat.objectstorage.uk-gov-london-1.oraclegovcloud.uk",
+                "https://objectstorage.uk-gov-london-1.oraclegovcloud.uk/n/ns2/b/images/o/ex/100%25%20a%23b.qcow2",
+            ),
+            (
+                "https://ns3.compat.objectstorage.us-tacoma-1.oraclecloud10.com/",
+                "https://objectstorage.us-tacoma-1.oraclecloud10.com/n/ns3/b/images/o/ex/100%25%20a%23b.qcow2",
+            ),
         ] {
             assert_eq!(
                 at(endpoint).import_url("100% a#b.qcow2").as_deref(),
@@ -493,6 +519,8 @@ mod tests {
             "https://s3.us-east-1.amazonaws.com",
             "https://ns.compat.objectstorage.us-ashburn-1.oraclecloud.com.evil.example",
             "https://compat.objectstorage.us-ashburn-1.oraclecloud.com",
+            "https://ns.compat.objectstorage.us-ashburn-1.oraclecloudx.com",
+            "http://ns.compat.objectstorage.us-ashburn-1.oraclecloud.com",
         ] {
             let why = at(endpoint).import_url("a.qcow2").unwrap_err();
             assert!(
