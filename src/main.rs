@@ -65,18 +65,20 @@ or to .ferry/failed/ with X.error.json saying why.",
             ENVIRONMENT!(),
             "\n  NOTIFY_SOCKET, WATCHDOG_USEC  set by systemd (Type=notify): READY, STATUS and watchdog pings\n\n",
             "EXAMPLE (as written, in an empty directory; needs qemu-img):\n",
-            "  cargo run --release -- daemon     # the embedded default: ./spool -> ./var/regions/*\n",
-            "  # in another terminal, in the same directory: a first image (a boot signature, 55 AA)\n",
+            "  ferry daemon       # the embedded default: ./spool -> ./var/regions/*\n",
+            "  # another terminal, same directory: a first image, with a boot signature\n",
             "  truncate -s 64M disk.raw\n",
             "  printf '\\125\\252' | dd of=disk.raw bs=1 seek=510 conv=notrunc status=none\n",
             "  qemu-img convert -f raw -O qcow2 disk.raw disk.qcow2 && rm disk.raw\n",
-            "  # its sidecar: the licence attestation the daemon requires, yours, made now\n",
+            "  # its sidecar: the licence attestation the daemon requires, yours, now\n",
             "  cat > spool/disk.qcow2.meta.json <<JSON\n",
-            "{\"license\": {\"model\": \"BYOL\", \"attested_by\": \"$(id -un)\", \"attested_at\": \"$(date -u +%FT%TZ)\",\n",
-            " \"statement\": \"This image complies with the licences of its OS and software.\"}}\n",
+            "{\"license\": {\"model\": \"BYOL\", \"attested_by\": \"$(id -un)\",\n",
+            " \"attested_at\": \"$(date -Iseconds)\",\n",
+            " \"statement\": \"It complies with the licences of its OS and software.\"}}\n",
             "JSON\n",
-            "  # the image: written under a temporary name, renamed in when complete\n",
-            "  cp disk.qcow2 spool/disk.qcow2.partial && mv spool/disk.qcow2.partial spool/disk.qcow2"
+            "  # the image: under a temporary name, renamed in when complete\n",
+            "  cp disk.qcow2 spool/disk.qcow2.partial\n",
+            "  mv spool/disk.qcow2.partial spool/disk.qcow2"
         )
     )]
     Daemon {

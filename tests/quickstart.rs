@@ -70,8 +70,8 @@ fn sh(dir: &Path, script: &str) -> String {
     text
 }
 
-/// Starts `ferry daemon` on the embedded default in `dir`, as
-/// `cargo run --release -- daemon` would there.
+/// Starts `ferry daemon` on the embedded default in `dir`, as `ferry daemon`
+/// or `cargo run --release -- daemon` would there.
 fn default_daemon(dir: &Path) -> Daemon {
     let log = dir.join("daemon.log");
     let out = std::fs::File::create(&log).unwrap();
@@ -197,7 +197,12 @@ fn the_readme_quick_start_works_as_written() {
 #[test]
 fn the_daemon_help_example_works_as_written() {
     let _one = DEFAULT_PORT.lock().unwrap_or_else(|e| e.into_inner());
-    let help = String::from_utf8(run(ferry().args(["daemon", "--help"])).stdout).unwrap();
+    // As an 80-column terminal shows it (clap wraps help to the terminal's
+    // width, and reads COLUMNS when there is none): a wrapped line would
+    // break the script.
+    let help =
+        String::from_utf8(run(ferry().args(["daemon", "--help"]).env("COLUMNS", "80")).stdout)
+            .unwrap();
     let example = &help[help.find("\nEXAMPLE").expect("an EXAMPLE section")..];
     let mut lines = example.lines().skip(2);
     assert_eq!(
@@ -205,7 +210,7 @@ fn the_daemon_help_example_works_as_written() {
             .next()
             .and_then(|l| l.split('#').next())
             .map(str::trim),
-        Some("cargo run --release -- daemon")
+        Some("ferry daemon")
     );
     // The rest is a script; the help indents its commands by two spaces.
     let script: String = lines
