@@ -108,6 +108,8 @@ fn installs<'a>(
     flags: &[&str],
 ) -> Option<&'a String> {
     commands.iter().find(|c| {
+        // `[ -e FILE ] || install ...`: the install after a guard.
+        let c = c.rsplit("|| ").next().unwrap_or(c);
         let words: Vec<&str> = c.split_whitespace().collect();
         words.first() == Some(&"install")
             && words.last() == Some(&dest)
@@ -185,15 +187,17 @@ fn readme_service_steps_run_as_root_and_install_what_the_unit_names() {
     let env_files = values(&unit, "EnvironmentFile");
     assert_eq!(env_files.len(), 1, "{env_files:?}");
     let env_file = env_files[0].trim_start_matches('-');
+    let made = installs(
+        &commands,
+        None,
+        env_file,
+        &["-m 0600", "-o root", "-g root"],
+    )
+    .unwrap_or_else(|| panic!("the steps do not make {env_file} 0600 root:root"));
+    // Steps run again (an upgrade) must not empty the credentials.
     assert!(
-        installs(
-            &commands,
-            None,
-            env_file,
-            &["-m 0600", "-o root", "-g root"]
-        )
-        .is_some(),
-        "the steps do not make {env_file} 0600 root:root"
+        made.starts_with(&format!("[ -e {env_file} ] || ")),
+        "running the steps again would empty {env_file}: {made}"
     );
     let exec_start = values(&unit, "ExecStart").concat();
     let config = exec_start

@@ -74,7 +74,7 @@ pub(super) fn report(
     ErrorReport {
         file: name.to_string_lossy().into_owned(),
         outcome: "failed",
-        failed_at: manifest::timestamp(SystemTime::now()),
+        at: manifest::timestamp(SystemTime::now()),
         reason: reason.to_string(),
         destinations,
         what_to_do: what_to_do.to_string(),

@@ -141,7 +141,8 @@ pub struct ErrorReport {
     /// shipping it again as it is gives the same answer) or "failed"
     /// (something went wrong on the way), the words of `ferry_jobs_total`.
     pub outcome: &'static str,
-    pub failed_at: String,
+    /// When the job ended so.
+    pub at: String,
     pub reason: String,
     pub destinations: Vec<DestinationError>,
     pub what_to_do: String,
@@ -608,5 +609,30 @@ mod tests {
         s.finish_done(&c, false).unwrap();
         assert!(s.done_dir().join("img").exists());
         assert!(s.done_dir().join("img.meta.json").exists());
+    }
+
+    /// A shipped file's old report leaves failed/, unless a copy of the file
+    /// it describes is still there.
+    #[test]
+    fn a_stale_error_report_goes_unless_its_file_is_still_there() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(d.path(), Duration::from_secs(0)).unwrap();
+        let ship = |s: &mut Spool, name: &str| {
+            std::fs::write(d.path().join(name), b"data").unwrap();
+            let r = s.scan(Instant::now()).unwrap();
+            let ClaimOutcome::Claimed(c) = s.claim(&r[0]).unwrap() else {
+                panic!("not claimed")
+            };
+            s.finish_done(&c, true).unwrap()
+        };
+        let failed = s.failed_dir().to_path_buf();
+        std::fs::write(failed.join("put-back.error.json"), b"{}").unwrap();
+        assert!(ship(&mut s, "put-back"));
+        assert!(!failed.join("put-back.error.json").exists());
+        std::fs::write(failed.join("copied.error.json"), b"{}").unwrap();
+        std::fs::write(failed.join("copied"), b"old").unwrap();
+        assert!(!ship(&mut s, "copied"));
+        assert!(failed.join("copied.error.json").exists());
+        assert!(!ship(&mut s, "never-failed"));
     }
 }
