@@ -18,6 +18,7 @@ pub mod lock;
 pub mod manifest;
 pub mod mapping;
 pub mod metrics;
+pub mod oci;
 pub mod progress;
 pub mod push;
 pub mod shutdown;

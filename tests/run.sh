@@ -15,6 +15,7 @@ need=()
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 [ -x /usr/bin/time ] || need+=(time)
 command -v curl >/dev/null || need+=(curl)
+command -v openssl >/dev/null || need+=(openssl)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v promtool >/dev/null || need+=(prometheus)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)   # for .venv-test

@@ -1,0 +1,11 @@
+//! OCI's own APIs, as ferry will speak them: request signing today
+//! (`sign.rs`); the Object Storage destination and the image import build
+//! on it (issues 14 and 15).
+//!
+//! Design choice: no OCI SDK. There is no official Rust one, and the
+//! crates there are either sign too little (only `date (request-target)
+//! host`, also for POSTs that need the body headers), read only PKCS#8
+//! keys, or are AGPL (`../shared/OCI.md`, section 3.3, has the survey).
+//! The scheme is small and Oracle publishes test vectors for it.
+
+pub mod sign;
