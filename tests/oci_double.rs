@@ -1,0 +1,389 @@
+//! The OCI Object Storage test double (`tests/support/oci_double.py`) and
+//! ferry's request signer, held to each other: what the double accepts when
+//! ferry signs it, and what it refuses as the service would (an unknown key,
+//! a header left unsigned, a body that is not the one signed, a clock 10
+//! minutes off, a part whose CRC32C does not match). The `oci://`
+//! destination will be tested through this double; these tests keep the
+//! double honest first.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use common::*;
+use ferry::oci::sign::{Body, Request, Signer};
+
+const MIB: usize = 1 << 20;
+
+struct Double {
+    child: Child,
+    port: u16,
+    signer: Signer,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Double {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the double answered.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl").args(args).output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {out:?}");
+}
+
+impl Double {
+    /// Starts the double with a new 2048-bit key, bucket `images` in
+    /// namespace `ns`.
+    fn start() -> Double {
+        let dir = tmpdir();
+        let key = dir.path().join("key.pem");
+        let public = dir.path().join("public.pem");
+        openssl(&["genrsa", "-out", key.to_str().unwrap(), "2048"]);
+        openssl(&[
+            "rsa",
+            "-in",
+            key.to_str().unwrap(),
+            "-pubout",
+            "-out",
+            public.to_str().unwrap(),
+        ]);
+        let key_id = "ocid1.tenancy.oc1..t/ocid1.user.oc1..u/aa:bb";
+        let cfg = write(
+            &dir.path().join("double.json"),
+            &serde_json::json!({
+                "namespace": "ns",
+                "buckets": ["images"],
+                "keys": { key_id: public },
+            })
+            .to_string(),
+        );
+        let port = free_port();
+        let mut child = Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/support/oci_double.py"
+            ))
+            .arg(port.to_string())
+            .arg(&cfg)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut ready = [0u8; 5];
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_exact(&mut ready)
+            .expect("the double says ready (python3-cryptography is installed by tests/run.sh)");
+        assert_eq!(&ready, b"ready");
+        let signer = Signer::from_pem(
+            key_id,
+            &std::fs::read_to_string(&key).unwrap(),
+            key.to_str().unwrap(),
+        )
+        .unwrap();
+        Double {
+            child,
+            port,
+            signer,
+            _dir: dir,
+        }
+    }
+
+    /// Sends one request signed by `signer` (as ferry will: the body's
+    /// headers signed unless it is an object's bytes), `date` as given.
+    #[allow(clippy::too_many_arguments)]
+    fn send_as(
+        &self,
+        signer: &Signer,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &[u8])>,
+        object_body: bool,
+        date: SystemTime,
+        extra: &[(&str, String)],
+    ) -> Answer {
+        let host = format!("127.0.0.1:{}", self.port);
+        let date = httpdate::fmt_http_date(date);
+        let signed = signer.sign(&Request {
+            method,
+            path_and_query: path,
+            host: &host,
+            date: &date,
+            body: match body {
+                None => Body::None,
+                Some(_) if object_body => Body::Object,
+                Some((content_type, bytes)) => Body::Signed {
+                    content_type,
+                    bytes,
+                },
+            },
+        });
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {host}\r\ndate: {date}\r\nauthorization: {}\r\nconnection: close\r\n",
+            signed.authorization
+        );
+        if let Some(sha) = &signed.x_content_sha256 {
+            head += &format!("x-content-sha256: {sha}\r\n");
+        }
+        let bytes = body.map(|(t, b)| (t, b.to_vec()));
+        if let Some((t, b)) = &bytes {
+            head += &format!("content-type: {t}\r\ncontent-length: {}\r\n", b.len());
+        }
+        for (k, v) in extra {
+            head += &format!("{k}: {v}\r\n");
+        }
+        head += "\r\n";
+        self.raw(head.as_bytes(), bytes.as_ref().map(|(_, b)| b.as_slice()))
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &[u8])>,
+        object_body: bool,
+    ) -> Answer {
+        self.send_as(
+            &self.signer,
+            method,
+            path,
+            body,
+            object_body,
+            SystemTime::now(),
+            &[],
+        )
+    }
+
+    fn raw(&self, head: &[u8], body: Option<&[u8]>) -> Answer {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(head).unwrap();
+        if let Some(b) = body {
+            s.write_all(b).unwrap();
+        }
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        let split = all
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("an HTTP answer");
+        let head = String::from_utf8_lossy(&all[..split]).into_owned();
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        Answer {
+            status,
+            headers,
+            body: all[split + 4..].to_vec(),
+        }
+    }
+}
+
+fn b64_crc(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(crc32c::crc32c(data).to_be_bytes())
+}
+
+#[test]
+fn the_double_takes_what_ferry_signs_and_refuses_what_oci_would() {
+    let d = Double::start();
+    let ns = d.send("GET", "/n/", None, false);
+    assert_eq!((ns.status, ns.text()), (200, "\"ns\"".to_string()));
+    assert!(ns.header("opc-request-id").is_some());
+
+    // Refusals, each a 401 NotAuthenticated that says why.
+    let unauthorized = |a: Answer, why: &str| {
+        assert_eq!(a.status, 401, "{why}: {}", a.text());
+        assert!(
+            a.text().contains("NotAuthenticated") && a.text().contains(why),
+            "{}",
+            a.text()
+        );
+    };
+    unauthorized(
+        d.raw(
+            format!(
+                "GET /n/ HTTP/1.1\r\nhost: 127.0.0.1:{}\r\nconnection: close\r\n\r\n",
+                d.port
+            )
+            .as_bytes(),
+            None,
+        ),
+        "no Signature",
+    );
+    let dir = tmpdir();
+    let other_key = dir.path().join("other.pem");
+    openssl(&["genrsa", "-out", other_key.to_str().unwrap(), "2048"]);
+    let pem = std::fs::read_to_string(&other_key).unwrap();
+    let stranger = Signer::from_pem(
+        "ocid1.tenancy.oc1..t/ocid1.user.oc1..x/cc:dd",
+        &pem,
+        "other.pem",
+    )
+    .unwrap();
+    unauthorized(
+        d.send_as(&stranger, "GET", "/n/", None, false, SystemTime::now(), &[]),
+        "unknown keyId",
+    );
+    // The right key id with the wrong key: the signature does not verify.
+    let impostor = Signer::from_pem(d.signer.key_id(), &pem, "other.pem").unwrap();
+    unauthorized(
+        d.send_as(&impostor, "GET", "/n/", None, false, SystemTime::now(), &[]),
+        "signature does not verify",
+    );
+    unauthorized(
+        d.send_as(
+            &d.signer,
+            "GET",
+            "/n/",
+            None,
+            false,
+            SystemTime::now() - Duration::from_secs(600),
+            &[],
+        ),
+        "more than 5 minutes off",
+    );
+    // A POST whose body headers are not signed (signed as if an object's bytes).
+    let details = br#"{"object": "disk.qcow2"}"#;
+    unauthorized(
+        d.send(
+            "POST",
+            "/n/ns/b/images/u",
+            Some(("application/json", details)),
+            true,
+        ),
+        "headers not signed",
+    );
+
+    // Multipart with CRC32C: a part whose CRC32C is wrong is refused; the
+    // commit answers the whole object's CRC32C.
+    let created = d.send_as(
+        &d.signer,
+        "POST",
+        "/n/ns/b/images/u",
+        Some(("application/json", details)),
+        false,
+        SystemTime::now(),
+        &[("opc-checksum-algorithm", "CRC32C".into())],
+    );
+    assert_eq!(created.status, 200, "{}", created.text());
+    let upload: serde_json::Value = serde_json::from_slice(&created.body).unwrap();
+    let id = upload["uploadId"].as_str().unwrap().to_string();
+    let part1: Vec<u8> = (0..5 * MIB).map(|i| (i * 7 % 251) as u8).collect();
+    let part2: Vec<u8> = (0..MIB).map(|i| (i * 13 % 241) as u8).collect();
+    let put = |n: u32, data: &[u8], crc: String| {
+        d.send_as(
+            &d.signer,
+            "PUT",
+            &format!("/n/ns/b/images/u/disk.qcow2?uploadId={id}&uploadPartNum={n}"),
+            Some(("application/octet-stream", data)),
+            true,
+            SystemTime::now(),
+            &[("opc-content-crc32c", crc)],
+        )
+    };
+    let p1 = put(1, &part1, b64_crc(&part1));
+    assert_eq!(p1.status, 200, "{}", p1.text());
+    assert_eq!(
+        p1.header("opc-content-crc32c"),
+        Some(b64_crc(&part1).as_str())
+    );
+    let bad = put(2, &part2, b64_crc(&part1));
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.text().contains("Unmatched Content CRC32C"),
+        "{}",
+        bad.text()
+    );
+    let p2 = put(2, &part2, b64_crc(&part2));
+    assert_eq!(p2.status, 200, "{}", p2.text());
+    let listed = d.send(
+        "GET",
+        &format!("/n/ns/b/images/u/disk.qcow2?uploadId={id}"),
+        None,
+        false,
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listed.body).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    let commit = serde_json::json!({"partsToCommit": [
+        {"partNum": 1, "etag": p1.header("etag").unwrap()},
+        {"partNum": 2, "etag": p2.header("etag").unwrap()},
+    ]})
+    .to_string();
+    let committed = d.send(
+        "POST",
+        &format!("/n/ns/b/images/u/disk.qcow2?uploadId={id}"),
+        Some(("application/json", commit.as_bytes())),
+        false,
+    );
+    assert_eq!(committed.status, 200, "{}", committed.text());
+    let whole: Vec<u8> = [part1.as_slice(), part2.as_slice()].concat();
+    assert_eq!(
+        committed.header("opc-content-crc32c"),
+        Some(b64_crc(&whole).as_str())
+    );
+
+    // The object: HEAD gives its size and CRC32C, a ranged GET its bytes.
+    let head = d.send("HEAD", "/n/ns/b/images/o/disk.qcow2", None, false);
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        head.header("content-length"),
+        Some(whole.len().to_string().as_str())
+    );
+    assert_eq!(
+        head.header("opc-content-crc32c"),
+        Some(b64_crc(&whole).as_str())
+    );
+    let got = d.send_as(
+        &d.signer,
+        "GET",
+        "/n/ns/b/images/o/disk.qcow2",
+        None,
+        false,
+        SystemTime::now(),
+        &[("range", format!("bytes={}-{}", 5 * MIB - 3, 5 * MIB + 2))],
+    );
+    assert_eq!(got.status, 206);
+    assert_eq!(got.body, whole[5 * MIB - 3..5 * MIB + 3]);
+    // An unknown bucket is named.
+    let missing = d.send("HEAD", "/n/ns/b/nope/o/x", None, false);
+    assert_eq!(missing.status, 404);
+    let missing = d.send("GET", "/n/ns/b/nope/o/x", None, false);
+    assert!(missing.text().contains("'nope'"), "{}", missing.text());
+}
