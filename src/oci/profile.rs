@@ -4,18 +4,25 @@
 //! - The file: the destination's `config_file`, else `OCI_CLI_CONFIG_FILE`,
 //!   else `~/.oci/config`. The profile: `profile`, else `OCI_CLI_PROFILE`,
 //!   else `DEFAULT`.
-//! - An INI file with a `[DEFAULT]` section whose keys every other profile
-//!   inherits (as Python's configparser, which the OCI CLI uses, does).
+//! - An INI file read as Python's configparser, which the OCI CLI uses,
+//!   reads it: `[DEFAULT]`'s keys are inherited by every other profile;
+//!   profile names are case-sensitive, key names are not; `#` and `;` start
+//!   a comment only at the start of a line; an indented line continues the
+//!   value above it.
 //! - Keys ferry reads: `user`, `fingerprint`, `key_file`, `tenancy`,
 //!   `region`, `pass_phrase`. Other keys belong to other tools and are left
-//!   alone; a `key_file` starting with `~/` is under `$HOME`.
+//!   alone, but a profile made by `oci session authenticate`
+//!   (`security_token_file`) is refused: it signs as a session, which ferry
+//!   does not do yet. A `key_file` starting with `~/` is under `$HOME`.
 //!
 //! Promises: no error or warning shows a pass phrase or key material; a key
 //! file others can read is warned about.
 //!
-//! Design choice: the `rust-ini` crate reads the file, without quotes or
-//! escapes, so a value is taken exactly as written (a backslash stays one),
-//! as configparser takes it.
+//! Design choice: the `configparser` crate, a port of Python's, set to its
+//! semantics (case-sensitive sections, no inline comments, indented
+//! continuation lines). `rust-ini` was tried first: it lets a line without
+//! `=` swallow the next key and joins a value ending in `\` with the next
+//! line.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,12 +39,8 @@ pub enum ProfileError {
         path: String,
         source: std::io::Error,
     },
-    #[error("OCI config file {path}, line {line}: {message}")]
-    Syntax {
-        path: String,
-        line: usize,
-        message: String,
-    },
+    #[error("OCI config file {path}: {message}")]
+    Syntax { path: String, message: String },
     #[error(
         "OCI config file {path} has no profile [{profile}] (it has: {known}); set the destination's profile (or OCI_CLI_PROFILE)"
     )]
@@ -47,7 +50,11 @@ pub enum ProfileError {
         known: String,
     },
     #[error(
-        "profile [{profile}] of {path} lacks {key} (nor does [DEFAULT] have it); `oci setup config` writes user, fingerprint, key_file, tenancy and region"
+        "profile [{profile}] of {path} is a session-token profile (security_token_file, made by `oci session authenticate`), which ferry does not sign with yet; use an API-key profile (`oci setup config`)"
+    )]
+    SessionToken { path: String, profile: String },
+    #[error(
+        "profile [{profile}] of {path} has no {key} (neither its own nor [DEFAULT]'s, or it is empty); `oci setup config` writes user, fingerprint, key_file, tenancy and region"
     )]
     Missing {
         path: String,
@@ -139,29 +146,46 @@ impl Profile {
         home: &Path,
     ) -> Result<Profile, ProfileError> {
         let shown = path.display().to_string();
-        let opt = ini::ParseOption {
-            enabled_quote: false,
-            enabled_escape: false,
-            ..Default::default()
-        };
-        let ini = ini::Ini::load_from_str_opt(text, opt).map_err(|e| ProfileError::Syntax {
-            path: shown.clone(),
-            line: e.line,
-            message: e.msg.to_string(),
-        })?;
+        let mut defaults = configparser::ini::IniDefault::default();
+        defaults.default_section = "DEFAULT".into();
+        defaults.case_sensitive = true;
+        defaults.multiline = true;
+        defaults.enable_inline_comments = false;
+        let sections = configparser::ini::Ini::new_from_defaults(defaults)
+            .read(text.to_string())
+            .map_err(|message| ProfileError::Syntax {
+                path: shown.clone(),
+                message,
+            })?;
+        // Key names are case-insensitive, as configparser's are.
         let section = |s: &str| -> Option<BTreeMap<String, String>> {
-            ini.section(Some(s)).map(|p| {
-                p.iter()
-                    .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+            sections.get(s).map(|keys| {
+                keys.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_ascii_lowercase(),
+                            v.as_deref().unwrap_or("").trim().to_string(),
+                        )
+                    })
                     .collect()
             })
         };
         let defaults = section("DEFAULT").unwrap_or_default();
-        let own = section(name).ok_or_else(|| ProfileError::NoProfile {
-            path: shown.clone(),
-            profile: name.to_string(),
-            known: ini.sections().flatten().collect::<Vec<_>>().join(", "),
+        let own = section(name).ok_or_else(|| {
+            let mut known: Vec<&str> = sections.keys().map(String::as_str).collect();
+            known.sort();
+            ProfileError::NoProfile {
+                path: shown.clone(),
+                profile: name.to_string(),
+                known: known.join(", "),
+            }
         })?;
+        if own.contains_key("security_token_file") {
+            return Err(ProfileError::SessionToken {
+                path: shown,
+                profile: name.to_string(),
+            });
+        }
         let get = |key: &'static str| -> Option<String> {
             own.get(key)
                 .or_else(|| defaults.get(key))
@@ -232,8 +256,12 @@ tenancy=ocid1.tenancy.oc1..bbbb
 region=us-ashburn-1
 
 [FRANKFURT]
-region = eu-frankfurt-1
-pass_phrase = s3cret\\phrase
+Region = eu-frankfurt-1
+  # a comment, indented
+pass_phrase = s3cret#phrase;
+not a key line
+
+[SESSION]
 security_token_file=~/.oci/token
 ";
 
@@ -275,6 +303,12 @@ security_token_file=~/.oci/token
         assert_eq!(f.user, d.user);
         assert!(f.has_pass_phrase);
         assert!(!format!("{f:?}").contains("s3cret"), "{f:?}");
+        // Profile names are case-sensitive, as the OCI CLI's are.
+        assert!(Profile::parse(CONFIG, path, "frankfurt", home).is_err());
+        let e = Profile::parse(CONFIG, path, "SESSION", home)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("session-token profile"), "{e}");
     }
 
     #[test]
@@ -293,7 +327,7 @@ security_token_file=~/.oci/token
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("lacks tenancy"), "{e}");
+        assert!(e.contains("has no tenancy"), "{e}");
         let e = Profile::load(Path::new("/nonexistent/oci/config"), "DEFAULT", home)
             .unwrap_err()
             .to_string();
