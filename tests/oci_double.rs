@@ -19,18 +19,22 @@ use ferry::oci::sign::{Body, Request, Signer};
 
 const MIB: usize = 1 << 20;
 
+/// The double's process, killed when dropped (also when a test panics
+/// before it said it was ready).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Double {
-    child: Child,
+    _child: Running,
     port: u16,
     signer: Signer,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Double {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// What the double answered.
@@ -80,22 +84,26 @@ impl Double {
                 "namespace": "ns",
                 "buckets": ["images"],
                 "keys": { key_id: public },
+                "page_size": 1,
             })
             .to_string(),
         );
         let port = free_port();
-        let mut child = Command::new("python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/support/oci_double.py"
-            ))
-            .arg(port.to_string())
-            .arg(&cfg)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 runs");
+        let mut child = Running(
+            Command::new("python3")
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/support/oci_double.py"
+                ))
+                .arg(port.to_string())
+                .arg(&cfg)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("python3 runs"),
+        );
         let mut ready = [0u8; 5];
         child
+            .0
             .stdout
             .take()
             .unwrap()
@@ -109,7 +117,7 @@ impl Double {
         )
         .unwrap();
         Double {
-            child,
+            _child: child,
             port,
             signer,
             _dir: dir,
@@ -149,11 +157,13 @@ impl Double {
             "{method} {path} HTTP/1.1\r\nhost: {host}\r\ndate: {date}\r\nauthorization: {}\r\nconnection: close\r\n",
             signed.authorization
         );
-        if let Some(sha) = &signed.x_content_sha256 {
-            head += &format!("x-content-sha256: {sha}\r\n");
+        for (k, v) in &signed.headers {
+            head += &format!("{k}: {v}\r\n");
         }
         let bytes = body.map(|(t, b)| (t, b.to_vec()));
-        if let Some((t, b)) = &bytes {
+        if signed.headers.is_empty()
+            && let Some((t, b)) = &bytes
+        {
             head += &format!("content-type: {t}\r\ncontent-length: {}\r\n", b.len());
         }
         for (k, v) in extra {
@@ -291,6 +301,41 @@ fn the_double_takes_what_ferry_signs_and_refuses_what_oci_would() {
         "headers not signed",
     );
 
+    // A body that is not the one signed: its x-content-sha256 gives it away.
+    let host = format!("127.0.0.1:{}", d.port);
+    let date = httpdate::fmt_http_date(SystemTime::now());
+    let signed = d.signer.sign(&Request {
+        method: "POST",
+        path_and_query: "/n/ns/b/images/u",
+        host: &host,
+        date: &date,
+        body: Body::Signed {
+            content_type: "application/json",
+            bytes: details,
+        },
+    });
+    let swapped = br#"{"object": "other.qcow"}"#;
+    assert_eq!(swapped.len(), details.len(), "same length, other bytes");
+    let mut head = format!(
+        "POST /n/ns/b/images/u HTTP/1.1\r\nhost: {host}\r\ndate: {date}\r\nauthorization: {}\r\nconnection: close\r\n",
+        signed.authorization
+    );
+    for (k, v) in &signed.headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    head += "\r\n";
+    unauthorized(
+        d.raw(head.as_bytes(), Some(swapped)),
+        "x-content-sha256 is not the body's SHA-256",
+    );
+    // No Content-Length on a PUT: 411, as Object Storage takes no chunked body.
+    let a = d.raw(
+        format!("PUT /n/ns/b/images/o/x HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n")
+            .as_bytes(),
+        None,
+    );
+    assert_eq!(a.status, 411, "{}", a.text());
+
     // Multipart with CRC32C: a part whose CRC32C is wrong is refused; the
     // commit answers the whole object's CRC32C.
     let created = d.send_as(
@@ -331,16 +376,62 @@ fn the_double_takes_what_ferry_signs_and_refuses_what_oci_would() {
         "{}",
         bad.text()
     );
+    let md5_wrong = d.send_as(
+        &d.signer,
+        "PUT",
+        &format!("/n/ns/b/images/u/disk.qcow2?uploadId={id}&uploadPartNum=2"),
+        Some(("application/octet-stream", &part2)),
+        true,
+        SystemTime::now(),
+        &[("content-md5", "AAAAAAAAAAAAAAAAAAAAAA==".into())],
+    );
+    assert_eq!(md5_wrong.status, 400);
+    assert!(
+        md5_wrong.text().contains("Unmatched Content MD5"),
+        "{}",
+        md5_wrong.text()
+    );
     let p2 = put(2, &part2, b64_crc(&part2));
     assert_eq!(p2.status, 200, "{}", p2.text());
-    let listed = d.send(
-        "GET",
+    // Listed a page at a time (page_size 1 here): a client must follow
+    // opc-next-page to see every part.
+    let list = |page: &str| {
+        d.send(
+            "GET",
+            &format!("/n/ns/b/images/u/disk.qcow2?uploadId={id}{page}"),
+            None,
+            false,
+        )
+    };
+    let first = list("");
+    let items: serde_json::Value = serde_json::from_slice(&first.body).unwrap();
+    assert_eq!(items[0]["partNumber"], 1, "{items}");
+    assert_eq!(items.as_array().unwrap().len(), 1, "{items}");
+    let next = first
+        .header("opc-next-page")
+        .expect("a next page")
+        .to_string();
+    let second = list(&format!("&page={next}"));
+    let items: serde_json::Value = serde_json::from_slice(&second.body).unwrap();
+    assert_eq!(items[0]["partNumber"], 2, "{items}");
+    assert!(second.header("opc-next-page").is_none());
+    // A commit must account for every part uploaded.
+    let partial = serde_json::json!({"partsToCommit": [
+        {"partNum": 1, "etag": p1.header("etag").unwrap()},
+    ]})
+    .to_string();
+    let refused = d.send(
+        "POST",
         &format!("/n/ns/b/images/u/disk.qcow2?uploadId={id}"),
-        None,
+        Some(("application/json", partial.as_bytes())),
         false,
     );
-    let listed: serde_json::Value = serde_json::from_slice(&listed.body).unwrap();
-    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(refused.status, 400);
+    assert!(
+        refused.text().contains("partsToExclude"),
+        "{}",
+        refused.text()
+    );
     let commit = serde_json::json!({"partsToCommit": [
         {"partNum": 1, "etag": p1.header("etag").unwrap()},
         {"partNum": 2, "etag": p2.header("etag").unwrap()},
@@ -369,6 +460,11 @@ fn the_double_takes_what_ferry_signs_and_refuses_what_oci_would() {
     assert_eq!(
         head.header("opc-content-crc32c"),
         Some(b64_crc(&whole).as_str())
+    );
+    assert_eq!(head.header("etag"), committed.header("etag"));
+    assert!(
+        head.header("opc-multipart-md5")
+            .is_some_and(|m| m.ends_with("-2"))
     );
     let got = d.send_as(
         &d.signer,

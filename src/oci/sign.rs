@@ -69,9 +69,11 @@ impl std::fmt::Debug for Signer {
 
 /// A request's body, as far as signing cares.
 pub enum Body<'a> {
-    /// No body: GET, HEAD, DELETE.
+    /// No body. A POST or PUT without one still signs an empty body's
+    /// length, type (`application/json`) and SHA-256, as OCI requires.
     None,
-    /// An object's bytes (PutObject, UploadPart): not hashed, not signed.
+    /// An object's bytes (PutObject, UploadPart, so a PUT): not hashed, not
+    /// signed.
     Object,
     /// Any other body: its length, type and SHA-256 are signed.
     Signed {
@@ -94,9 +96,12 @@ pub struct Request<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signed {
     pub authorization: String,
-    /// For a signed body: `x-content-sha256`, to be sent too (with
-    /// `content-length` and `content-type` as signed).
+    /// For a signed body: `x-content-sha256`.
     pub x_content_sha256: Option<String>,
+    /// Every signed header but `date` and `host` that the request must carry
+    /// with exactly this value: for a signed body, `content-length`,
+    /// `content-type` and `x-content-sha256`.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Signer {
@@ -111,6 +116,12 @@ impl Signer {
         let key = match label.as_str() {
             "RSA PRIVATE KEY" => RsaKeyPair::from_der(&der),
             "PRIVATE KEY" => RsaKeyPair::from_pkcs8(&der),
+            other if other.ends_with("PRIVATE KEY") => {
+                return Err(KeyError::Rejected {
+                    path,
+                    why: format!("a {other}, not an RSA one"),
+                });
+            }
             _ => return Err(KeyError::NotPem { path }),
         }
         .map_err(|e| KeyError::Rejected {
@@ -130,6 +141,19 @@ impl Signer {
     /// The `authorization` header (and `x-content-sha256`) for `req`.
     pub fn sign(&self, req: &Request<'_>) -> Signed {
         let (names, text, sha) = signing_string(req);
+        let mut headers = Vec::new();
+        if let Some(sha) = &sha {
+            let (content_type, len) = match &req.body {
+                Body::Signed {
+                    content_type,
+                    bytes,
+                } => (content_type.to_string(), bytes.len()),
+                _ => (EMPTY_BODY_TYPE.to_string(), 0),
+            };
+            headers.push(("content-length", len.to_string()));
+            headers.push(("content-type", content_type));
+            headers.push(("x-content-sha256", sha.clone()));
+        }
         let mut sig = vec![0u8; self.key.public_modulus_len()];
         let rng = aws_lc_rs::rand::SystemRandom::new();
         self.key
@@ -142,9 +166,13 @@ impl Signer {
                 base64::engine::general_purpose::STANDARD.encode(&sig)
             ),
             x_content_sha256: sha,
+            headers,
         }
     }
 }
+
+/// The type signed for a POST or PUT without a body.
+const EMPTY_BODY_TYPE: &str = "application/json";
 
 /// The signed header names (space-separated), the signing string (lines
 /// joined by `\n`, none after the last) and the body's SHA-256 if signed.
@@ -156,11 +184,22 @@ pub fn signing_string(req: &Request<'_>) -> (String, String, Option<String>) {
         ("host", req.host.to_string()),
     ];
     let mut sha = None;
-    if let Body::Signed {
-        content_type,
-        bytes,
-    } = &req.body
-    {
+    let method = req.method.to_ascii_uppercase();
+    debug_assert!(
+        !matches!(req.body, Body::Object) || method == "PUT",
+        "only a PUT carries an object's bytes"
+    );
+    let body = match &req.body {
+        Body::None if matches!(method.as_str(), "POST" | "PUT" | "PATCH") => {
+            Some((EMPTY_BODY_TYPE, &[][..]))
+        }
+        Body::Signed {
+            content_type,
+            bytes,
+        } => Some((*content_type, *bytes)),
+        _ => None,
+    };
+    if let Some((content_type, bytes)) = body {
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
         let b64 = base64::engine::general_purpose::STANDARD.encode(digest.as_ref());
         headers.push(("content-length", bytes.len().to_string()));
@@ -285,6 +324,32 @@ El4MrUdIUcPxscoPqS/wU8Z8lOi1z7bGMnChiL7WGqnV8h6RrGzJAgMBAAE=
         ));
     }
 
+    /// A POST without a body signs an empty one: OCI wants the three body
+    /// headers on every POST and PUT but an object's.
+    #[test]
+    fn a_post_without_a_body_signs_an_empty_one() {
+        let (names, text, sha) = signing_string(&Request {
+            method: "POST",
+            path_and_query: "/n/ns/b/images/actions/renameObject",
+            host: HOST,
+            date: DATE,
+            body: Body::None,
+        });
+        assert_eq!(
+            names,
+            "date (request-target) host content-length content-type x-content-sha256"
+        );
+        // The SHA-256 of nothing.
+        assert_eq!(
+            sha.as_deref(),
+            Some("47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=")
+        );
+        assert!(
+            text.contains("content-length: 0\ncontent-type: application/json"),
+            "{text}"
+        );
+    }
+
     /// PutObject and UploadPart sign only the three headers, as the SDKs do.
     #[test]
     fn object_bodies_are_not_hashed() {
@@ -339,5 +404,13 @@ G6aFKaqQfOXKCyWoUiVknQJAXrlgySFci/2ueKlIE1QqIiLSZ8V8OlpFLRnb1pzI
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a PEM private key"), "{e}");
+        let e = Signer::from_pem(
+            "t/u/f",
+            "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIA==\n-----END EC PRIVATE KEY-----\n",
+            "/k.pem",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not an RSA one") && e.contains("2048"), "{e}");
     }
 }
