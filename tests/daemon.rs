@@ -525,6 +525,7 @@ fn words_agree_and_status_says_why_files_wait() {
     );
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(r["outcome"], "refused", "{r}");
+    assert_eq!(r["format_version"], 2, "{r}");
     assert!(wait_until(Duration::from_secs(5), || d
         .log_text()
         .contains("\"first.img\" refused: no licence attestation")));

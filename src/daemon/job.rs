@@ -72,6 +72,7 @@ pub(super) fn report(
     what_to_do: &str,
 ) -> ErrorReport {
     ErrorReport {
+        format_version: 2,
         file: name.to_string_lossy().into_owned(),
         outcome: "failed",
         at: manifest::timestamp(SystemTime::now()),

@@ -136,6 +136,8 @@ pub const READY: &str = "ready";
 /// What `failed/X.error.json` says.
 #[derive(Debug, Clone, Serialize)]
 pub struct ErrorReport {
+    /// 2: `outcome` added and `failed_at` named `at` (1 had neither field).
+    pub format_version: u32,
     pub file: String,
     /// "refused" (the image, its sidecar or the configuration is at fault:
     /// shipping it again as it is gives the same answer) or "failed"
