@@ -106,24 +106,25 @@ impl Worker {
                     crc32c: manifest::crc_hex(r.crc32c),
                 })
                 .collect(),
-            destination: match self.dest.address() {
-                Address::File { .. } => DestinationEntry {
-                    name: dn.to_string(),
-                    url: self.dest.url().to_string(),
-                    key: name.clone(),
-                    object_url: self.dest.object_url(name),
-                    path: Some({
+            destination: {
+                // A directory's key is the file's path: the manifest names
+                // the file in it as its key, and the absolute path apart.
+                let (key, path) = match self.dest.address() {
+                    Address::File { .. } => {
                         let path = self.dest.key(name);
-                        std::path::absolute(&path).map_or(path, |p| p.display().to_string())
-                    }),
-                },
-                _ => DestinationEntry {
+                        let path =
+                            std::path::absolute(&path).map_or(path, |p| p.display().to_string());
+                        (name.clone(), Some(path))
+                    }
+                    _ => (self.dest.key(name), None),
+                };
+                DestinationEntry {
                     name: dn.to_string(),
                     url: self.dest.url().to_string(),
-                    key: self.dest.key(name),
+                    key,
                     object_url: self.dest.object_url(name),
-                    path: None,
-                },
+                    path,
+                }
             },
             verify: match self.job.verify {
                 VerifyMode::Head => "head".into(),
