@@ -540,24 +540,15 @@ impl Daemon {
                 }
                 Ok(ClaimOutcome::NotNow) => {}
                 Ok(ClaimOutcome::Replaced(c, why)) => {
-                    warn!(
-                        "{:?} refused: {why}; moved to {} with its error report",
-                        c.name,
-                        self.spool.failed_dir().display()
-                    );
-                    self.metrics.job_ended("refused", Duration::ZERO);
-                    self.status
-                        .record_error(&c.name.to_string_lossy(), "refused", &why);
-                    let mut report = report(
+                    // Refused as a job is: the same log line, counts and report.
+                    let report = report(
                         &c.name,
                         &why,
                         vec![],
                         "Put the image back in the spool as a regular file, written in full, then renamed into place.",
                     );
-                    report.outcome = "refused";
-                    if let Err(e) = self.spool.finish_failed(&c, &report) {
-                        error!("{e}");
-                    }
+                    let end = JobEnd::Refused(c, Box::new(report), Instant::now());
+                    settle_job(&self.spool, &self.settings, &self.status, end);
                 }
                 Err(e) => error!("claiming {:?}: {e}", r.name),
             }
