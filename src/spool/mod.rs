@@ -104,6 +104,9 @@ struct Seen {
     ino: u64,
     still_since: Instant,
     first_seen: Instant,
+    /// Complete at the last scan: renamed in, marked with `X.ready`, or
+    /// still for `settle_secs` (what `/status` shows between scans).
+    ready: bool,
 }
 
 /// A claimed file in `active/`.
@@ -286,6 +289,10 @@ impl Spool {
             let old_enough = SystemTime::now()
                 .duration_since(mtime)
                 .is_ok_and(|age| age >= self.settle);
+            let marked = self.renamed_in.contains(&name)
+                || std::fs::symlink_metadata(self.dir.join(with_suffix(&name, READY_SUFFIX)))
+                    .is_ok();
+            let settle = self.settle;
             let seen = self.seen.entry(name.clone()).or_insert_with(|| Seen {
                 size: meta.len(),
                 mtime,
@@ -296,6 +303,7 @@ impl Spool {
                     now
                 },
                 first_seen: now,
+                ready: false,
             });
             if seen.size != meta.len() || seen.mtime != mtime || seen.ino != meta.ino() {
                 seen.size = meta.len();
@@ -303,10 +311,10 @@ impl Spool {
                 seen.ino = meta.ino();
                 seen.still_since = now;
             }
-            let (still_since, first_seen) = (seen.still_since, seen.first_seen);
-            if self.is_ready(&name, still_since, now) {
+            seen.ready = marked || now.duration_since(seen.still_since) >= settle;
+            if seen.ready {
                 ready.push((
-                    first_seen,
+                    seen.first_seen,
                     Ready {
                         name,
                         dev: meta.dev(),
@@ -330,23 +338,15 @@ impl Spool {
         )
     }
 
-    /// Whether `name`, still since `still_since`, is complete: renamed in,
-    /// marked with `X.ready`, or still for `settle_secs`.
-    fn is_ready(&self, name: &OsStr, still_since: Instant, now: Instant) -> bool {
-        self.renamed_in.contains(name)
-            || std::fs::symlink_metadata(self.dir.join(with_suffix(name, READY_SUFFIX))).is_ok()
-            || now.duration_since(still_since) >= self.settle
-    }
-
-    /// The images waiting, for `/status`: those still settling say so and
-    /// for how long; the others say [`READY`], for the daemon to say why it
-    /// has not claimed them.
+    /// The images waiting, for `/status`, as the last scan found them: those
+    /// still settling say so and for how long; the others say [`READY`], for
+    /// the daemon to say why it has not claimed them.
     pub fn waiting_list(&self, now: Instant) -> Vec<crate::status::Waiting> {
         let mut v: Vec<(&Instant, crate::status::Waiting)> = self
             .seen
             .iter()
             .map(|(n, s)| {
-                let why = if self.is_ready(n, s.still_since, now) {
+                let why = if s.ready {
                     READY.to_string()
                 } else {
                     let to_go = self.settle.saturating_sub(now.duration_since(s.still_since));
