@@ -96,8 +96,6 @@ pub struct Request<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signed {
     pub authorization: String,
-    /// For a signed body: `x-content-sha256`.
-    pub x_content_sha256: Option<String>,
     /// Every signed header but `date` and `host` that the request must carry
     /// with exactly this value: for a signed body, `content-length`,
     /// `content-type` and `x-content-sha256`.
@@ -165,7 +163,6 @@ impl Signer {
                 self.key_id,
                 base64::engine::general_purpose::STANDARD.encode(&sig)
             ),
-            x_content_sha256: sha,
             headers,
         }
     }
