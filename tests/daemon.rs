@@ -487,23 +487,11 @@ fn words_agree_and_status_says_why_files_wait() {
             r#"{"license": {"model": "BYOL", "attested_by": "Jane Roe", "attested_at": "2026-11-27T09:30:00Z", "statement": "It complies."}}"#,
         );
     };
-    // Images OCI would take but for the attestation: a boot signature in
-    // random data, made into QCOW2 by qemu-img, renamed into the spool.
-    let image = |name: &str, size: u64, seed: u64| {
-        let raw = root.join(format!("{name}.raw"));
-        random_file(&raw, size, seed);
-        let mut f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
-        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(510)).unwrap();
-        std::io::Write::write_all(&mut f, &[0x55, 0xaa]).unwrap();
-        let partial = spool.join(format!("{name}.partial"));
-        let out = Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&partial)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        std::fs::rename(&partial, spool.join(name)).unwrap();
+    // Images OCI would take but for the attestation, made beside the spool
+    // and renamed into it.
+    let image = |name: &str, size: u64| {
+        boot_qcow2(root, name, size as usize);
+        std::fs::rename(root.join(name), spool.join(name)).unwrap();
     };
     let d = Daemon::start(&cfg, &root.join("daemon.log"));
     let failed = spool.join(".ferry/failed");
@@ -514,7 +502,7 @@ fn words_agree_and_status_says_why_files_wait() {
         .contains(" watching ")));
 
     // Refused for want of an attestation: "refused" everywhere.
-    image("first.img", MIB, 71);
+    image("first.img", MIB);
     let report = failed.join("first.img.error.json");
     assert!(
         wait_until(Duration::from_secs(30), || report.exists()),
@@ -543,7 +531,7 @@ fn words_agree_and_status_says_why_files_wait() {
 
     // A slow job holds the only slot; its reads wait for memory.
     sidecar("big.img");
-    image("big.img", 30 * MIB, 72);
+    image("big.img", 30 * MIB);
     let mut memory_seen = false;
     assert!(wait_until(Duration::from_secs(30), || {
         memory_seen |= status_of(port)["jobs"][0]["waiting_for"]
@@ -552,7 +540,7 @@ fn words_agree_and_status_says_why_files_wait() {
         memory_seen
     }));
     sidecar("second.img");
-    image("second.img", MIB, 73);
+    image("second.img", MIB);
     random_file(&spool.join("in-place.img"), MIB, 74);
     let why = |st: &serde_json::Value, file: &str| -> String {
         st["waiting"]

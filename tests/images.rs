@@ -13,19 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn qemu(args: &[&str], dir: &Path) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn qemu_info(path: &Path, fmt: &str) -> Option<serde_json::Value> {
     let out = Command::new("qemu-img")
         .args(["info", "--output=json", "-f", fmt])
@@ -54,30 +41,6 @@ fn inspect(path: &Path, extra: &[&str]) -> (i32, serde_json::Value) {
         )
     });
     (out.status.code().unwrap(), v)
-}
-
-/// A 1 MiB raw disk with an MBR: boot code, one partition, 0x55AA.
-fn boot_raw(path: &Path, size: usize) {
-    let mut b = vec![0u8; size];
-    b[0] = 0xeb;
-    b[1] = 0x63;
-    b[446 + 4] = 0x83;
-    b[446 + 8] = 0x01;
-    b[510] = 0x55;
-    b[511] = 0xaa;
-    for (i, x) in b[4096..].iter_mut().enumerate() {
-        *x = (i * 7 % 251) as u8;
-    }
-    std::fs::write(path, b).unwrap();
-}
-
-/// A 1 MiB bootable QCOW2 made by qemu-img (from `boot.raw`, made here too).
-fn boot_qcow2(dir: &Path, name: &str) {
-    boot_raw(&dir.join("boot.raw"), 1 << 20);
-    qemu(
-        &["convert", "-f", "raw", "-O", "qcow2", "boot.raw", name],
-        dir,
-    );
 }
 
 fn set_byte(path: &Path, at: u64, v: u8) {
@@ -554,7 +517,7 @@ fn inspect_agrees_with_qemu_img_and_gives_the_right_verdict() {
 fn sidecar_launch_mode_and_licence_policy() {
     let dir = tmpdir();
     let d = dir.path();
-    boot_qcow2(d, "disk.qcow2");
+    boot_qcow2(d, "disk.qcow2", 1 << 20);
     let (rc, v) = inspect(&d.join("disk.qcow2"), &["--daemon-policy"]);
     assert_eq!(rc, 2);
     let reason = v["reasons"][0].as_str().unwrap();
@@ -724,8 +687,8 @@ fn daemon_refuses_before_sending_and_manifests_carry_the_image_fields() {
             r = root.display()
         ),
     );
-    boot_qcow2(root, "good.qcow2");
-    boot_qcow2(root, "nolicence.qcow2");
+    boot_qcow2(root, "good.qcow2", 1 << 20);
+    boot_qcow2(root, "nolicence.qcow2", 1 << 20);
     let sidecar = r#"{"os":"Oracle Linux","os_version":"8","launch_mode":"PARAVIRTUALIZED","firmware":"BIOS","license":{"model":"BYOL","attested_by":"ops@example.com","attested_at":"2026-11-26T00:00:00Z","statement":"complies"}}"#;
     std::fs::write(spool.join("good.qcow2.meta.json"), sidecar).unwrap();
     let d = Daemon::start(&cfg, &root.join("daemon.log"));

@@ -486,3 +486,43 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let code = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((code, body.to_string()))
 }
+
+/// Runs `qemu-img` with `args` in `dir`; panics with its words if it fails.
+pub fn qemu(args: &[&str], dir: &Path) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A raw disk of `size` bytes with an MBR: boot code, one partition, 0x55AA,
+/// and non-zero data after the first 4 KiB.
+pub fn boot_raw(path: &Path, size: usize) {
+    let mut b = vec![0u8; size];
+    b[0] = 0xeb;
+    b[1] = 0x63;
+    b[446 + 4] = 0x83;
+    b[446 + 8] = 0x01;
+    b[510] = 0x55;
+    b[511] = 0xaa;
+    for (i, x) in b[4096..].iter_mut().enumerate() {
+        *x = (i * 7 % 251) as u8;
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+/// A bootable QCOW2 of `size` bytes made by qemu-img, as `dir/name` (from
+/// `dir/boot.raw`, made here too): an image OCI would import.
+pub fn boot_qcow2(dir: &Path, name: &str, size: usize) {
+    boot_raw(&dir.join("boot.raw"), size);
+    qemu(
+        &["convert", "-f", "raw", "-O", "qcow2", "boot.raw", name],
+        dir,
+    );
+}
