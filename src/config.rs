@@ -249,6 +249,14 @@ pub struct DestinationConfig {
     pub allow_http: Option<bool>,
     /// Overrides `transfer.parallel_parts` for this destination.
     pub parallel_parts: Option<usize>,
+    /// oci://: the tenancy's Object Storage namespace; looked up when absent.
+    pub namespace: Option<String>,
+    /// oci://: the profile in the OCI CLI's config file (default
+    /// `OCI_CLI_PROFILE`, else `DEFAULT`).
+    pub profile: Option<String>,
+    /// oci://: the OCI CLI's config file (default `OCI_CLI_CONFIG_FILE`, else
+    /// `~/.oci/config`).
+    pub config_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -343,8 +351,22 @@ impl Config {
                     "destinations.{name}.parallel_parts must be above 0"
                 )));
             }
-            DestinationUrl::parse(&d.url)
+            let url = DestinationUrl::parse(&d.url)
                 .map_err(|e| invalid(format!("destinations.{name}.url: {e}")))?;
+            if let Some(key) = d.misplaced_key(&url) {
+                return Err(invalid(format!(
+                    "destinations.{name}.{key} does not apply to {}: {}",
+                    d.url,
+                    match url {
+                        DestinationUrl::Oci { .. } =>
+                            "an oci:// destination signs with the API key of an OCI CLI profile (profile, config_file); remove it",
+                        DestinationUrl::S3 { .. } =>
+                            "namespace, profile and config_file are for oci:// destinations; remove it",
+                        _ =>
+                            "a directory or memory store takes only url and parallel_parts; remove it",
+                    }
+                )));
+            }
         }
         Ok(())
     }
@@ -399,18 +421,56 @@ pub enum DestinationUrl {
         bucket: String,
         prefix: String,
     },
+    /// OCI Object Storage's own API.
+    Oci {
+        bucket: String,
+        prefix: String,
+    },
+}
+
+impl DestinationConfig {
+    /// The first key set in this table that its kind of destination does not
+    /// take (a key for another kind is a mistake worth a loud refusal: it
+    /// would be silently ignored).
+    fn misplaced_key(&self, url: &DestinationUrl) -> Option<&'static str> {
+        let s3 = [
+            ("credentials", self.credentials.is_some()),
+            ("access_key_id", self.access_key_id.is_some()),
+            ("secret_access_key", self.secret_access_key.is_some()),
+        ];
+        let oci = [
+            ("namespace", self.namespace.is_some()),
+            ("profile", self.profile.is_some()),
+            ("config_file", self.config_file.is_some()),
+        ];
+        let remote = [
+            ("endpoint", self.endpoint.is_some()),
+            ("region", self.region.is_some()),
+            ("allow_http", self.allow_http.is_some()),
+        ];
+        let wrong: Vec<(&'static str, bool)> = match url {
+            DestinationUrl::S3 { .. } => oci.to_vec(),
+            DestinationUrl::Oci { .. } => s3.to_vec(),
+            DestinationUrl::File { .. } | DestinationUrl::Memory { .. } => {
+                s3.iter().chain(&oci).chain(&remote).copied().collect()
+            }
+        };
+        wrong.into_iter().find(|(_, set)| *set).map(|(k, _)| k)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UrlError {
     #[error(
-        "{0:?} is not a destination URL: use file://PATH/, s3://BUCKET/PREFIX/ or memory://NAME/"
+        "{0:?} is not a destination URL: use file://PATH/, s3://BUCKET/PREFIX/, oci://BUCKET/PREFIX/ or memory://NAME/"
     )]
     Scheme(String),
-    #[error("{0:?} has no bucket name: use s3://BUCKET/PREFIX/")]
+    #[error("{0:?} has no bucket name: use s3://BUCKET/PREFIX/ or oci://BUCKET/PREFIX/")]
     NoBucket(String),
     #[error("{0:?}: bucket names are 3..=63 characters of a-z, 0-9, '.' and '-'")]
     BadBucket(String),
+    #[error("{0:?}: OCI bucket names are 1..=256 characters of letters, digits, '-', '_' and '.'")]
+    BadOciBucket(String),
     #[error("{0:?} has no path: use file:///absolute/dir/ or file://./relative/dir/")]
     NoPath(String),
     #[error("{0:?}: the prefix may not contain empty, '.' or '..' segments")]
@@ -432,7 +492,7 @@ impl UrlError {
 
 impl DestinationUrl {
     pub fn parse(url: &str) -> Result<DestinationUrl, UrlError> {
-        if ["file://", "s3://", "memory://"]
+        if ["file://", "s3://", "oci://", "memory://"]
             .iter()
             .any(|s| url.starts_with(s))
             && (url.contains('?') || url.contains('#'))
@@ -464,6 +524,23 @@ impl DestinationUrl {
                 return Err(UrlError::BadBucket(url.into()));
             }
             return Ok(DestinationUrl::S3 {
+                bucket: bucket.into(),
+                prefix: clean_prefix(url, prefix)?,
+            });
+        }
+        if let Some(rest) = url.strip_prefix("oci://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(UrlError::NoBucket(url.into()));
+            }
+            if bucket.len() > 256
+                || !bucket
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            {
+                return Err(UrlError::BadOciBucket(url.into()));
+            }
+            return Ok(DestinationUrl::Oci {
                 bucket: bucket.into(),
                 prefix: clean_prefix(url, prefix)?,
             });
@@ -595,6 +672,40 @@ mod tests {
         assert!(DestinationUrl::parse("s3://bkt/a/../b").is_err());
         assert!(DestinationUrl::parse("http://x/").is_err());
         assert!(DestinationUrl::parse("file://").is_err());
+    }
+
+    #[test]
+    fn oci_urls_take_ocis_bucket_names() {
+        assert_eq!(
+            DestinationUrl::parse("oci://Images_2024.x/exports/").unwrap(),
+            DestinationUrl::Oci {
+                bucket: "Images_2024.x".into(),
+                prefix: "exports/".into()
+            }
+        );
+        for bad in ["oci://", "oci:///x", "oci://a b/", "oci://b/a/../c", "oci://b/p?x"] {
+            assert!(DestinationUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A key of another kind of destination would be silently ignored: it
+    /// is refused, naming it.
+    #[test]
+    fn keys_of_another_kind_of_destination_are_refused() {
+        for (url, key, value) in [
+            ("oci://b/", "access_key_id", "\"k\""),
+            ("oci://b/", "credentials", "\"instance\""),
+            ("s3://bkt/", "profile", "\"DEFAULT\""),
+            ("s3://bkt/", "namespace", "\"ns\""),
+            ("file:///tmp/x/", "region", "\"us-ashburn-1\""),
+            ("file:///tmp/x/", "config_file", "\"/x\""),
+        ] {
+            let text = format!("[destinations.d]\nurl = \"{url}\"\n{key} = {value}\n");
+            let m = Config::parse(&text, "t").unwrap_err().to_string();
+            assert!(m.contains(&format!("destinations.d.{key}")), "{url} {key}: {m}");
+        }
+        let ok = "[destinations.d]\nurl = \"oci://b/\"\nnamespace = \"ns\"\nprofile = \"P\"\nconfig_file = \"/x\"\nregion = \"us-ashburn-1\"\nendpoint = \"https://e\"\n";
+        assert!(Config::parse(ok, "t").is_ok());
     }
 
     #[test]

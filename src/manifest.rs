@@ -16,7 +16,12 @@ pub const MANIFEST_SUFFIX: &str = ".manifest.json";
 /// 2: `destination.object_url` and, for a directory, `destination.path`
 /// (its `key` became the file's name in it); `oci_create_image` only where
 /// OCI can import from, else `oci_create_image_unavailable`.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: `server_verified`.
+pub const FORMAT_VERSION: u32 = 3;
+
+/// `server_verified` when the store answered the whole object's CRC32C and
+/// it was the file's.
+pub const SERVER_WHOLE_CRC32C: &str = "crc32c-whole-object";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PartEntry {
@@ -55,6 +60,12 @@ pub struct Manifest {
     pub parts: Vec<PartEntry>,
     pub destination: DestinationEntry,
     pub verify: String,
+    /// What the store itself checked: `crc32c-whole-object` (OCI answered
+    /// the whole object's CRC32C and it was the file's), else what it
+    /// checked of each part on arrival (`crc32c-per-part`,
+    /// `crc64nvme-per-part`, `sha256-per-part`), or `none` (a directory).
+    #[serde(default)]
+    pub server_verified: String,
     pub source_host: String,
     pub started_at: String,
     pub finished_at: String,

@@ -77,12 +77,17 @@ impl Unreachable {
     }
 }
 
-/// An object_store error as a person reads it: a request that never reached
-/// the server says why in plain words, with the system's own message; an
-/// answer from the server keeps its S3 code and message on one line.
-fn describe(e: &object_store::Error) -> String {
+/// A client error as a person reads it: a request that never reached the
+/// server says why in plain words, with the system's own message; an answer
+/// from the server keeps its S3 code and message on one line.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let Some(u) = Unreachable::of(e) else {
-        return readable(&e.to_string());
+        let mut text = e.to_string();
+        // reqwest says only "error sending request for url (...)": its source says why.
+        if let Some(cause) = e.source().filter(|_| e.is::<reqwest::Error>()) {
+            text = format!("{text}: {cause}");
+        }
+        return readable(&text);
     };
     // The innermost message is the system's (os error, resolver).
     let mut deepest = e.to_string();
@@ -118,6 +123,21 @@ pub enum StoreError {
         #[source]
         source: object_store::Error,
     },
+    /// A request to OCI's API that got no answer.
+    #[error("{op} {key}: {}", describe(source))]
+    Http {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// An error answer of OCI's API.
+    #[error("{op} {key}: {answer}")]
+    Oci {
+        op: &'static str,
+        key: String,
+        answer: Box<OciAnswer>,
+    },
     #[error("{op} {key}: {message}")]
     Check {
         op: &'static str,
@@ -128,6 +148,41 @@ pub enum StoreError {
     Setup(String),
     #[error("{key:?} cannot be an object key: {message}; rename the file")]
     Key { key: String, message: String },
+}
+
+/// An error answer of OCI's API: its status, OCI's code and message, what an
+/// operator can do about it, and the `opc-request-id` Oracle support asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OciAnswer {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    pub advice: Option<String>,
+    pub request_id: Option<String>,
+}
+
+impl std::fmt::Display for OciAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OCI answered {} {}", self.status, self.code)?;
+        if !self.message.is_empty() {
+            write!(f, " ({})", self.message)?;
+        }
+        if let Some(a) = &self.advice {
+            write!(f, ": {a}")?;
+        }
+        match &self.request_id {
+            Some(id) => write!(f, " [opc-request-id {id}]"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl OciAnswer {
+    /// The service found the bytes not as their checksum says ("Unmatched
+    /// Content CRC32C", "Unmatched Content MD5").
+    pub fn checksum(&self) -> bool {
+        self.status == 400 && self.message.contains("Unmatched Content")
+    }
 }
 
 /// S3 error codes that say the bytes did not arrive as sent.
@@ -246,6 +301,11 @@ impl StoreError {
                 _ => false,
             },
             StoreError::Check { .. } => true,
+            // No answer: the connection failed, timed out or was cut.
+            StoreError::Http { .. } => true,
+            StoreError::Oci { answer: a, .. } => {
+                a.status >= 500 || a.status == 408 || a.status == 429 || a.checksum()
+            }
             StoreError::Setup(_) | StoreError::Key { .. } => false,
         }
     }
@@ -294,6 +354,18 @@ impl StoreError {
                     "other"
                 }
             }
+            StoreError::Http { source, .. } => match Unreachable::of(source) {
+                Some(u) => u.reason(),
+                None if source.is_timeout() => "timeout",
+                None => "reset",
+            },
+            StoreError::Oci { answer: a, .. } => match a.status {
+                _ if a.checksum() => "checksum",
+                429 | 503 => "slow_down",
+                408 => "timeout",
+                s if s >= 500 => "server_error",
+                _ => "other",
+            },
             StoreError::Setup(_) | StoreError::Key { .. } => "other",
         }
     }

@@ -107,12 +107,16 @@ impl Backend for FileBackend {
         Ok(String::new())
     }
 
+    fn server_check(&self) -> &'static str {
+        "none"
+    }
+
     async fn complete(
         &self,
         name: &str,
         upload_id: &str,
         receipts: &[PartReceipt],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<u32>, StoreError> {
         let (final_path, staging) = self.paths(name, upload_id);
         let dir = self.dir.clone();
         let size: u64 = receipts.iter().map(|r| r.size_bytes).sum();
@@ -125,6 +129,7 @@ impl Backend for FileBackend {
             std::fs::File::open(&dir)?.sync_all()
         })
         .await
+        .map(|()| None)
         .map_err(self.io("complete upload", name))
     }
 
@@ -149,6 +154,7 @@ impl Backend for FileBackend {
         Ok(ObjectInfo {
             size_bytes: meta.len(),
             parts: None,
+            crc32c: None,
         })
     }
 

@@ -121,12 +121,16 @@ impl Backend for MemoryBackend {
         Ok(String::new())
     }
 
+    fn server_check(&self) -> &'static str {
+        "none"
+    }
+
     async fn complete(
         &self,
         name: &str,
         upload_id: &str,
         receipts: &[PartReceipt],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<u32>, StoreError> {
         let key = self.key(name);
         let mut upload = MemoryStore::lock(&self.store.uploads)
             .remove(upload_id)
@@ -136,7 +140,7 @@ impl Backend for MemoryBackend {
             MemoryStore::missing("complete upload", &key, "a listed part was never sent")
         })?;
         MemoryStore::lock(&self.store.objects).insert(key, Arc::new(parts));
-        Ok(())
+        Ok(None)
     }
 
     async fn abort_key(&self, _key: &str, upload_id: &str) -> Result<(), StoreError> {
@@ -149,6 +153,7 @@ impl Backend for MemoryBackend {
         Ok(ObjectInfo {
             size_bytes: parts.iter().map(|b| b.len() as u64).sum(),
             parts: u32::try_from(parts.len()).ok(),
+            crc32c: None,
         })
     }
 

@@ -25,6 +25,8 @@ pub(super) struct S3Backend {
     /// endpoint is OCI's.
     import_base: Option<String>,
     endpoint: String,
+    /// What the store checks of each part: the payload checksum sent.
+    part_check: &'static str,
 }
 
 impl S3Backend {
@@ -46,6 +48,10 @@ impl S3Backend {
                 object_url_base: target.object_url_base(),
                 import_base: target.oci_native_base(),
                 endpoint: target.endpoint.clone(),
+                part_check: match transfer.payload_checksum {
+                    crate::config::PayloadChecksum::Crc64nvme => "crc64nvme-per-part",
+                    crate::config::PayloadChecksum::Sha256 => "sha256-per-part",
+                },
             },
             target.address(),
         ))
@@ -104,6 +110,10 @@ impl Backend for S3Backend {
         }
     }
 
+    fn server_check(&self) -> &'static str {
+        self.part_check
+    }
+
     async fn begin(&self, name: &str) -> Result<String, StoreError> {
         self.multipart
             .create_multipart(&self.obj_path(name)?)
@@ -135,7 +145,7 @@ impl Backend for S3Backend {
         name: &str,
         upload_id: &str,
         receipts: &[PartReceipt],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<u32>, StoreError> {
         let parts = receipts
             .iter()
             .map(|r| PartId {
@@ -145,7 +155,7 @@ impl Backend for S3Backend {
         self.multipart
             .complete_multipart(&self.obj_path(name)?, &upload_id.to_string(), parts)
             .await
-            .map(drop)
+            .map(|_| None)
             .map_err(self.remote("complete upload", name))
     }
 
@@ -175,6 +185,7 @@ impl Backend for S3Backend {
         Ok(ObjectInfo {
             size_bytes: meta.size,
             parts,
+            crc32c: None,
         })
     }
 
@@ -410,7 +421,7 @@ fn build_s3(
         .map_err(|e| StoreError::Setup(format!("s3://{}: {e}", target.bucket)))
 }
 
-fn is_loopback_http(endpoint: &str) -> bool {
+pub(super) fn is_loopback_http(endpoint: &str) -> bool {
     url::Url::parse(endpoint).is_ok_and(|u| {
         u.scheme() == "http"
             && match u.host() {

@@ -78,6 +78,13 @@ pub enum TransferError {
         expected_size: u64,
         expected_crc32c: u32,
     },
+    /// The store's CRC32C of the whole object is not the file's.
+    #[error(
+        "verification failed: the store computed CRC32C {} over the whole object, the file's is {}",
+        crate::manifest::crc_hex(*crc32c),
+        crate::manifest::crc_hex(*expected_crc32c)
+    )]
+    ServerMismatch { crc32c: u32, expected_crc32c: u32 },
     #[error("stopped before finishing")]
     Cancelled,
     /// The source changed: nothing read from it may be completed anywhere.
@@ -130,9 +137,10 @@ impl TransferError {
             TransferError::Store(e) => e.class(),
             TransferError::Cancelled => Class::Retry,
             TransferError::Changed(_) => Class::Refuse,
-            TransferError::Read(_) | TransferError::Verify(_) | TransferError::Mismatch { .. } => {
-                Class::Fatal
-            }
+            TransferError::Read(_)
+            | TransferError::Verify(_)
+            | TransferError::Mismatch { .. }
+            | TransferError::ServerMismatch { .. } => Class::Fatal,
         }
     }
 

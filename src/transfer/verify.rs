@@ -48,31 +48,38 @@ impl Worker {
             self.dest.complete(name, upload_id, receipts)
         })
         .await;
-        if let Err(e) = complete {
-            // A retried complete may fail only because an earlier attempt succeeded
-            // and its answer was lost: let verification decide.
-            warn!(
-                destination = dn,
-                "completing {name} failed ({e}); checking the object"
-            );
-            if self.verify(receipts).await.is_err() {
-                let e = self.blamed(e);
-                if !self.keeps_upload(&e) {
-                    self.abort(upload_id).await;
+        let mut server_crc = None;
+        match complete {
+            Ok(crc) => server_crc = crc,
+            Err(e) => {
+                // A retried complete may fail only because an earlier attempt succeeded
+                // and its answer was lost: let verification decide.
+                warn!(
+                    destination = dn,
+                    "completing {name} failed ({e}); checking the object"
+                );
+                if self.verify(receipts, None).await.is_err() {
+                    let e = self.blamed(e);
+                    if !self.keeps_upload(&e) {
+                        self.abort(upload_id).await;
+                    }
+                    return Err(e);
                 }
-                return Err(e);
             }
         }
         crate::failpoint::reached("complete");
-        let crc = match self.verify(receipts).await {
-            Ok(crc) => crc,
+        let verified = match self.verify(receipts, server_crc).await {
+            Ok(v) => v,
             Err(e) => {
-                let checksum = matches!(&e, TransferError::Mismatch { .. });
+                let checksum = matches!(
+                    &e,
+                    TransferError::Mismatch { .. } | TransferError::ServerMismatch { .. }
+                );
                 self.observer.verify_failed(dn, checksum);
                 return Err(e);
             }
         };
-        let m = self.manifest(receipts, crc, started);
+        let m = self.manifest(receipts, verified, started);
         let body = bytes::Bytes::from(m.to_json());
         let mname = format!("{name}{}", manifest::MANIFEST_SUFFIX);
         retry(policy, dn, &*self.observer, &halt, || {
@@ -84,7 +91,8 @@ impl Worker {
     }
 
     /// The manifest of the verified object.
-    fn manifest(&self, receipts: &[PartReceipt], crc: u32, started: SystemTime) -> Manifest {
+    fn manifest(&self, receipts: &[PartReceipt], v: Verified, started: SystemTime) -> Manifest {
+        let crc = v.crc32c;
         let plan = self.job.plan;
         let name = &self.job.name;
         let dn = self.dest.name();
@@ -130,6 +138,11 @@ impl Worker {
                 VerifyMode::Head => "head".into(),
                 VerifyMode::Readback => "readback".into(),
             },
+            server_verified: if v.server_whole {
+                manifest::SERVER_WHOLE_CRC32C.into()
+            } else {
+                self.dest.server_check().into()
+            },
             source_host: manifest::hostname(),
             started_at: manifest::timestamp(started),
             finished_at: manifest::timestamp(SystemTime::now()),
@@ -152,8 +165,15 @@ impl Worker {
         m
     }
 
-    /// Checks the finished object; returns its CRC32C.
-    async fn verify(&self, receipts: &[PartReceipt]) -> Result<u32, TransferError> {
+    /// Checks the finished object against the file: its size (and part
+    /// count) or a read-back, and the whole-object CRC32C the store answered
+    /// at completion (`server_crc`) or keeps (head) where it has one. A
+    /// CRC32C of the store's that is not the file's fails.
+    async fn verify(
+        &self,
+        receipts: &[PartReceipt],
+        server_crc: Option<u32>,
+    ) -> Result<Verified, TransferError> {
         let plan = self.job.plan;
         let name = &self.job.name;
         if receipts.len() != plan.count as usize
@@ -177,6 +197,7 @@ impl Worker {
             )));
         }
         let dn = self.dest.name();
+        let mut server = server_crc;
         match self.job.verify {
             VerifyMode::Head => {
                 let info = retry(&self.job.retry, dn, &*self.observer, &self.halt(), || {
@@ -197,6 +218,7 @@ impl Worker {
                         plan.count
                     )));
                 }
+                server = server.or(info.crc32c);
             }
             VerifyMode::Readback => {
                 let (size, got) = retry(&self.job.retry, dn, &*self.observer, &self.halt(), || {
@@ -213,6 +235,25 @@ impl Worker {
                 }
             }
         }
-        Ok(crc)
+        if let Some(got) = server
+            && got != crc
+        {
+            return Err(TransferError::ServerMismatch {
+                crc32c: got,
+                expected_crc32c: crc,
+            });
+        }
+        Ok(Verified {
+            crc32c: crc,
+            server_whole: server.is_some(),
+        })
     }
+}
+
+/// What [`Worker::verify`] found: the object's CRC32C, and whether the store
+/// computed the same over the whole object.
+#[derive(Debug, Clone, Copy)]
+struct Verified {
+    crc32c: u32,
+    server_whole: bool,
 }

@@ -129,8 +129,9 @@ impl Worker {
                     r.receipts.len(),
                     self.job.plan.count
                 );
-                let done: BTreeMap<u32, PartReceipt> =
+                let mut done: BTreeMap<u32, PartReceipt> =
                     r.receipts.into_iter().map(|p| (p.index, p)).collect();
+                self.keep_listed(&name, &r.upload_id, &mut done).await?;
                 (r.upload_id, done)
             }
             None => {
@@ -165,6 +166,43 @@ impl Worker {
         }
         let receipts: Vec<PartReceipt> = receipts.into_values().collect();
         self.finish(&upload_id, &receipts, started).await
+    }
+
+    /// Where the store lists an upload's parts (OCI), keeps of the journaled
+    /// parts only those it holds as journaled (same id and size); the others
+    /// are sent again. An upload the store no longer knows fails here, and
+    /// [`Worker::upload`] starts it over.
+    async fn keep_listed(
+        &self,
+        name: &str,
+        upload_id: &str,
+        done: &mut BTreeMap<u32, PartReceipt>,
+    ) -> Result<(), TransferError> {
+        let listed = retry(
+            &self.job.retry,
+            self.dest.name(),
+            &*self.observer,
+            &self.halt(),
+            || self.dest.listed_parts(name, upload_id),
+        )
+        .await?;
+        let Some(listed) = listed else {
+            return Ok(());
+        };
+        let held: std::collections::HashMap<u32, (String, u64)> = listed
+            .into_iter()
+            .map(|p| (p.index, (p.part_id, p.size_bytes)))
+            .collect();
+        let before = done.len();
+        done.retain(|i, r| held.get(i) == Some(&(r.part_id.clone(), r.size_bytes)));
+        if done.len() != before {
+            warn!(
+                destination = self.dest.name(),
+                "{} of {before} journaled parts of {name} are not in the store as sent; sending them again",
+                before - done.len()
+            );
+        }
+        Ok(())
     }
 
     /// An upload that failed with `e` is kept for a later attempt (stopped, or

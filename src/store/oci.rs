@@ -1,0 +1,784 @@
+//! `oci://BUCKET/PREFIX/`: OCI Object Storage through its own API, signed
+//! with the API key of an OCI CLI profile (`crate::oci`).
+//!
+//! What the service checks: the upload is created with
+//! `opc-checksum-algorithm: CRC32C`, every part carries the CRC32C ferry
+//! computed when it read the part (`opc-content-crc32c`), which OCI checks on
+//! arrival (400 "Unmatched Content CRC32C", retried as a checksum failure),
+//! and the commit answers the whole object's CRC32C, which `transfer`
+//! compares with the file's: end-to-end verification by the server with no
+//! second pass over the bytes.
+//!
+//! Design choice: written on reqwest (already in the tree through
+//! object_store) rather than on object_store, which has no OCI-native
+//! client, and rather than a third-party OCI crate (`crate::oci` says why).
+//! The API's calls and headers are those of Oracle's SDKs' request and
+//! response models (`../shared/OCI.md`, section 2).
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use bytes::Bytes;
+use futures::StreamExt;
+use reqwest::{Method, Response, StatusCode};
+use tokio::sync::OnceCell;
+use tracing::warn;
+
+use super::error::OciAnswer;
+use super::{Address, Backend, ListedPart, ObjectInfo, PartReceipt, StoreError, url_escape};
+use crate::chunk::Part;
+use crate::config::{DestinationConfig, TransferConfig};
+use crate::oci::profile::{self, Profile};
+use crate::oci::sign::{self, Signer};
+
+/// What stays as it is in one segment of an OCI API path: RFC 3986's
+/// unreserved characters; '/' in an object name is encoded, as Oracle's Go
+/// SDK does (`url.PathEscape`).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+fn segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
+}
+
+/// The most an error answer's body is read for its code and message.
+const ERROR_BODY_MAX: usize = 64 << 10;
+
+/// ListMultipartUploadParts pages followed at most (10,000 parts, one per
+/// page at worst).
+const MAX_PAGES: usize = 10_001;
+
+pub(super) struct OciBackend {
+    http: reqwest::Client,
+    signer: Signer,
+    /// `https://objectstorage.REGION.oraclecloud.com`, or as configured.
+    endpoint: String,
+    /// The Host header, as signed.
+    host: String,
+    region: String,
+    bucket: String,
+    prefix: String,
+    /// The namespace as configured, or as `GET /n/` answered once.
+    namespace: OnceCell<String>,
+    /// Which profile and key sign, for the words of a refused signature.
+    profile: String,
+}
+
+/// A request body.
+enum Payload {
+    None,
+    /// An object's bytes (PutObject, UploadPart): not hashed for the signature.
+    Object(Bytes),
+    Json(Vec<u8>),
+}
+
+impl OciBackend {
+    pub(super) fn new(
+        name: &str,
+        bucket: &str,
+        prefix: String,
+        cfg: &DestinationConfig,
+        transfer: &TransferConfig,
+        part_bytes_hint: u64,
+    ) -> Result<(OciBackend, Address), StoreError> {
+        let setup = |m: String| StoreError::Setup(format!("destination {name} ({}): {m}", cfg.url));
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let home = std::path::PathBuf::from(env("HOME").unwrap_or_else(|| "/".into()));
+        let file = profile::config_path(
+            cfg.config_file.as_deref().and_then(|p| p.to_str()),
+            env("OCI_CLI_CONFIG_FILE").as_deref(),
+            &home,
+        );
+        let pname =
+            profile::profile_name(cfg.profile.as_deref(), env("OCI_CLI_PROFILE").as_deref());
+        let prof = Profile::load(&file, &pname, &home).map_err(|e| setup(e.to_string()))?;
+        let (signer, warnings) = prof.signer().map_err(|e| setup(e.to_string()))?;
+        for w in warnings {
+            warn!(destination = name, "{w}");
+        }
+        let region = cfg
+            .region
+            .clone()
+            .or_else(|| prof.region.clone())
+            .ok_or_else(|| {
+                setup(format!(
+                    "no region: set region (an OCI region id such as us-ashburn-1) in \
+                     [destinations.{name}] or in profile [{pname}] of {}",
+                    file.display()
+                ))
+            })?;
+        if !is_oci_region_id(&region) {
+            return Err(setup(format!(
+                "region {region:?} is not an OCI region id (such as us-ashburn-1 or eu-frankfurt-1)"
+            )));
+        }
+        let endpoint = cfg
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://objectstorage.{region}.oraclecloud.com"))
+            .trim_end_matches('/')
+            .to_string();
+        let url = reqwest::Url::parse(&endpoint)
+            .map_err(|e| setup(format!("endpoint {endpoint:?} is not a URL: {e}")))?;
+        let host = match (url.host_str(), url.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_string(),
+            (None, _) => return Err(setup(format!("endpoint {endpoint:?} has no host"))),
+        };
+        if url.path() != "/" || url.query().is_some() {
+            return Err(setup(format!(
+                "endpoint {endpoint:?} must be a scheme and host only, such as \
+                 https://objectstorage.{region}.oraclecloud.com"
+            )));
+        }
+        let allow_http = cfg
+            .allow_http
+            .unwrap_or_else(|| super::s3::is_loopback_http(&endpoint));
+        match url.scheme() {
+            "https" => {}
+            "http" if allow_http => {}
+            "http" => {
+                return Err(setup(format!(
+                    "endpoint {endpoint} is plain http: the API key's signatures would \
+                     travel unencrypted; use https, or allow_http = true on a trusted network"
+                )));
+            }
+            other => return Err(setup(format!("endpoint scheme {other:?}: use https"))),
+        }
+        // Every request is bounded: a whole part at min_throughput, never under 60 s.
+        let secs = (part_bytes_hint / (transfer.min_throughput_kib * 1024)).max(60);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(secs))
+            .connect_timeout(Duration::from_secs(transfer.connect_timeout_secs))
+            .pool_idle_timeout(Duration::from_secs(30))
+            // Only the configured endpoint: no proxy from the environment,
+            // no redirect to another host with a signed request.
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            // The signed Host header goes out as signed (HTTP/2 would send
+            // `:authority` in its place), as Oracle's SDKs speak HTTP/1.1.
+            .http1_only()
+            .build()
+            .map_err(|e| setup(format!("HTTP client: {e}")))?;
+        let namespace = OnceCell::new();
+        if let Some(ns) = cfg.namespace.clone().filter(|n| !n.is_empty()) {
+            let _ = namespace.set(ns);
+        }
+        let address = Address::Oci {
+            endpoint: endpoint.clone(),
+            tenancy: prof.tenancy.clone(),
+            bucket: bucket.to_string(),
+        };
+        Ok((
+            OciBackend {
+                http,
+                profile: format!(
+                    "profile [{pname}] of {}, key {}",
+                    file.display(),
+                    signer.key_id()
+                ),
+                signer,
+                endpoint,
+                host,
+                region,
+                bucket: bucket.to_string(),
+                prefix,
+                namespace,
+            },
+            address,
+        ))
+    }
+
+    /// The namespace, looked up once when not configured.
+    async fn ns(&self) -> Result<&str, StoreError> {
+        self.namespace
+            .get_or_try_init(|| async {
+                let r = self
+                    .send(
+                        "look up namespace",
+                        "/n/",
+                        Method::GET,
+                        "/n/".into(),
+                        Payload::None,
+                        &[],
+                    )
+                    .await?;
+                let text = r.text().await.map_err(|source| StoreError::Http {
+                    op: "look up namespace",
+                    key: "/n/".into(),
+                    source,
+                })?;
+                serde_json::from_str::<String>(&text).map_err(|e| StoreError::Check {
+                    op: "look up namespace",
+                    key: "/n/".into(),
+                    message: format!("the answer is not a JSON string ({e}): {text:.200}"),
+                })
+            })
+            .await
+            .map(String::as_str)
+    }
+
+    /// `/n/NS/b/BUCKET/KIND/OBJECT` (KIND: `o` objects, `u` uploads).
+    async fn path(&self, kind: &str, key: &str) -> Result<String, StoreError> {
+        Ok(format!(
+            "/n/{}/b/{}/{kind}/{}",
+            segment(self.ns().await?),
+            segment(&self.bucket),
+            segment(key)
+        ))
+    }
+
+    /// Signs and sends one request; an error answer becomes [`StoreError::Oci`].
+    async fn send(
+        &self,
+        op: &'static str,
+        key: &str,
+        method: Method,
+        path_and_query: String,
+        payload: Payload,
+        extra: &[(&'static str, String)],
+    ) -> Result<Response, StoreError> {
+        let url =
+            reqwest::Url::parse(&format!("{}{path_and_query}", self.endpoint)).map_err(|e| {
+                StoreError::Key {
+                    key: key.to_string(),
+                    message: format!("no URL can carry it ({e})"),
+                }
+            })?;
+        // Signed exactly as sent: the path and query as the URL holds them.
+        let target = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_string(),
+        };
+        let date = httpdate::fmt_http_date(SystemTime::now());
+        let body = match &payload {
+            Payload::None => sign::Body::None,
+            Payload::Object(_) => sign::Body::Object,
+            Payload::Json(b) => sign::Body::Signed {
+                content_type: "application/json",
+                bytes: b,
+            },
+        };
+        let signed = self.signer.sign(&sign::Request {
+            method: method.as_str(),
+            path_and_query: &target,
+            host: &self.host,
+            date: &date,
+            body,
+        });
+        let mut req = self
+            .http
+            .request(method, url)
+            .header("date", &date)
+            .header("host", &self.host)
+            .header("authorization", signed.authorization);
+        for (k, v) in signed.headers.iter().chain(extra) {
+            req = req.header(*k, v);
+        }
+        req = match payload {
+            Payload::None => req,
+            Payload::Object(b) => req.body(b),
+            Payload::Json(b) => req.body(b),
+        };
+        let resp = req.send().await.map_err(|source| StoreError::Http {
+            op,
+            key: key.to_string(),
+            source,
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        Err(StoreError::Oci {
+            op,
+            key: key.to_string(),
+            answer: Box::new(self.answer(resp).await),
+        })
+    }
+
+    /// An error answer in words: OCI's code and message, and what to do.
+    async fn answer(&self, resp: Response) -> OciAnswer {
+        let status = resp.status();
+        let request_id = header(&resp, "opc-request-id");
+        let mut body = Vec::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(Ok(chunk)) = stream.next().await {
+            body.extend_from_slice(&chunk);
+            if body.len() >= ERROR_BODY_MAX {
+                break;
+            }
+        }
+        #[derive(serde::Deserialize, Default)]
+        struct Doc {
+            #[serde(default)]
+            code: String,
+            #[serde(default)]
+            message: String,
+        }
+        let doc: Doc = serde_json::from_slice(&body).unwrap_or_default();
+        let code = if doc.code.is_empty() {
+            status.canonical_reason().unwrap_or("").replace(' ', "")
+        } else {
+            doc.code
+        };
+        let ns = self
+            .namespace
+            .get()
+            .map_or("(not yet known)", String::as_str);
+        let advice = match status {
+            StatusCode::UNAUTHORIZED => Some(format!(
+                "OCI did not accept the signature of {}: the clock may be more than 5 minutes \
+                 off (compare `date -u` with a time server), the fingerprint may not be the \
+                 key's (`openssl rsa -pubout -outform DER -in KEY_FILE | openssl md5 -c`), or \
+                 the public key is not uploaded to the user (Identity, Users, API Keys)",
+                self.profile
+            )),
+            StatusCode::NOT_FOUND if code.contains("Bucket") || code.contains("Namespace") => {
+                Some(format!(
+                    "namespace {ns}, bucket {}, region {}: check each (`oci os ns get` gives \
+                     the namespace), and that the user may read the bucket (policy: read \
+                     buckets, manage objects in its compartment)",
+                    self.bucket, self.region
+                ))
+            }
+            StatusCode::FORBIDDEN => Some(format!(
+                "the user of {} may not do this in bucket {} (namespace {ns}, region {}): \
+                 its group needs `read buckets` and `manage objects` in the bucket's compartment",
+                self.profile, self.bucket, self.region
+            )),
+            _ => None,
+        };
+        OciAnswer {
+            status: status.as_u16(),
+            code,
+            message: doc.message.chars().take(500).collect(),
+            advice,
+            request_id,
+        }
+    }
+
+    fn key_of(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn key_ok(&self, key: &str) -> Result<(), StoreError> {
+        if key.is_empty() || key.len() > 1024 || key.chars().any(char::is_control) {
+            return Err(StoreError::Key {
+                key: key.to_string(),
+                message: "OCI object names are 1 to 1024 bytes without control characters".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn base_url(&self) -> String {
+        let ns = self.namespace.get().map_or("-", String::as_str);
+        format!(
+            "{}/n/{}/b/{}/o/",
+            self.endpoint,
+            url_escape(ns),
+            url_escape(&self.bucket)
+        )
+    }
+
+    async fn read_to_end(
+        &self,
+        op: &'static str,
+        key: &str,
+        resp: Response,
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<u64, StoreError> {
+        let mut stream = resp.bytes_stream();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|source| StoreError::Http {
+                op,
+                key: key.to_string(),
+                source,
+            })?;
+            each(&chunk);
+            size += chunk.len() as u64;
+        }
+        Ok(size)
+    }
+}
+
+fn header(resp: &Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// A CRC32C in OCI's form: base64 of its big-endian bytes.
+fn crc_b64(crc: u32) -> String {
+    base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
+}
+
+fn crc_from_b64(s: &str) -> Option<u32> {
+    let b = base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .ok()?;
+    Some(u32::from_be_bytes(b.try_into().ok()?))
+}
+
+/// An OCI region id: lowercase words and a number, dash-separated, such as
+/// `us-ashburn-1`, `eu-frankfurt-1`, `uk-gov-london-1`. AWS's names such as
+/// `us-east-1` have the same shape; what this refuses is a name OCI never
+/// uses (empty, upper case, no trailing number, `auto`).
+pub(super) fn is_oci_region_id(region: &str) -> bool {
+    let words: Vec<&str> = region.split('-').collect();
+    words.len() >= 3
+        && words
+            .last()
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        && words[..words.len() - 1]
+            .iter()
+            .all(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase()))
+}
+
+#[async_trait::async_trait]
+impl Backend for OciBackend {
+    fn key(&self, name: &str) -> String {
+        self.key_of(name)
+    }
+
+    fn object_url(&self, name: &str) -> String {
+        format!("{}{}", self.base_url(), url_escape(&self.key_of(name)))
+    }
+
+    fn import_url(&self, name: &str) -> Result<String, String> {
+        match self.namespace.get() {
+            Some(_) => Ok(self.object_url(name)),
+            None => Err("the bucket's namespace was never looked up".into()),
+        }
+    }
+
+    fn server_check(&self) -> &'static str {
+        "crc32c-per-part"
+    }
+
+    async fn begin(&self, name: &str) -> Result<String, StoreError> {
+        let key = self.key_of(name);
+        self.key_ok(&key)?;
+        let path = format!(
+            "/n/{}/b/{}/u",
+            segment(self.ns().await?),
+            segment(&self.bucket)
+        );
+        let body = serde_json::to_vec(&serde_json::json!({ "object": key }))
+            .expect("a JSON object serializes");
+        let r = self
+            .send(
+                "begin upload",
+                &key,
+                Method::POST,
+                path,
+                Payload::Json(body),
+                &[("opc-checksum-algorithm", "CRC32C".into())],
+            )
+            .await?;
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Created {
+            upload_id: String,
+        }
+        let text = r.text().await.map_err(|source| StoreError::Http {
+            op: "begin upload",
+            key: key.clone(),
+            source,
+        })?;
+        serde_json::from_str::<Created>(&text)
+            .map(|c| c.upload_id)
+            .map_err(|e| StoreError::Check {
+                op: "begin upload",
+                key,
+                message: format!("the answer has no uploadId ({e})"),
+            })
+    }
+
+    async fn put_part(
+        &self,
+        name: &str,
+        upload_id: &str,
+        part: &Part,
+    ) -> Result<String, StoreError> {
+        let key = self.key_of(name);
+        let path = format!(
+            "{}?uploadId={}&uploadPartNum={}",
+            self.path("u", &key).await?,
+            segment(upload_id),
+            part.index() + 1
+        );
+        let want = crc_b64(part.crc32c());
+        let r = self
+            .send(
+                "upload part",
+                &key,
+                Method::PUT,
+                path,
+                Payload::Object(part.bytes().clone()),
+                &[("opc-content-crc32c", want.clone())],
+            )
+            .await?;
+        // OCI checked the part against `want`; an answer naming another
+        // CRC32C would mean the part stored is not the one sent.
+        if let Some(got) = header(&r, "opc-content-crc32c")
+            && got != want
+        {
+            return Err(StoreError::Check {
+                op: "upload part",
+                key,
+                message: format!(
+                    "part {} was stored with CRC32C {got}, sent with {want}",
+                    part.index() + 1
+                ),
+            });
+        }
+        header(&r, "etag").ok_or_else(|| StoreError::Check {
+            op: "upload part",
+            key,
+            message: "the answer has no ETag".into(),
+        })
+    }
+
+    async fn complete(
+        &self,
+        name: &str,
+        upload_id: &str,
+        receipts: &[PartReceipt],
+    ) -> Result<Option<u32>, StoreError> {
+        let key = self.key_of(name);
+        let path = format!(
+            "{}?uploadId={}",
+            self.path("u", &key).await?,
+            segment(upload_id)
+        );
+        let parts: Vec<serde_json::Value> = receipts
+            .iter()
+            .map(|r| serde_json::json!({ "partNum": r.index + 1, "etag": r.part_id }))
+            .collect();
+        let body = serde_json::to_vec(&serde_json::json!({ "partsToCommit": parts }))
+            .expect("a JSON object serializes");
+        let r = self
+            .send(
+                "complete upload",
+                &key,
+                Method::POST,
+                path,
+                Payload::Json(body),
+                &[],
+            )
+            .await?;
+        match header(&r, "opc-content-crc32c") {
+            None => Ok(None),
+            Some(v) => crc_from_b64(&v).map(Some).ok_or_else(|| StoreError::Check {
+                op: "complete upload",
+                key,
+                message: format!("opc-content-crc32c {v:?} is not a base64 CRC32C"),
+            }),
+        }
+    }
+
+    async fn listed_parts(
+        &self,
+        name: &str,
+        upload_id: &str,
+    ) -> Result<Option<Vec<ListedPart>>, StoreError> {
+        let key = self.key_of(name);
+        let base = format!(
+            "{}?uploadId={}&limit=1000",
+            self.path("u", &key).await?,
+            segment(upload_id)
+        );
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Listed {
+            part_number: u32,
+            etag: String,
+            size: u64,
+        }
+        let mut out = Vec::new();
+        let mut page: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let path = match &page {
+                Some(p) => format!("{base}&page={}", segment(p)),
+                None => base.clone(),
+            };
+            let r = self
+                .send("list parts", &key, Method::GET, path, Payload::None, &[])
+                .await?;
+            page = header(&r, "opc-next-page");
+            let text = r.text().await.map_err(|source| StoreError::Http {
+                op: "list parts",
+                key: key.clone(),
+                source,
+            })?;
+            let listed: Vec<Listed> =
+                serde_json::from_str(&text).map_err(|e| StoreError::Check {
+                    op: "list parts",
+                    key: key.clone(),
+                    message: format!("the answer is not a list of parts ({e})"),
+                })?;
+            out.extend(
+                listed
+                    .into_iter()
+                    .filter(|p| p.part_number > 0)
+                    .map(|p| ListedPart {
+                        index: p.part_number - 1,
+                        part_id: p.etag,
+                        size_bytes: p.size,
+                    }),
+            );
+            if page.is_none() {
+                return Ok(Some(out));
+            }
+        }
+        Err(StoreError::Check {
+            op: "list parts",
+            key,
+            message: format!("more than {MAX_PAGES} pages of parts"),
+        })
+    }
+
+    async fn abort_key(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
+        let path = format!(
+            "{}?uploadId={}",
+            self.path("u", key).await?,
+            segment(upload_id)
+        );
+        self.send(
+            "abort upload",
+            key,
+            Method::DELETE,
+            path,
+            Payload::None,
+            &[],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn head(&self, name: &str) -> Result<ObjectInfo, StoreError> {
+        let key = self.key_of(name);
+        let path = self.path("o", &key).await?;
+        let r = self
+            .send("head", &key, Method::HEAD, path, Payload::None, &[])
+            .await?;
+        let size = header(&r, "content-length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| StoreError::Check {
+                op: "head",
+                key: key.clone(),
+                message: "the answer has no Content-Length".into(),
+            })?;
+        // A multipart object's MD5 is OCI's composite "BASE64-N".
+        let parts = header(&r, "opc-multipart-md5")
+            .and_then(|m| m.rsplit_once('-').and_then(|(_, n)| n.parse().ok()));
+        Ok(ObjectInfo {
+            size_bytes: size,
+            parts,
+            crc32c: header(&r, "opc-content-crc32c").and_then(|v| crc_from_b64(&v)),
+        })
+    }
+
+    async fn readback(&self, name: &str) -> Result<(u64, u32), StoreError> {
+        let key = self.key_of(name);
+        let path = self.path("o", &key).await?;
+        let r = self
+            .send("read back", &key, Method::GET, path, Payload::None, &[])
+            .await?;
+        let mut crc = 0u32;
+        let size = self
+            .read_to_end("read back", &key, r, |c| {
+                crc = crc32c::crc32c_append(crc, c)
+            })
+            .await?;
+        Ok((size, crc))
+    }
+
+    async fn put_small(&self, name: &str, body: Bytes) -> Result<(), StoreError> {
+        let key = self.key_of(name);
+        self.key_ok(&key)?;
+        let path = self.path("o", &key).await?;
+        let crc = crc_b64(crc32c::crc32c(&body));
+        self.send(
+            "write",
+            &key,
+            Method::PUT,
+            path,
+            Payload::Object(body),
+            &[("opc-content-crc32c", crc)],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn get_small(&self, name: &str) -> Result<Bytes, StoreError> {
+        let key = self.key_of(name);
+        let path = self.path("o", &key).await?;
+        let r = self
+            .send("read", &key, Method::GET, path, Payload::None, &[])
+            .await?;
+        r.bytes().await.map_err(|source| StoreError::Http {
+            op: "read",
+            key,
+            source,
+        })
+    }
+
+    async fn probe(&self, _part_bytes: u64) -> Result<(), StoreError> {
+        let path = format!(
+            "/n/{}/b/{}/",
+            segment(self.ns().await?),
+            segment(&self.bucket)
+        );
+        self.send("probe", &self.bucket, Method::GET, path, Payload::None, &[])
+            .await
+            .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oci_region_ids() {
+        for ok in [
+            "us-ashburn-1",
+            "eu-frankfurt-1",
+            "uk-gov-london-1",
+            "us-langley-1",
+        ] {
+            assert!(is_oci_region_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "auto",
+            "us-ashburn",
+            "US-ASHBURN-1",
+            "us--1",
+            "iad",
+            "us-ashburn-1a",
+        ] {
+            assert!(!is_oci_region_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn crc32c_in_ocis_form() {
+        // CRC32C("123456789") = 0xe3069283, base64 of its big-endian bytes.
+        assert_eq!(crc_b64(0xe3069283), "4waSgw==");
+        assert_eq!(crc_from_b64("4waSgw=="), Some(0xe3069283));
+        assert_eq!(crc_from_b64("4waS"), None);
+        assert_eq!(crc_from_b64("not base64"), None);
+    }
+
+    #[test]
+    fn object_names_are_one_path_segment() {
+        assert_eq!(segment("ex/100% a#b.qcow2"), "ex%2F100%25%20a%23b.qcow2");
+    }
+}
