@@ -2,9 +2,10 @@
 //! ferry's request signer, held to each other: what the double accepts when
 //! ferry signs it, and what it refuses as the service would (an unknown key,
 //! a header left unsigned, a body that is not the one signed, a clock 10
-//! minutes off, a part whose CRC32C does not match). The `oci://`
-//! destination will be tested through this double; these tests keep the
-//! double honest first.
+//! minutes off, a part whose CRC32C does not match), and that it carries
+//! parts of tens of MiB in parallel, kept on disk, with the whole object's
+//! CRC32C at commit. The `oci://` destination will be tested through this
+//! double; these tests keep the double honest first.
 
 mod common;
 
@@ -65,6 +66,11 @@ impl Double {
     /// Starts the double with a new 2048-bit key, bucket `images` in
     /// namespace `ns`.
     fn start() -> Double {
+        Double::start_with(serde_json::json!({}))
+    }
+
+    /// As `start`, with the config's keys in `extra` added or replaced.
+    fn start_with(extra: serde_json::Value) -> Double {
         let dir = tmpdir();
         let key = dir.path().join("key.pem");
         let public = dir.path().join("public.pem");
@@ -78,19 +84,20 @@ impl Double {
             public.to_str().unwrap(),
         ]);
         let key_id = "ocid1.tenancy.oc1..t/ocid1.user.oc1..u/aa:bb";
-        let cfg = write(
-            &dir.path().join("double.json"),
-            &serde_json::json!({
-                "namespace": "ns",
-                "buckets": ["images"],
-                "keys": { key_id: public },
-                "page_size": 1,
-            })
-            .to_string(),
-        );
+        let mut cfg = serde_json::json!({
+            "namespace": "ns",
+            "buckets": ["images"],
+            "keys": { key_id: public },
+            "data_dir": dir.path().join("data"),
+            "page_size": 1,
+        });
+        for (k, v) in extra.as_object().expect("extra config is an object") {
+            cfg[k] = v.clone();
+        }
+        let cfg = write(&dir.path().join("double.json"), &cfg.to_string());
         let port = free_port();
         let mut child = Running(
-            Command::new("python3")
+            Command::new(oci_double_python())
                 .arg(concat!(
                     env!("CARGO_MANIFEST_DIR"),
                     "/tests/support/oci_double.py"
@@ -99,7 +106,7 @@ impl Double {
                 .arg(&cfg)
                 .stdout(Stdio::piped())
                 .spawn()
-                .expect("python3 runs"),
+                .expect(".venv-test/bin/python3 runs"),
         );
         let mut ready = [0u8; 5];
         child
@@ -108,7 +115,7 @@ impl Double {
             .take()
             .unwrap()
             .read_exact(&mut ready)
-            .expect("the double says ready (python3-cryptography is installed by tests/run.sh)");
+            .expect("the double says ready (its error, if any, is above)");
         assert_eq!(&ready, b"ready");
         let signer = Signer::from_pem(
             key_id,
@@ -482,4 +489,125 @@ fn the_double_takes_what_ferry_signs_and_refuses_what_oci_would() {
     assert_eq!(missing.status, 404);
     let missing = d.send("GET", "/n/ns/b/nope/o/x", None, false);
     assert!(missing.text().contains("'nope'"), "{}", missing.text());
+}
+
+#[test]
+fn the_double_carries_large_parts_in_parallel_and_answers_the_whole_crc32c() {
+    use rand::{RngCore, SeedableRng};
+    const PART: usize = 64 * MIB;
+    let d = Double::start();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(64);
+    let parts: Vec<Vec<u8>> = (0..3)
+        .map(|_| {
+            let mut p = vec![0u8; PART];
+            rng.fill_bytes(&mut p);
+            p
+        })
+        .collect();
+    let details = br#"{"object": "big.qcow2"}"#;
+    let created = d.send_as(
+        &d.signer,
+        "POST",
+        "/n/ns/b/images/u",
+        Some(("application/json", details)),
+        false,
+        SystemTime::now(),
+        &[("opc-checksum-algorithm", "CRC32C".into())],
+    );
+    assert_eq!(created.status, 200, "{}", created.text());
+    let upload: serde_json::Value = serde_json::from_slice(&created.body).unwrap();
+    let id = upload["uploadId"].as_str().unwrap().to_string();
+
+    // All three parts in flight at once, as ferry sends them.
+    let answers: Vec<Answer> = std::thread::scope(|scope| {
+        let sent: Vec<_> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, part)| {
+                let (d, id) = (&d, &id);
+                scope.spawn(move || {
+                    d.send_as(
+                        &d.signer,
+                        "PUT",
+                        &format!(
+                            "/n/ns/b/images/u/big.qcow2?uploadId={id}&uploadPartNum={}",
+                            i + 1
+                        ),
+                        Some(("application/octet-stream", part)),
+                        true,
+                        SystemTime::now(),
+                        &[("opc-content-crc32c", b64_crc(part))],
+                    )
+                })
+            })
+            .collect();
+        sent.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (part, a) in parts.iter().zip(&answers) {
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.header("opc-content-crc32c"), Some(b64_crc(part).as_str()));
+    }
+    let commit = serde_json::json!({"partsToCommit": answers.iter().enumerate().map(|(i, a)| {
+        serde_json::json!({"partNum": i + 1, "etag": a.header("etag").unwrap()})
+    }).collect::<Vec<_>>()})
+    .to_string();
+    let committed = d.send(
+        "POST",
+        &format!("/n/ns/b/images/u/big.qcow2?uploadId={id}"),
+        Some(("application/json", commit.as_bytes())),
+        false,
+    );
+    assert_eq!(committed.status, 200, "{}", committed.text());
+    let whole_crc = parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p));
+    let whole_crc = base64::engine::general_purpose::STANDARD.encode(whole_crc.to_be_bytes());
+    assert_eq!(
+        committed.header("opc-content-crc32c"),
+        Some(whole_crc.as_str())
+    );
+
+    let head = d.send("HEAD", "/n/ns/b/images/o/big.qcow2", None, false);
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        head.header("content-length"),
+        Some((3 * PART).to_string().as_str())
+    );
+    assert_eq!(head.header("opc-content-crc32c"), Some(whole_crc.as_str()));
+    // A range across the boundary of parts 1 and 2, and one across 2 and 3.
+    for boundary in [1, 2] {
+        let (start, end) = (boundary * PART - 5, boundary * PART + 4);
+        let got = d.send_as(
+            &d.signer,
+            "GET",
+            "/n/ns/b/images/o/big.qcow2",
+            None,
+            false,
+            SystemTime::now(),
+            &[("range", format!("bytes={start}-{end}"))],
+        );
+        assert_eq!(got.status, 206, "{}", got.text());
+        let want: Vec<u8> = parts[boundary - 1][PART - 5..]
+            .iter()
+            .chain(&parts[boundary][..5])
+            .copied()
+            .collect();
+        assert_eq!(got.body, want);
+    }
+    let got = d.send("GET", "/n/ns/b/images/o/big.qcow2", None, false);
+    assert_eq!(got.status, 200);
+    assert!(got.body == parts.concat(), "the whole object is the parts");
+}
+
+#[test]
+fn a_clock_offset_makes_a_true_clock_look_ten_minutes_off() {
+    let d = Double::start_with(serde_json::json!({ "clock_offset_secs": 600 }));
+    let at = |date: SystemTime| d.send_as(&d.signer, "GET", "/n/", None, false, date, &[]);
+    let now = at(SystemTime::now());
+    assert_eq!(now.status, 401, "{}", now.text());
+    assert!(
+        now.text().contains("more than 5 minutes off"),
+        "{}",
+        now.text()
+    );
+    let ahead = at(SystemTime::now() + Duration::from_secs(600));
+    assert_eq!(ahead.status, 200, "{}", ahead.text());
 }

@@ -19,11 +19,11 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v promtool >/dev/null || need+=(prometheus)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)   # for .venv-test
-python3 -c 'import cryptography' 2>/dev/null || need+=(python3-cryptography)   # the OCI double
 if ((${#need[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+# .venv-test: SeaweedFS, and the OCI double's crc32c and cryptography (from PyPI)
 tests/support/seaweedfs.sh install
 
 step "format and lints"

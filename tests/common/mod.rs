@@ -17,6 +17,18 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjPath;
 use rand::{RngCore, SeedableRng};
 
+/// The python that runs the OCI double: the test venv's, which has the C
+/// `crc32c` and `cryptography` (`tests/support/seaweedfs.sh install`).
+pub fn oci_double_python() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-test/bin/python3");
+    assert!(
+        p.exists(),
+        "{} is missing: run tests/support/seaweedfs.sh install (tests/run.sh does)",
+        p.display()
+    );
+    p
+}
+
 pub fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
     c.env("FERRY_LOG", "info");

