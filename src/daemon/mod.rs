@@ -681,6 +681,10 @@ fn settle_job(
         }
         JobEnd::Refused(c, mut report, _) | JobEnd::Failed(c, mut report, _) => {
             report.outcome = word;
+            // Each destination's reason on its own line, for the journal.
+            for f in &report.destinations {
+                warn!(destination = %f.destination, "{:?} {word} at {}: {}", c.name, f.destination, f.error);
+            }
             warn!(
                 "{:?} {word}: {}; moved to {} with its error report",
                 c.name,
