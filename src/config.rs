@@ -683,7 +683,13 @@ mod tests {
                 prefix: "exports/".into()
             }
         );
-        for bad in ["oci://", "oci:///x", "oci://a b/", "oci://b/a/../c", "oci://b/p?x"] {
+        for bad in [
+            "oci://",
+            "oci:///x",
+            "oci://a b/",
+            "oci://b/a/../c",
+            "oci://b/p?x",
+        ] {
             assert!(DestinationUrl::parse(bad).is_err(), "{bad}");
         }
     }
@@ -702,7 +708,10 @@ mod tests {
         ] {
             let text = format!("[destinations.d]\nurl = \"{url}\"\n{key} = {value}\n");
             let m = Config::parse(&text, "t").unwrap_err().to_string();
-            assert!(m.contains(&format!("destinations.d.{key}")), "{url} {key}: {m}");
+            assert!(
+                m.contains(&format!("destinations.d.{key}")),
+                "{url} {key}: {m}"
+            );
         }
         let ok = "[destinations.d]\nurl = \"oci://b/\"\nnamespace = \"ns\"\nprofile = \"P\"\nconfig_file = \"/x\"\nregion = \"us-ashburn-1\"\nendpoint = \"https://e\"\n";
         assert!(Config::parse(ok, "t").is_ok());

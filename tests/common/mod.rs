@@ -2,7 +2,10 @@
 //! the real `ferry` binary, and the SeaweedFS server that `tests/run.sh` starts.
 #![allow(dead_code)]
 
+mod oci;
 mod site;
+#[allow(unused_imports)]
+pub use oci::*;
 #[allow(unused_imports)]
 pub use site::*;
 

@@ -19,7 +19,11 @@ pub struct Relay {
 
 impl Relay {
     pub fn start(s3: &S3) -> Relay {
-        let target: u16 = s3.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+        Relay::to(s3.endpoint.rsplit(':').next().unwrap().parse().unwrap())
+    }
+
+    /// A relay to the server on 127.0.0.1:`target`.
+    pub fn to(target: u16) -> Relay {
         let port = free_port();
         let dir = tmpdir();
         let control = dir.path().join("relay.json");
@@ -47,6 +51,10 @@ impl Relay {
     /// What the relay logged: one line per injected fault or throttled part.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.control.with_extension("json.log")).unwrap_or_default()
+    }
+    /// Forgets what was logged so far.
+    pub fn clear_log(&self) {
+        let _ = std::fs::remove_file(self.control.with_extension("json.log"));
     }
     pub fn injected(&self, what: &str) -> usize {
         self.log().lines().filter(|l| l.starts_with(what)).count()

@@ -1,4 +1,5 @@
-"""A fault-injecting HTTP relay between ferry and a real S3 server (loopback only).
+"""A fault-injecting HTTP relay between ferry and a real S3 server, or the OCI
+Object Storage double (loopback only).
 
     python3 fault_relay.py LISTEN_PORT TARGET_PORT CONTROL_JSON
 
@@ -7,7 +8,7 @@ every request, so a test can change it while ferry runs), injects faults that
 the real server cannot be made to produce on demand:
 
   {"part_error_every": 10, "error_status": 503}  answer every 10th part upload
-      (PUT ...?partNumber=) with the status (503 SlowDown, 500, ...)
+      (PUT ...?partNumber= for S3, ?uploadPartNum= for OCI) with the status (503 SlowDown, 500, ...)
   {"part_reset_every": 10}     close the connection in the middle of every 10th part body
   {"flip_bit_in_parts": 1}     flip one bit in the body of the next N part uploads
   {"refuse": true}             refuse new connections (and drop open ones)
@@ -103,7 +104,10 @@ def serve(client):
             first = head.split(b"\r\n", 1)[0]
             if c.get("log_requests"):
                 note("req " + first.decode(errors="replace"))
-            is_part = first.startswith(b"PUT ") and b"partNumber=" in first
+            # S3's UploadPart (partNumber=) and OCI's (uploadPartNum=).
+            is_part = first.startswith(b"PUT ") and (
+                b"partNumber=" in first or b"uploadPartNum=" in first
+            )
             n = content_length(head)
             nth = 0
             if is_part:
