@@ -157,15 +157,16 @@ impl std::str::FromStr for VerifyMode {
 }
 
 /// How each S3 part is protected in transit (the server checks it on arrival).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PayloadChecksum {
     /// `x-amz-checksum-crc64nvme` per part, payload unsigned: cheap, and checked
-    /// by AWS S3, SeaweedFS and other current stores.
-    #[default]
+    /// by AWS S3, SeaweedFS and other current stores (the default but at
+    /// OCI's S3-compatible endpoints, which do not check it).
     Crc64nvme,
     /// SigV4 over the SHA-256 of every byte: checked by every S3 store, at the
-    /// cost of one SHA-256 pass over the data.
+    /// cost of one SHA-256 pass over the data (the default at OCI's
+    /// S3-compatible endpoints).
     Sha256,
 }
 
@@ -202,7 +203,8 @@ pub struct TransferConfig {
     pub retry_max_ms: u64,
     pub connect_timeout_secs: u64,
     pub min_throughput_kib: u64,
-    pub payload_checksum: PayloadChecksum,
+    /// None: SHA-256 at OCI's S3-compatible endpoints, CRC64NVME elsewhere.
+    pub payload_checksum: Option<PayloadChecksum>,
 }
 
 impl Default for TransferConfig {
@@ -218,7 +220,7 @@ impl Default for TransferConfig {
             retry_max_ms: 30_000,
             connect_timeout_secs: 10,
             min_throughput_kib: 256,
-            payload_checksum: PayloadChecksum::Crc64nvme,
+            payload_checksum: None,
         }
     }
 }

@@ -11,10 +11,11 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as ObjPath;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+use tracing::warn;
 
 use super::{Address, Backend, ObjectInfo, PartReceipt, StoreError, url_escape};
 use crate::chunk::Part;
-use crate::config::{DestinationConfig, TransferConfig};
+use crate::config::{DestinationConfig, PayloadChecksum, TransferConfig};
 
 pub(super) struct S3Backend {
     store: Arc<dyn ObjectStore>,
@@ -39,7 +40,7 @@ impl S3Backend {
         part_bytes_hint: u64,
     ) -> Result<(S3Backend, Address), StoreError> {
         let target = S3Target::resolve(name, bucket, cfg)?;
-        let s3 = build_s3(&target, cfg, transfer, part_bytes_hint)?;
+        let s3 = build_s3(name, &target, cfg, transfer, part_bytes_hint)?;
         Ok((
             S3Backend {
                 store: s3.clone(),
@@ -48,9 +49,9 @@ impl S3Backend {
                 object_url_base: target.object_url_base(),
                 import_base: target.oci_native_base(),
                 endpoint: target.endpoint.clone(),
-                part_check: match transfer.payload_checksum {
-                    crate::config::PayloadChecksum::Crc64nvme => "crc64nvme-per-part",
-                    crate::config::PayloadChecksum::Sha256 => "sha256-per-part",
+                part_check: match target.payload_checksum(name, transfer) {
+                    PayloadChecksum::Crc64nvme => "crc64nvme-per-part",
+                    PayloadChecksum::Sha256 => "sha256-per-part",
                 },
             },
             target.address(),
@@ -267,6 +268,23 @@ impl S3Target {
             .trim_end_matches('/')
             .to_string();
         let setup = |m: String| StoreError::Setup(format!("destination {name} ({}): {m}", cfg.url));
+        // OCI's S3-compatible API signs with the OCI region id of its
+        // endpoint (us-ashburn-1), never an AWS name: take it from the
+        // endpoint, and refuse another.
+        let region = match oci_compat(&endpoint) {
+            None => region,
+            Some((_, oci_region, _)) => match cfg.region.as_deref() {
+                None => oci_region,
+                Some(r) if r == oci_region => oci_region,
+                Some(r) => {
+                    return Err(setup(format!(
+                        "region {r:?} is not the OCI region of the endpoint {endpoint}: OCI's \
+                         S3-compatible API takes the OCI region id (such as us-ashburn-1); set \
+                         region = \"{oci_region}\" or leave it out"
+                    )));
+                }
+            },
+        };
         let keys = match cfg.credentials.unwrap_or_default() {
             crate::config::Credentials::Instance => {
                 if cfg.access_key_id.is_some() || cfg.secret_access_key.is_some() {
@@ -316,6 +334,29 @@ impl S3Target {
         })
     }
 
+    /// How parts are protected: as configured, else SHA-256 at OCI's
+    /// S3-compatible endpoints (OCI checks MD5, SHA-256 and CRC32C there,
+    /// not CRC64NVME) and CRC64NVME elsewhere.
+    fn payload_checksum(&self, name: &str, transfer: &TransferConfig) -> PayloadChecksum {
+        let oci = oci_compat(&self.endpoint).is_some();
+        match transfer.payload_checksum {
+            Some(PayloadChecksum::Crc64nvme) if oci => {
+                warn!(
+                    destination = name,
+                    "transfer.payload_checksum = \"crc64nvme\" at OCI's S3-compatible endpoint \
+                     {}: OCI does not check that checksum, so no part is verified by the \
+                     server; remove the setting (SHA-256 is the default there) or use an \
+                     oci:// destination, whose parts OCI checks by CRC32C",
+                    self.endpoint
+                );
+                PayloadChecksum::Crc64nvme
+            }
+            Some(c) => c,
+            None if oci => PayloadChecksum::Sha256,
+            None => PayloadChecksum::Crc64nvme,
+        }
+    }
+
     fn address(&self) -> Address {
         Address::S3 {
             endpoint: self.endpoint.clone(),
@@ -338,21 +379,29 @@ impl S3Target {
     /// (`oraclecloud.com`, `oraclegovcloud.com`, `oraclegovcloud.uk`,
     /// `oraclecloudN.com`, `oraclecloud.eu`, ...) and `oci.customer-oci.com`.
     fn oci_native_base(&self) -> Option<String> {
-        let url = url::Url::parse(&self.endpoint).ok()?;
-        if url.scheme() != "https" {
-            return None;
-        }
-        let host = url.host_str()?;
-        let (ns, rest) = host.split_once(".compat.objectstorage.")?;
-        let (region, domain) = rest.split_once('.')?;
-        if ns.is_empty() || ns.contains('.') || !is_oci_realm_domain(domain) {
-            return None;
-        }
+        let (ns, region, domain) = oci_compat(&self.endpoint)?;
         Some(format!(
             "https://objectstorage.{region}.{domain}/n/{ns}/b/{}/o/",
             self.bucket
         ))
     }
+}
+
+/// For OCI's S3-compatible endpoint
+/// (`https://NS.compat.objectstorage.REGION.REALM_DOMAIN`): its namespace,
+/// region and realm domain.
+fn oci_compat(endpoint: &str) -> Option<(String, String, String)> {
+    let url = url::Url::parse(endpoint).ok()?;
+    if url.scheme() != "https" {
+        return None;
+    }
+    let host = url.host_str()?;
+    let (ns, rest) = host.split_once(".compat.objectstorage.")?;
+    let (region, domain) = rest.split_once('.')?;
+    if ns.is_empty() || ns.contains('.') || !is_oci_realm_domain(domain) {
+        return None;
+    }
+    Some((ns.into(), region.into(), domain.into()))
 }
 
 /// Whether `domain` is one of OCI's realm domains: `oraclecloud.com` and the
@@ -371,6 +420,7 @@ fn is_oci_realm_domain(domain: &str) -> bool {
 }
 
 fn build_s3(
+    name: &str,
     target: &S3Target,
     cfg: &DestinationConfig,
     transfer: &TransferConfig,
@@ -404,11 +454,11 @@ fn build_s3(
         .with_virtual_hosted_style_request(false)
         .with_endpoint(&target.endpoint)
         .with_region(&target.region);
-    b = match transfer.payload_checksum {
-        crate::config::PayloadChecksum::Crc64nvme => b
+    b = match target.payload_checksum(name, transfer) {
+        PayloadChecksum::Crc64nvme => b
             .with_unsigned_payload(true)
             .with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME),
-        crate::config::PayloadChecksum::Sha256 => b,
+        PayloadChecksum::Sha256 => b,
     };
     if let Some((id, secret, token)) = &target.keys {
         b = b.with_access_key_id(id).with_secret_access_key(secret);
@@ -496,6 +546,51 @@ mod tests {
         )
         .unwrap()
         .0
+    }
+
+    /// Issue 14: at OCI's S3-compatible endpoint the region is the OCI one
+    /// in it (another is refused), and parts are signed by SHA-256, which
+    /// OCI checks, unless the config says otherwise.
+    #[test]
+    fn ocis_s3_compatible_endpoints_get_their_region_and_sha256() {
+        let oci = "https://ns1.compat.objectstorage.eu-frankfurt-1.oraclecloud.com";
+        let cfg = |region: Option<&str>| DestinationConfig {
+            url: "s3://images/".into(),
+            endpoint: Some(oci.into()),
+            region: region.map(Into::into),
+            access_key_id: Some("k".into()),
+            secret_access_key: Some("s".into()),
+            ..Default::default()
+        };
+        let build = |c: &DestinationConfig, t: &TransferConfig| {
+            S3Backend::new("fra", "images", String::new(), c, t, 5 << 20)
+        };
+        let t = TransferConfig::default();
+        for region in [None, Some("eu-frankfurt-1")] {
+            let (b, a) = build(&cfg(region), &t).unwrap();
+            assert!(
+                matches!(&a, Address::S3 { region, .. } if region == "eu-frankfurt-1"),
+                "{a:?}"
+            );
+            assert_eq!(b.server_check(), "sha256-per-part");
+        }
+        for wrong in ["us-east-1", "eu-central-1", "us-ashburn-1"] {
+            let e = build(&cfg(Some(wrong)), &t).err().unwrap().to_string();
+            assert!(
+                e.contains(wrong) && e.contains("region = \"eu-frankfurt-1\""),
+                "{e}"
+            );
+        }
+        let forced = TransferConfig {
+            payload_checksum: Some(PayloadChecksum::Crc64nvme),
+            ..TransferConfig::default()
+        };
+        assert_eq!(
+            build(&cfg(None), &forced).unwrap().0.server_check(),
+            "crc64nvme-per-part"
+        );
+        // Elsewhere: CRC64NVME by default, and the region as configured.
+        assert_eq!(backend("p/").server_check(), "crc64nvme-per-part");
     }
 
     /// Issue 13, item 2: only OCI's own endpoints give a CreateImage source,
