@@ -112,6 +112,16 @@ fn a_flipped_bit_in_a_part_is_refused_and_sent_again() {
         double.table_keys(&relay.endpoint())
     ));
     let _d = site.daemon();
+    // /readyz asks the bucket (GetBucket, signed) and is content.
+    assert!(
+        wait_until(Duration::from_secs(20), || http_get(
+            site.metrics_port,
+            "/readyz"
+        )
+        .is_some_and(|r| r.0 == 200)),
+        "{:?}",
+        http_get(site.metrics_port, "/readyz")
+    );
     let crc = drop_image(&site.spool, "flip.qcow2", 40 << 20, 21);
     assert!(
         wait_until(Duration::from_secs(60), || site
@@ -300,6 +310,20 @@ fn refusals_say_what_to_check_and_never_print_the_key() {
             assert!(why.contains(n), "{dest}: {n:?} not in {why}");
         }
     }
+    // /readyz asks each bucket: not ready, naming every destination and why.
+    let (code, body) = http_get(site.metrics_port, "/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    for (dest, needle) in [
+        ("wrongkey", "401"),
+        ("wrongfp", "401"),
+        ("nobucket", "BucketNotFound"),
+        ("skewed", "401"),
+    ] {
+        assert!(
+            body.lines().any(|l| l.contains(dest) && l.contains(needle)),
+            "{dest}: {body}"
+        );
+    }
     // The daemon's log says each on one line too, and nothing of any key
     // appears in the log or the report.
     let log = d.log_text();
@@ -310,7 +334,7 @@ fn refusals_say_what_to_check_and_never_print_the_key() {
             "{dest}: {log}"
         );
     }
-    let text = format!("{log}{report}");
+    let text = format!("{log}{report}{body}");
     for key in [&double.key_file, &other_key] {
         let pem = std::fs::read_to_string(key).unwrap();
         for line in pem.lines().filter(|l| !l.starts_with("-----")) {
