@@ -144,6 +144,14 @@ pub enum StoreError {
         key: String,
         message: String,
     },
+    /// An answer that makes no sense (no upload id, no ETag, a malformed
+    /// checksum): another try would get the same.
+    #[error("{op} {key}: the store's answer makes no sense: {message}")]
+    Answer {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
     #[error("cannot set up destination: {0}")]
     Setup(String),
     #[error("{key:?} cannot be an object key: {message}; rename the file")]
@@ -301,12 +309,15 @@ impl StoreError {
                 _ => false,
             },
             StoreError::Check { .. } => true,
-            // No answer: the connection failed, timed out or was cut.
-            StoreError::Http { .. } => true,
+            // No answer: the connection failed, timed out or was cut; not a
+            // request that could not be built or a redirect ferry does not follow.
+            StoreError::Http { source, .. } => !(source.is_builder() || source.is_redirect()),
+            // 409: a commit still running when its retry arrives, or another
+            // writer of the object (Oracle's SDKs retry it too).
             StoreError::Oci { answer: a, .. } => {
-                a.status >= 500 || a.status == 408 || a.status == 429 || a.checksum()
+                a.status >= 500 || matches!(a.status, 408 | 409 | 429) || a.checksum()
             }
-            StoreError::Setup(_) | StoreError::Key { .. } => false,
+            StoreError::Setup(_) | StoreError::Key { .. } | StoreError::Answer { .. } => false,
         }
     }
 
@@ -366,7 +377,7 @@ impl StoreError {
                 s if s >= 500 => "server_error",
                 _ => "other",
             },
-            StoreError::Setup(_) | StoreError::Key { .. } => "other",
+            StoreError::Setup(_) | StoreError::Key { .. } | StoreError::Answer { .. } => "other",
         }
     }
 }

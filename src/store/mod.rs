@@ -228,6 +228,11 @@ pub(crate) trait Backend: Send + Sync {
     /// `server_verified`: `crc32c-per-part`, `crc64nvme-per-part`,
     /// `sha256-per-part`, or `none`.
     fn server_check(&self) -> &'static str;
+    /// Whether a finished object's head gives its whole CRC32C (OCI, for an
+    /// upload that asked for CRC32C).
+    fn keeps_whole_crc32c(&self) -> bool {
+        false
+    }
     /// Finishes an upload from its receipts, in part order; returns the
     /// whole object's CRC32C when the store computed one (OCI).
     async fn complete(
@@ -382,6 +387,10 @@ impl Destination {
         receipts: &[PartReceipt],
     ) -> Result<Option<u32>, StoreError> {
         self.backend.complete(name, upload_id, receipts).await
+    }
+    /// Whether a finished object's head gives its whole CRC32C.
+    pub fn keeps_whole_crc32c(&self) -> bool {
+        self.backend.keeps_whole_crc32c()
     }
     /// What the store checks of each part on arrival (see [`Backend::server_check`]).
     pub fn server_check(&self) -> &'static str {

@@ -65,6 +65,8 @@ pub(super) struct OciBackend {
     namespace: OnceCell<String>,
     /// Which profile and key sign, for the words of a refused signature.
     profile: String,
+    /// The size of each range of a read-back.
+    range_bytes: u64,
 }
 
 /// A request body.
@@ -187,6 +189,7 @@ impl OciBackend {
                 bucket: bucket.to_string(),
                 prefix,
                 namespace,
+                range_bytes: part_bytes_hint.max(crate::config::MIN_PART_BYTES),
             },
             address,
         ))
@@ -211,7 +214,7 @@ impl OciBackend {
                     key: "/n/".into(),
                     source,
                 })?;
-                serde_json::from_str::<String>(&text).map_err(|e| StoreError::Check {
+                serde_json::from_str::<String>(&text).map_err(|e| StoreError::Answer {
                     op: "look up namespace",
                     key: "/n/".into(),
                     message: format!("the answer is not a JSON string ({e}): {text:.200}"),
@@ -302,6 +305,10 @@ impl OciBackend {
     async fn answer(&self, resp: Response) -> OciAnswer {
         let status = resp.status();
         let request_id = header(&resp, "opc-request-id");
+        // How far this host's clock is from the service's, by its Date.
+        let skew = header(&resp, "date")
+            .and_then(|d| httpdate::parse_http_date(&d).ok())
+            .map(|theirs| clock_skew(SystemTime::now(), theirs));
         let mut body = Vec::new();
         let mut stream = resp.bytes_stream();
         while let Some(Ok(chunk)) = stream.next().await {
@@ -328,13 +335,26 @@ impl OciBackend {
             .get()
             .map_or("(not yet known)", String::as_str);
         let advice = match status {
-            StatusCode::UNAUTHORIZED => Some(format!(
-                "OCI did not accept the signature of {}: the clock may be more than 5 minutes \
-                 off (compare `date -u` with a time server), the fingerprint may not be the \
-                 key's (`openssl rsa -pubout -outform DER -in KEY_FILE | openssl md5 -c`), or \
-                 the public key is not uploaded to the user (Identity, Users, API Keys)",
-                self.profile
-            )),
+            StatusCode::UNAUTHORIZED => Some(match skew {
+                Some(secs) if secs.abs() > SKEW_SAID_SECS => format!(
+                    "OCI did not accept the signature of {}: this host's clock is {} s {} \
+                     OCI's (by the answer's Date), and OCI refuses a signature more than 5 \
+                     minutes off: set the clock (timedatectl set-ntp true, or chrony), \
+                     compare `date -u` with a time server",
+                    self.profile,
+                    secs.abs(),
+                    if secs > 0 { "behind" } else { "ahead of" }
+                ),
+                _ => format!(
+                    "OCI did not accept the signature of {}: the fingerprint may not be the \
+                     key's (`openssl rsa -pubout -outform DER -in KEY_FILE | openssl md5 -c`), \
+                     the public key may not be uploaded to the user (Identity, Users, API \
+                     Keys), or the clock may be more than 5 minutes off (`date -u`{})",
+                    self.profile,
+                    skew.map(|s| format!("; it agrees with OCI's within {} s", s.abs().max(1)))
+                        .unwrap_or_default()
+                ),
+            }),
             StatusCode::NOT_FOUND if code.contains("Bucket") || code.contains("Namespace") => {
                 Some(format!(
                     "namespace {ns}, bucket {}, region {}: check each (`oci os ns get` gives \
@@ -405,6 +425,18 @@ impl OciBackend {
     }
 }
 
+/// Beyond this, a 401's words name the clock as the cause (OCI refuses
+/// signatures more than 300 s off; a Date header has 1 s resolution).
+const SKEW_SAID_SECS: i64 = 240;
+
+/// Seconds `theirs` is ahead of `ours` (negative: behind).
+fn clock_skew(ours: SystemTime, theirs: SystemTime) -> i64 {
+    match theirs.duration_since(ours) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
 fn header(resp: &Response, name: &str) -> Option<String> {
     resp.headers()
         .get(name)
@@ -460,6 +492,10 @@ impl Backend for OciBackend {
         "crc32c-per-part"
     }
 
+    fn keeps_whole_crc32c(&self) -> bool {
+        true
+    }
+
     async fn begin(&self, name: &str) -> Result<String, StoreError> {
         let key = self.key_of(name);
         self.key_ok(&key)?;
@@ -492,7 +528,7 @@ impl Backend for OciBackend {
         })?;
         serde_json::from_str::<Created>(&text)
             .map(|c| c.upload_id)
-            .map_err(|e| StoreError::Check {
+            .map_err(|e| StoreError::Answer {
                 op: "begin upload",
                 key,
                 message: format!("the answer has no uploadId ({e})"),
@@ -537,7 +573,7 @@ impl Backend for OciBackend {
                 ),
             });
         }
-        header(&r, "etag").ok_or_else(|| StoreError::Check {
+        header(&r, "etag").ok_or_else(|| StoreError::Answer {
             op: "upload part",
             key,
             message: "the answer has no ETag".into(),
@@ -574,11 +610,13 @@ impl Backend for OciBackend {
             .await?;
         match header(&r, "opc-content-crc32c") {
             None => Ok(None),
-            Some(v) => crc_from_b64(&v).map(Some).ok_or_else(|| StoreError::Check {
-                op: "complete upload",
-                key,
-                message: format!("opc-content-crc32c {v:?} is not a base64 CRC32C"),
-            }),
+            Some(v) => crc_from_b64(&v)
+                .map(Some)
+                .ok_or_else(|| StoreError::Answer {
+                    op: "complete upload",
+                    key,
+                    message: format!("opc-content-crc32c {v:?} is not a base64 CRC32C"),
+                }),
         }
     }
 
@@ -617,7 +655,7 @@ impl Backend for OciBackend {
                 source,
             })?;
             let listed: Vec<Listed> =
-                serde_json::from_str(&text).map_err(|e| StoreError::Check {
+                serde_json::from_str(&text).map_err(|e| StoreError::Answer {
                     op: "list parts",
                     key: key.clone(),
                     message: format!("the answer is not a list of parts ({e})"),
@@ -636,7 +674,7 @@ impl Backend for OciBackend {
                 return Ok(Some(out));
             }
         }
-        Err(StoreError::Check {
+        Err(StoreError::Answer {
             op: "list parts",
             key,
             message: format!("more than {MAX_PAGES} pages of parts"),
@@ -669,7 +707,7 @@ impl Backend for OciBackend {
             .await?;
         let size = header(&r, "content-length")
             .and_then(|v| v.parse().ok())
-            .ok_or_else(|| StoreError::Check {
+            .ok_or_else(|| StoreError::Answer {
                 op: "head",
                 key: key.clone(),
                 message: "the answer has no Content-Length".into(),
@@ -684,18 +722,47 @@ impl Backend for OciBackend {
         })
     }
 
+    /// In ranges of a part's size, each a request with a part's time limit
+    /// (one GET of a whole large object would outlast it).
     async fn readback(&self, name: &str) -> Result<(u64, u32), StoreError> {
         let key = self.key_of(name);
+        let size = self.head(name).await?.size_bytes;
         let path = self.path("o", &key).await?;
-        let r = self
-            .send("read back", &key, Method::GET, path, Payload::None, &[])
-            .await?;
-        let mut crc = 0u32;
-        let size = self
-            .read_to_end("read back", &key, r, |c| {
-                crc = crc32c::crc32c_append(crc, c)
-            })
-            .await?;
+        let (mut crc, mut at) = (0u32, 0u64);
+        // Bounded: at most size / range_bytes + 1 ranges.
+        while at < size {
+            let end = (at + self.range_bytes).min(size);
+            let r = self
+                .send(
+                    "read back",
+                    &key,
+                    Method::GET,
+                    path.clone(),
+                    Payload::None,
+                    &[("range", format!("bytes={at}-{}", end - 1))],
+                )
+                .await?;
+            if r.status() != StatusCode::PARTIAL_CONTENT && !(at == 0 && end == size) {
+                return Err(StoreError::Answer {
+                    op: "read back",
+                    key,
+                    message: format!("a range request was answered {}", r.status()),
+                });
+            }
+            let got = self
+                .read_to_end("read back", &key, r, |c| {
+                    crc = crc32c::crc32c_append(crc, c)
+                })
+                .await?;
+            if got != end - at {
+                return Err(StoreError::Answer {
+                    op: "read back",
+                    key,
+                    message: format!("bytes {at}-{} came back as {got} bytes", end - 1),
+                });
+            }
+            at = end;
+        }
         Ok((size, crc))
     }
 
@@ -766,6 +833,14 @@ mod tests {
         ] {
             assert!(!is_oci_region_id(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn clock_skew_is_signed_seconds() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(clock_skew(t, t + Duration::from_secs(600)), 600);
+        assert_eq!(clock_skew(t, t - Duration::from_secs(601)), -601);
+        assert_eq!(clock_skew(t, t), 0);
     }
 
     #[test]

@@ -201,7 +201,8 @@ pub async fn run(
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicU64::new(0));
         let detached = Arc::new(AtomicBool::new(false));
-        let resumed = resume.remove(dest.name());
+        let resumed =
+            worker::as_held(dest, &job, &*observer, &cancel, resume.remove(dest.name())).await;
         let skip: HashSet<u32> = resumed
             .as_ref()
             .map(|r| r.receipts.iter().map(|p| p.index).collect())

@@ -43,32 +43,49 @@ impl Worker {
                 "a mapped page of the source could not be read (SIGBUS: an I/O error, or a file cut short) and read as zeros; nothing was completed".into(),
             ));
         }
+        // An upload is completed only with every part in it: a store would
+        // make an object of fewer.
+        if let Err(e) = self.all_sent(receipts) {
+            self.abort(upload_id).await;
+            return Err(e);
+        }
         let halt = self.halt();
         let complete = retry(policy, dn, &*self.observer, &halt, || {
             self.dest.complete(name, upload_id, receipts)
         })
         .await;
         let mut server_crc = None;
+        let mut found = None;
         match complete {
             Ok(crc) => server_crc = crc,
             Err(e) => {
                 // A retried complete may fail only because an earlier attempt succeeded
-                // and its answer was lost: let verification decide.
+                // and its answer was lost: let verification decide. Where the
+                // store keeps the whole object's CRC32C (OCI), the object must
+                // have the file's: an older object of the same size at the key
+                // is not this upload's.
                 warn!(
                     destination = dn,
                     "completing {name} failed ({e}); checking the object"
                 );
-                if self.verify(receipts, None).await.is_err() {
-                    let e = self.blamed(e);
-                    if !self.keeps_upload(&e) {
-                        self.abort(upload_id).await;
+                match self.verify(receipts, None).await {
+                    Ok(v) if v.server_whole || !self.dest.keeps_whole_crc32c() => found = Some(v),
+                    _ => {
+                        let e = self.blamed(e);
+                        if !self.keeps_upload(&e) {
+                            self.abort(upload_id).await;
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
                 }
             }
         }
         crate::failpoint::reached("complete");
-        let verified = match self.verify(receipts, server_crc).await {
+        let verified = match found {
+            Some(v) => Ok(v),
+            None => self.verify(receipts, server_crc).await,
+        };
+        let verified = match verified {
             Ok(v) => v,
             Err(e) => {
                 let checksum = matches!(
@@ -176,26 +193,8 @@ impl Worker {
     ) -> Result<Verified, TransferError> {
         let plan = self.job.plan;
         let name = &self.job.name;
-        if receipts.len() != plan.count as usize
-            || receipts
-                .iter()
-                .enumerate()
-                .any(|(i, r)| r.index as usize != i)
-        {
-            return Err(TransferError::Verify(format!(
-                "{} of {} parts were sent",
-                receipts.len(),
-                plan.count
-            )));
-        }
+        self.all_sent(receipts)?;
         let crc = chunk::combine(receipts.iter().map(|r| (r.crc32c, r.size_bytes)));
-        let sent: u64 = receipts.iter().map(|r| r.size_bytes).sum();
-        if sent != plan.file_bytes {
-            return Err(TransferError::Verify(format!(
-                "sent {sent} bytes of a {} byte file",
-                plan.file_bytes
-            )));
-        }
         let dn = self.dest.name();
         let mut server = server_crc;
         match self.job.verify {
@@ -247,6 +246,33 @@ impl Worker {
             crc32c: crc,
             server_whole: server.is_some(),
         })
+    }
+}
+
+impl Worker {
+    /// Every part of the plan, in order, and the file's bytes in all.
+    fn all_sent(&self, receipts: &[PartReceipt]) -> Result<(), TransferError> {
+        let plan = self.job.plan;
+        if receipts.len() != plan.count as usize
+            || receipts
+                .iter()
+                .enumerate()
+                .any(|(i, r)| r.index as usize != i)
+        {
+            return Err(TransferError::Verify(format!(
+                "{} of {} parts were sent",
+                receipts.len(),
+                plan.count
+            )));
+        }
+        let sent: u64 = receipts.iter().map(|r| r.size_bytes).sum();
+        if sent != plan.file_bytes {
+            return Err(TransferError::Verify(format!(
+                "sent {sent} bytes of a {} byte file",
+                plan.file_bytes
+            )));
+        }
+        Ok(())
     }
 }
 

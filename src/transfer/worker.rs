@@ -129,9 +129,8 @@ impl Worker {
                     r.receipts.len(),
                     self.job.plan.count
                 );
-                let mut done: BTreeMap<u32, PartReceipt> =
+                let done: BTreeMap<u32, PartReceipt> =
                     r.receipts.into_iter().map(|p| (p.index, p)).collect();
-                self.keep_listed(&name, &r.upload_id, &mut done).await?;
                 (r.upload_id, done)
             }
             None => {
@@ -166,43 +165,6 @@ impl Worker {
         }
         let receipts: Vec<PartReceipt> = receipts.into_values().collect();
         self.finish(&upload_id, &receipts, started).await
-    }
-
-    /// Where the store lists an upload's parts (OCI), keeps of the journaled
-    /// parts only those it holds as journaled (same id and size); the others
-    /// are sent again. An upload the store no longer knows fails here, and
-    /// [`Worker::upload`] starts it over.
-    async fn keep_listed(
-        &self,
-        name: &str,
-        upload_id: &str,
-        done: &mut BTreeMap<u32, PartReceipt>,
-    ) -> Result<(), TransferError> {
-        let listed = retry(
-            &self.job.retry,
-            self.dest.name(),
-            &*self.observer,
-            &self.halt(),
-            || self.dest.listed_parts(name, upload_id),
-        )
-        .await?;
-        let Some(listed) = listed else {
-            return Ok(());
-        };
-        let held: std::collections::HashMap<u32, (String, u64)> = listed
-            .into_iter()
-            .map(|p| (p.index, (p.part_id, p.size_bytes)))
-            .collect();
-        let before = done.len();
-        done.retain(|i, r| held.get(i) == Some(&(r.part_id.clone(), r.size_bytes)));
-        if done.len() != before {
-            warn!(
-                destination = self.dest.name(),
-                "{} of {before} journaled parts of {name} are not in the store as sent; sending them again",
-                before - done.len()
-            );
-        }
-        Ok(())
     }
 
     /// An upload that failed with `e` is kept for a later attempt (stopped, or
@@ -256,7 +218,15 @@ impl Worker {
             let Some(part) = self.next_part(index, &mut inbox).await? else {
                 break;
             };
-            debug_assert_eq!(part.index(), index);
+            if part.index() != index {
+                // Never expected: the fan-out skips exactly the parts this
+                // worker holds receipts for. Stop rather than send a part
+                // under another part's number.
+                return Err(TransferError::Read(format!(
+                    "part {} arrived where part {index} was due; nothing was completed",
+                    part.index()
+                )));
+            }
             let dest = self.dest.clone();
             let name = self.job.name.clone();
             let id = upload_id.to_string();
@@ -377,4 +347,60 @@ impl Worker {
         self.observer.read_bytes(part.len());
         Ok(part)
     }
+}
+
+/// A journaled upload as the store holds it: where the store lists an
+/// upload's parts (OCI), only the journaled parts it holds as journaled (same
+/// id and size) are kept, and the others are sent again. An upload the store
+/// cannot list (gone, expired, or the store unreachable after every retry) is
+/// aborted where it can be and started over. Runs before the fan-out learns
+/// which parts to skip, so every part not kept is read and sent.
+pub(super) async fn as_held(
+    dest: &Destination,
+    job: &Job,
+    observer: &dyn Observer,
+    cancel: &Shutdown,
+    resumed: Option<Resume>,
+) -> Option<Resume> {
+    let mut r = resumed?;
+    let halt = Halt {
+        cancel: cancel.clone(),
+        source: Some(job.source.clone()),
+    };
+    let listed = retry(&job.retry, dest.name(), observer, &halt, || {
+        dest.listed_parts(&job.name, &r.upload_id)
+    })
+    .await;
+    let held = match listed {
+        Ok(None) => return Some(r),
+        Ok(Some(held)) => held,
+        Err(e) => {
+            warn!(
+                destination = dest.name(),
+                "cannot list the parts of the journaled upload of {} ({e}); starting it over",
+                job.name
+            );
+            if dest.abort(&job.name, &r.upload_id).await.is_ok() {
+                observer.upload_aborted(dest.name());
+            }
+            observer.upload_restarted(dest.name());
+            return None;
+        }
+    };
+    let held: std::collections::HashMap<u32, (String, u64)> = held
+        .into_iter()
+        .map(|p| (p.index, (p.part_id, p.size_bytes)))
+        .collect();
+    let before = r.receipts.len();
+    r.receipts
+        .retain(|p| held.get(&p.index) == Some(&(p.part_id.clone(), p.size_bytes)));
+    if r.receipts.len() != before {
+        warn!(
+            destination = dest.name(),
+            "{} of {before} journaled parts of {} are not in the store as sent; sending them again",
+            before - r.receipts.len(),
+            job.name
+        );
+    }
+    Some(r)
 }

@@ -60,8 +60,9 @@ and every key from "data_dir" on is optional:
 - page_size: the most items a list answers at once.
 - min_part_bytes: the smallest part but the last that a commit takes.
 - clock_offset_secs: added to the double's clock, for the 5-minute skew
-  check only: 600 makes a client with a true clock look 10 minutes slow
-  (and -600 fast) without touching the system clock.
+  check and the Date header of its answers: 600 makes a client with a true
+  clock look 10 minutes slow (and -600 fast) without touching the system
+  clock.
 It listens on 127.0.0.1 only (a socket idle for 120 s is closed; at most
 128 connections are served at once) and prints "ready" once it does.
 """
@@ -172,6 +173,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):  # quiet; the tests read answers
         pass
+
+    def date_time_string(self, timestamp=None):
+        """The Date header, by the double's clock (as the service's, by its own)."""
+        return email.utils.formatdate(self.store.now(), usegmt=True)
 
     # --- answers -------------------------------------------------------
     def answer(self, status, body=b"", headers=None, content_type="application/json"):
