@@ -40,7 +40,8 @@ impl S3Backend {
         part_bytes_hint: u64,
     ) -> Result<(S3Backend, Address), StoreError> {
         let target = S3Target::resolve(name, bucket, cfg)?;
-        let s3 = build_s3(name, &target, cfg, transfer, part_bytes_hint)?;
+        let checksum = target.payload_checksum(name, transfer);
+        let s3 = build_s3(&target, checksum, cfg, transfer, part_bytes_hint)?;
         Ok((
             S3Backend {
                 store: s3.clone(),
@@ -49,7 +50,9 @@ impl S3Backend {
                 object_url_base: target.object_url_base(),
                 import_base: target.oci_native_base(),
                 endpoint: target.endpoint.clone(),
-                part_check: match target.payload_checksum(name, transfer) {
+                // OCI's S3-compatible API does not check CRC64NVME.
+                part_check: match checksum {
+                    PayloadChecksum::Crc64nvme if oci_compat(&target.endpoint).is_some() => "none",
                     PayloadChecksum::Crc64nvme => "crc64nvme-per-part",
                     PayloadChecksum::Sha256 => "sha256-per-part",
                 },
@@ -420,8 +423,8 @@ fn is_oci_realm_domain(domain: &str) -> bool {
 }
 
 fn build_s3(
-    name: &str,
     target: &S3Target,
+    checksum: PayloadChecksum,
     cfg: &DestinationConfig,
     transfer: &TransferConfig,
     part_bytes_hint: u64,
@@ -454,7 +457,7 @@ fn build_s3(
         .with_virtual_hosted_style_request(false)
         .with_endpoint(&target.endpoint)
         .with_region(&target.region);
-    b = match target.payload_checksum(name, transfer) {
+    b = match checksum {
         PayloadChecksum::Crc64nvme => b
             .with_unsigned_payload(true)
             .with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME),
@@ -587,7 +590,8 @@ mod tests {
         };
         assert_eq!(
             build(&cfg(None), &forced).unwrap().0.server_check(),
-            "crc64nvme-per-part"
+            "none",
+            "OCI does not check CRC64NVME"
         );
         // Elsewhere: CRC64NVME by default, and the region as configured.
         assert_eq!(backend("p/").server_check(), "crc64nvme-per-part");
