@@ -21,7 +21,7 @@ const EXIT_INTERRUPTED: u8 = 130;
 /// The ENVIRONMENT section every command's help shares.
 macro_rules! ENVIRONMENT {
     () => {
-        "ENVIRONMENT:\n  FERRY_LOG              log filter (default: info), e.g. FERRY_LOG=debug or\n                         FERRY_LOG=info,ferry=debug\n  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN\n                         credentials of s3:// destinations that set none in the config;\n                         with none at all a destination is refused (exit 2), unless its\n                         table says credentials = \"instance\" (the cloud instance's role)\n  AWS_ENDPOINT_URL, AWS_REGION\n                         endpoint and region of s3:// destinations that set none\n                         (default region: us-east-1)"
+        "ENVIRONMENT:\n  FERRY_LOG              log filter (default: info), e.g. FERRY_LOG=debug or\n                         FERRY_LOG=info,ferry=debug\n  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN\n                         credentials of s3:// destinations that set none in the config;\n                         with none at all a destination is refused (exit 2), unless its\n                         table says credentials = \"instance\" (the cloud instance's role)\n  AWS_ENDPOINT_URL, AWS_REGION\n                         endpoint and region of s3:// destinations that set none\n                         (default region: us-east-1)\n  OCI_CLI_CONFIG_FILE, OCI_CLI_PROFILE\n                         the OCI CLI config file and profile whose API key signs for\n                         oci:// destinations that set none (default: ~/.oci/config,\n                         DEFAULT), as the OCI CLI reads them"
     };
 }
 
@@ -104,7 +104,8 @@ EXAMPLES:\n  ferry push disk.qcow2\n  ferry push disk.qcow2 --to phoenix --to s3
         #[arg(long, short = 'c', value_name = "FILE")]
         config: Option<PathBuf>,
         /// A destination name from the config, or a URL: file:///dir/, s3://bucket/prefix/,
-        /// memory://name/. Repeat for several. Default: every configured destination.
+        /// oci://bucket/prefix/, memory://name/. Repeat for several. Default: every
+        /// configured destination.
         #[arg(long, value_name = "NAME|URL")]
         to: Vec<String>,
         /// Part size, e.g. 64MiB (raised to fit 10,000 parts, kept within 5 MiB..5 GiB).

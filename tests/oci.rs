@@ -139,11 +139,13 @@ fn one_gib_to_oci_s3_and_a_directory_at_once() {
 /// Issue 14, test 2: one bit flipped in one part on its way to OCI: the
 /// service refuses the part (its CRC32C is not the one ferry sent), ferry
 /// sends it again, counts a checksum mismatch, and the object is exact.
+/// 503s on the way are retried too.
 #[test]
 fn a_flipped_bit_in_a_part_is_refused_and_sent_again() {
     let double = OciDouble::start();
     let relay = Relay::to(double.port);
-    relay.set(r#"{"flip_bit_in_parts": 1}"#);
+    // And every 4th part answered 503, as a busy service does.
+    relay.set(r#"{"flip_bit_in_parts": 1, "part_error_every": 4, "error_status": 503}"#);
     let site = Site::new(&format!(
         "[transfer]\npart_size = \"8MiB\"\nretry_base_ms = 50\n[destinations.ashburn]\nurl = \"oci://images/flip/\"\n{}",
         double.table_keys(&relay.endpoint())
@@ -169,6 +171,10 @@ fn a_flipped_bit_in_a_part_is_refused_and_sent_again() {
         site.error_report("flip.qcow2", Duration::from_secs(1))
     );
     assert_eq!(relay.injected("flip"), 1, "{}", relay.log());
+    assert!(
+        site.metric("ferry_part_retries_total{destination=\"ashburn\",reason=\"slow_down\"}") >= 1,
+        "the 503s were not retried as slow_down"
+    );
     assert_eq!(
         site.metric("ferry_checksum_mismatches_total{destination=\"ashburn\"}"),
         1
