@@ -572,7 +572,11 @@ fn words_agree_and_status_says_why_files_wait() {
     assert!(wait_until(Duration::from_secs(120), || done
         .join("first.img")
         .exists()));
-    assert!(!report.exists(), "the stale error.json stayed in failed/");
+    // The report goes right after the move to done/ (the log says so).
+    assert!(
+        wait_until(Duration::from_secs(10), || !report.exists()),
+        "the stale error.json stayed in failed/"
+    );
     assert!(
         d.log_text()
             .contains("removed the error report of its earlier attempt")
