@@ -163,10 +163,7 @@ fn a_flipped_bit_in_a_part_is_refused_and_sent_again() {
     );
     let crc = drop_image(&site.spool, "flip.qcow2", 40 << 20, 21);
     assert!(
-        wait_until(Duration::from_secs(60), || site
-            .done()
-            .join("flip.qcow2")
-            .exists()),
+        site.wait_done("flip.qcow2", Duration::from_secs(60)),
         "not shipped: {:?}",
         site.error_report("flip.qcow2", Duration::from_secs(1))
     );
@@ -244,10 +241,7 @@ fn kill_9_mid_upload_to_oci_sends_only_unjournaled_parts_again() {
 
     let d2 = site.daemon();
     assert!(
-        wait_until(Duration::from_secs(120), || site
-            .done()
-            .join("big.qcow2")
-            .exists()),
+        site.wait_done("big.qcow2", Duration::from_secs(120)),
         "not finished after the restart"
     );
     let sent_again: std::collections::BTreeSet<u64> = relay

@@ -180,6 +180,22 @@ impl Double {
         self.raw(head.as_bytes(), bytes.as_ref().map(|(_, b)| b.as_slice()))
     }
 
+    /// CreateMultipartUpload with CRC32C in bucket `images`; its upload id.
+    fn create_upload(&self, details: &[u8]) -> String {
+        let created = self.send_as(
+            &self.signer,
+            "POST",
+            "/n/ns/b/images/u",
+            Some(("application/json", details)),
+            false,
+            SystemTime::now(),
+            &[("opc-checksum-algorithm", "CRC32C".into())],
+        );
+        assert_eq!(created.status, 200, "{}", created.text());
+        let upload: serde_json::Value = serde_json::from_slice(&created.body).unwrap();
+        upload["uploadId"].as_str().unwrap().to_string()
+    }
+
     fn send(
         &self,
         method: &str,
@@ -345,18 +361,7 @@ fn the_double_takes_what_ferry_signs_and_refuses_what_oci_would() {
 
     // Multipart with CRC32C: a part whose CRC32C is wrong is refused; the
     // commit answers the whole object's CRC32C.
-    let created = d.send_as(
-        &d.signer,
-        "POST",
-        "/n/ns/b/images/u",
-        Some(("application/json", details)),
-        false,
-        SystemTime::now(),
-        &[("opc-checksum-algorithm", "CRC32C".into())],
-    );
-    assert_eq!(created.status, 200, "{}", created.text());
-    let upload: serde_json::Value = serde_json::from_slice(&created.body).unwrap();
-    let id = upload["uploadId"].as_str().unwrap().to_string();
+    let id = d.create_upload(details);
     let part1: Vec<u8> = (0..5 * MIB).map(|i| (i * 7 % 251) as u8).collect();
     let part2: Vec<u8> = (0..MIB).map(|i| (i * 13 % 241) as u8).collect();
     let put = |n: u32, data: &[u8], crc: String| {
@@ -505,18 +510,7 @@ fn the_double_carries_large_parts_in_parallel_and_answers_the_whole_crc32c() {
         })
         .collect();
     let details = br#"{"object": "big.qcow2"}"#;
-    let created = d.send_as(
-        &d.signer,
-        "POST",
-        "/n/ns/b/images/u",
-        Some(("application/json", details)),
-        false,
-        SystemTime::now(),
-        &[("opc-checksum-algorithm", "CRC32C".into())],
-    );
-    assert_eq!(created.status, 200, "{}", created.text());
-    let upload: serde_json::Value = serde_json::from_slice(&created.body).unwrap();
-    let id = upload["uploadId"].as_str().unwrap().to_string();
+    let id = d.create_upload(details);
 
     // All three parts in flight at once, as ferry sends them.
     let answers: Vec<Answer> = std::thread::scope(|scope| {

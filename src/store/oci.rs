@@ -379,6 +379,22 @@ impl OciBackend {
         }
     }
 
+    /// A GET or HEAD of object `name`; its key and the answer.
+    async fn object_request(
+        &self,
+        op: &'static str,
+        name: &str,
+        method: Method,
+        extra: &[(&'static str, String)],
+    ) -> Result<(String, Response), StoreError> {
+        let key = self.key_of(name);
+        let path = self.path("o", &key).await?;
+        let r = self
+            .send(op, &key, method, path, Payload::None, extra)
+            .await?;
+        Ok((key, r))
+    }
+
     fn key_of(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
     }
@@ -700,11 +716,7 @@ impl Backend for OciBackend {
     }
 
     async fn head(&self, name: &str) -> Result<ObjectInfo, StoreError> {
-        let key = self.key_of(name);
-        let path = self.path("o", &key).await?;
-        let r = self
-            .send("head", &key, Method::HEAD, path, Payload::None, &[])
-            .await?;
+        let (key, r) = self.object_request("head", name, Method::HEAD, &[]).await?;
         let size = header(&r, "content-length")
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| StoreError::Answer {
@@ -725,22 +737,14 @@ impl Backend for OciBackend {
     /// In ranges of a part's size, each a request with a part's time limit
     /// (one GET of a whole large object would outlast it).
     async fn readback(&self, name: &str) -> Result<(u64, u32), StoreError> {
-        let key = self.key_of(name);
         let size = self.head(name).await?.size_bytes;
-        let path = self.path("o", &key).await?;
         let (mut crc, mut at) = (0u32, 0u64);
         // Bounded: at most size / range_bytes + 1 ranges.
         while at < size {
             let end = (at + self.range_bytes).min(size);
-            let r = self
-                .send(
-                    "read back",
-                    &key,
-                    Method::GET,
-                    path.clone(),
-                    Payload::None,
-                    &[("range", format!("bytes={at}-{}", end - 1))],
-                )
+            let range = [("range", format!("bytes={at}-{}", end - 1))];
+            let (key, r) = self
+                .object_request("read back", name, Method::GET, &range)
                 .await?;
             if r.status() != StatusCode::PARTIAL_CONTENT && !(at == 0 && end == size) {
                 return Err(StoreError::Answer {
@@ -784,11 +788,7 @@ impl Backend for OciBackend {
     }
 
     async fn get_small(&self, name: &str) -> Result<Bytes, StoreError> {
-        let key = self.key_of(name);
-        let path = self.path("o", &key).await?;
-        let r = self
-            .send("read", &key, Method::GET, path, Payload::None, &[])
-            .await?;
+        let (key, r) = self.object_request("read", name, Method::GET, &[]).await?;
         r.bytes().await.map_err(|source| StoreError::Http {
             op: "read",
             key,

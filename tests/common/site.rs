@@ -134,6 +134,11 @@ impl Site {
     pub fn done(&self) -> PathBuf {
         self.spool.join(".ferry/done")
     }
+    /// Whether `name` reached `done/` within `limit`.
+    pub fn wait_done(&self, name: &str, limit: Duration) -> bool {
+        let p = self.done().join(name);
+        wait_until(limit, || p.exists())
+    }
     pub fn metric(&self, needle: &str) -> u64 {
         http_get(self.metrics_port, "/metrics")
             .map(|(_, body)| {
