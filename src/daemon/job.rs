@@ -550,6 +550,12 @@ mod tests {
         assert_eq!(r.what_to_do, DESTINATION_ADVICE);
         assert_eq!(r.destinations.len(), 2);
 
+        let JobEnd::Failed(_, r, _) = conclude(claimed(), vec![failed("b", mismatch())], false, t)
+        else {
+            panic!("a mismatch is for good");
+        };
+        assert_eq!(r.what_to_do, crate::transfer::MISMATCH_ADVICE);
+
         let changed = TransferError::Changed(Change("its size changed".into()));
         let JobEnd::Failed(_, r, _) = conclude(claimed(), vec![failed("a", changed)], false, t)
         else {

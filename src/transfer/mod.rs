@@ -122,6 +122,8 @@ pub struct Job {
 }
 
 /// What to do about an image that changed while ferry had it.
+/// What to do when a completed object is not the file's.
+pub const MISMATCH_ADVICE: &str = "The object now at the key of the destination named is not the file's (no manifest was written beside it, so nothing reports it verified): delete it, look for what changes bytes on the way (a proxy, a faulty NIC or memory on this host), then move the file from failed/ back into the spool.";
 pub const CHANGED_ADVICE: &str = "Make sure the producer has finished writing before the file appears in the spool (write X.partial, then rename it to X) and that nothing writes to it afterwards; then put it back. Nothing was completed from the changed bytes.";
 
 /// What to do about destinations that did not verify.
@@ -150,6 +152,9 @@ impl TransferError {
             TransferError::Changed(_) => CHANGED_ADVICE,
             TransferError::Store(e) if e.class() == Class::Refuse => {
                 "Rename the file as the reason says, then put it back in the spool."
+            }
+            TransferError::Mismatch { .. } | TransferError::ServerMismatch { .. } => {
+                MISMATCH_ADVICE
             }
             _ => DESTINATION_ADVICE,
         }
