@@ -4,8 +4,13 @@
 //! a header left unsigned, a body that is not the one signed, a clock 10
 //! minutes off, a part whose CRC32C does not match), and that it carries
 //! parts of tens of MiB in parallel, kept on disk, with the whole object's
-//! CRC32C at commit. The `oci://` destination will be tested through this
-//! double; these tests keep the double honest first.
+//! CRC32C at commit. For the image import (issue 15) it also holds the
+//! double's pre-authenticated requests (read unsigned, refused once deleted
+//! or expired) and its Compute calls (CreateImage checked field by field,
+//! one image per `opc-retry-token`, IMPORTING then AVAILABLE, or DISABLED
+//! with a work-request error for bytes that are no image). The `oci://`
+//! destination will be tested through this double; these tests keep the
+//! double honest first.
 
 mod common;
 
@@ -212,6 +217,84 @@ impl Double {
             SystemTime::now(),
             &[],
         )
+    }
+
+    /// A request with no signature (a PAR's object, a `/_double/` call).
+    fn unsigned(&self, method: &str, path: &str) -> Answer {
+        self.raw(
+            format!(
+                "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{}\r\nconnection: close\r\n\r\n",
+                self.port
+            )
+            .as_bytes(),
+            None,
+        )
+    }
+
+    /// A signed POST of a JSON document, with `extra` headers.
+    fn post_json(&self, path: &str, doc: &serde_json::Value, extra: &[(&str, String)]) -> Answer {
+        let doc = doc.to_string();
+        self.send_as(
+            &self.signer,
+            "POST",
+            path,
+            Some(("application/json", doc.as_bytes())),
+            false,
+            SystemTime::now(),
+            extra,
+        )
+    }
+
+    /// PutObject into bucket `images`.
+    fn put_object(&self, name: &str, bytes: &[u8]) {
+        let put = self.send(
+            "PUT",
+            &format!("/n/ns/b/images/o/{name}"),
+            Some(("application/octet-stream", bytes)),
+            true,
+        );
+        assert_eq!(put.status, 200, "{}", put.text());
+    }
+
+    /// A PAR of `access_type` on `object` in bucket `images`, ending
+    /// `expires_in` from now.
+    fn make_par(&self, object: &str, access_type: &str, expires_in: Duration) -> serde_json::Value {
+        let made = self.post_json(
+            "/n/ns/b/images/p/",
+            &serde_json::json!({
+                "name": format!("ferry-{object}"),
+                "accessType": access_type,
+                "objectName": object,
+                "timeExpires": humantime::format_rfc3339_millis(SystemTime::now() + expires_in).to_string(),
+            }),
+            &[],
+        );
+        assert_eq!(made.status, 200, "{}", made.text());
+        serde_json::from_slice(&made.body).unwrap()
+    }
+
+    /// A signed GET answered with JSON: (status, document).
+    fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let got = self.send("GET", path, None, false);
+        let doc = serde_json::from_slice(&got.body).unwrap_or(serde_json::Value::Null);
+        (got.status, doc)
+    }
+
+    /// GetImage until it leaves IMPORTING (at most 30 s): the final Image.
+    fn wait_imported(&self, image_id: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, image) = self.get_json(&format!("/20160918/images/{image_id}"));
+            assert_eq!(status, 200, "{image}");
+            if image["lifecycleState"] != "IMPORTING" {
+                return image;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still IMPORTING after 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn raw(&self, head: &[u8], body: Option<&[u8]>) -> Answer {
@@ -604,4 +687,237 @@ fn a_clock_offset_makes_a_true_clock_look_ten_minutes_off() {
     );
     let ahead = at(SystemTime::now() + Duration::from_secs(600));
     assert_eq!(ahead.status, 200, "{}", ahead.text());
+}
+
+/// A CreateImageDetails importing `source` (an imageSourceDetails).
+fn create_image_details(source: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "compartmentId": "ocid1.compartment.oc1..c",
+        "displayName": "disk",
+        "launchMode": "PARAVIRTUALIZED",
+        "freeformTags": { "ferry-crc32c": "AAAAAA==" },
+        "imageSourceDetails": source,
+    })
+}
+
+/// The first bytes of a QCOW2 (its magic), then zeros.
+fn qcow2_like() -> Vec<u8> {
+    let mut bytes = b"QFI\xfb\x00\x00\x00\x03".to_vec();
+    bytes.resize(64 * 1024, 0);
+    bytes
+}
+
+#[test]
+fn a_par_reads_an_object_unsigned_until_it_expires_or_is_deleted() {
+    let d = Double::start();
+    let bytes = qcow2_like();
+    d.put_object("disk.qcow2", &bytes);
+
+    let par = d.make_par("disk.qcow2", "ObjectRead", Duration::from_secs(3600));
+    let uri = par["accessUri"].as_str().unwrap();
+    assert!(
+        uri.starts_with("/p/") && uri.ends_with("/n/ns/b/images/o/disk.qcow2"),
+        "{par}"
+    );
+    assert_eq!(par["fullPath"], format!("http://127.0.0.1:{}{uri}", d.port));
+    let read = d.unsigned("GET", uri);
+    assert_eq!(read.status, 200, "{}", read.text());
+    assert!(read.body == bytes, "the PAR serves the object's bytes");
+    // Without the PAR the same object needs a signature.
+    assert_eq!(d.unsigned("GET", "/n/ns/b/images/o/disk.qcow2").status, 401);
+    // A read PAR grants reading that object, nothing else.
+    assert_eq!(d.unsigned("DELETE", uri).status, 405);
+    let other = uri.replace("disk.qcow2", "other.qcow2");
+    assert_eq!(d.unsigned("GET", &other).status, 404);
+
+    // Deleted: refused.
+    let id = par["id"].as_str().unwrap();
+    let deleted = d.send("DELETE", &format!("/n/ns/b/images/p/{id}"), None, false);
+    assert_eq!(deleted.status, 204, "{}", deleted.text());
+    let after = d.unsigned("GET", uri);
+    assert_eq!(after.status, 404, "{}", after.text());
+
+    // Expired: refused (a PAR already expired cannot be made at all).
+    let short = d.make_par("disk.qcow2", "ObjectRead", Duration::from_secs(1));
+    let short_uri = short["accessUri"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while d.unsigned("GET", &short_uri).status == 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the PAR never expired"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(d.unsigned("GET", &short_uri).status, 404);
+    let past = d.post_json(
+        "/n/ns/b/images/p/",
+        &serde_json::json!({
+            "name": "late", "accessType": "ObjectRead", "objectName": "disk.qcow2",
+            "timeExpires": humantime::format_rfc3339_seconds(SystemTime::now() - Duration::from_secs(60)).to_string(),
+        }),
+        &[],
+    );
+    assert_eq!(past.status, 400, "{}", past.text());
+    assert!(past.text().contains("timeExpires"), "{}", past.text());
+    let no_object = d.post_json(
+        "/n/ns/b/images/p/",
+        &serde_json::json!({
+            "name": "x", "accessType": "ObjectRead",
+            "timeExpires": humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(60)).to_string(),
+        }),
+        &[],
+    );
+    assert_eq!(no_object.status, 400, "{}", no_object.text());
+    assert!(
+        no_object.text().contains("objectName"),
+        "{}",
+        no_object.text()
+    );
+}
+
+#[test]
+fn create_image_from_a_par_imports_once_per_retry_token_and_becomes_available() {
+    let d = Double::start_with(serde_json::json!({ "import_secs": 1 }));
+    d.put_object("disk.qcow2", &qcow2_like());
+    let par = d.make_par("disk.qcow2", "ObjectRead", Duration::from_secs(3600));
+    let details = create_image_details(serde_json::json!({
+        "sourceType": "objectStorageUri",
+        "sourceUri": par["fullPath"],
+        "sourceImageType": "QCOW2",
+        "operatingSystem": "Ubuntu",
+        "operatingSystemVersion": "24.04",
+    }));
+    let token = [("opc-retry-token", "ferry-job-1-ashburn".to_string())];
+
+    let created = d.post_json("/20160918/images", &details, &token);
+    assert_eq!(created.status, 200, "{}", created.text());
+    let image: serde_json::Value = serde_json::from_slice(&created.body).unwrap();
+    let id = image["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("ocid1.image.oc1.."), "{image}");
+    assert_eq!(image["lifecycleState"], "IMPORTING");
+    assert_eq!(image["launchMode"], "PARAVIRTUALIZED");
+    assert_eq!(image["operatingSystem"], "Ubuntu");
+    assert_eq!(image["freeformTags"]["ferry-crc32c"], "AAAAAA==");
+    let work_request = created.header("opc-work-request-id").unwrap().to_string();
+
+    // The same create again (a retry after a lost answer): the same image.
+    let again = d.post_json("/20160918/images", &details, &token);
+    assert_eq!(again.status, 200, "{}", again.text());
+    let again: serde_json::Value = serde_json::from_slice(&again.body).unwrap();
+    assert_eq!(again["id"], id.as_str());
+    // The same token with another body is a conflict.
+    let mut changed = details.clone();
+    changed["displayName"] = "other".into();
+    let conflict = d.post_json("/20160918/images", &changed, &token);
+    assert_eq!(conflict.status, 409, "{}", conflict.text());
+
+    let (status, wr) = d.get_json(&format!("/20160918/workRequests/{work_request}"));
+    assert_eq!(status, 200, "{wr}");
+    assert_eq!(wr["operationType"], "CreateImage");
+    assert_eq!(wr["resources"][0]["identifier"], id.as_str());
+
+    let image = d.wait_imported(&id);
+    assert_eq!(image["lifecycleState"], "AVAILABLE", "{image}");
+    let (_, wr) = d.get_json(&format!("/20160918/workRequests/{work_request}"));
+    assert_eq!(wr["status"], "SUCCEEDED", "{wr}");
+    let (_, errors) = d.get_json(&format!("/20160918/workRequests/{work_request}/errors"));
+    assert_eq!(errors, serde_json::json!([]));
+
+    let record = d.unsigned("GET", "/_double/images");
+    assert_eq!(record.status, 200, "{}", record.text());
+    let record: serde_json::Value = serde_json::from_slice(&record.body).unwrap();
+    assert_eq!(record["created"], 1, "{record}");
+    assert_eq!(record["bodies"][0], details);
+    assert_eq!(record["bodies"].as_array().unwrap().len(), 3);
+
+    // GetImage and the work requests are signed calls like the rest.
+    assert_eq!(
+        d.unsigned("GET", &format!("/20160918/images/{id}")).status,
+        401
+    );
+    let (status, _) = d.get_json("/20160918/images/ocid1.image.oc1..nosuch");
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn create_image_refuses_bad_details_and_disables_what_is_no_image() {
+    let d = Double::start_with(serde_json::json!({ "import_secs": 1 }));
+    d.put_object("notes.txt", &[b'x'; 4096]);
+    let tuple = serde_json::json!({
+        "sourceType": "objectStorageTuple",
+        "namespaceName": "ns", "bucketName": "images", "objectName": "notes.txt",
+    });
+    let refused = |doc: serde_json::Value, status: u16, code: &str, field: &str| {
+        let a = d.post_json("/20160918/images", &doc, &[]);
+        assert_eq!(a.status, status, "{}", a.text());
+        assert!(
+            a.text().contains(code) && a.text().contains(field),
+            "{}",
+            a.text()
+        );
+    };
+    let mut no_compartment = create_image_details(tuple.clone());
+    no_compartment
+        .as_object_mut()
+        .unwrap()
+        .remove("compartmentId");
+    refused(no_compartment, 400, "MissingParameter", "compartmentId");
+    let mut bad_mode = create_image_details(tuple.clone());
+    bad_mode["launchMode"] = "UNKNOWN".into();
+    refused(bad_mode, 400, "InvalidParameter", "launchMode");
+    let mut bad_type = create_image_details(tuple.clone());
+    bad_type["imageSourceDetails"]["sourceImageType"] = "OCI".into();
+    refused(bad_type, 400, "InvalidParameter", "sourceImageType");
+    let mut missing_object = create_image_details(tuple.clone());
+    missing_object["imageSourceDetails"]["objectName"] = "nosuch.qcow2".into();
+    refused(missing_object, 400, "InvalidParameter", "nosuch.qcow2");
+    let forged = create_image_details(serde_json::json!({
+        "sourceType": "objectStorageUri",
+        "sourceUri": format!("http://127.0.0.1:{}/p/forged/n/ns/b/images/o/notes.txt", d.port),
+    }));
+    refused(forged, 400, "InvalidParameter", "sourceUri");
+
+    // An .oci export (a tar), put through a write PAR unsigned, imports.
+    let mut tar = vec![0u8; 1024];
+    tar[257..263].copy_from_slice(b"ustar\0");
+    let write = d.make_par("disk.oci", "ObjectWrite", Duration::from_secs(3600));
+    let head = format!(
+        "PUT {} HTTP/1.1\r\nhost: 127.0.0.1:{}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        write["accessUri"].as_str().unwrap(),
+        d.port,
+        tar.len()
+    );
+    let put = d.raw(head.as_bytes(), Some(&tar));
+    assert_eq!(put.status, 200, "{}", put.text());
+    let mut oci = create_image_details(tuple.clone());
+    oci["launchMode"] = "NATIVE".into();
+    oci["imageSourceDetails"]["objectName"] = "disk.oci".into();
+    let oci = d.post_json("/20160918/images", &oci, &[]);
+    assert_eq!(oci.status, 200, "{}", oci.text());
+    let oci: serde_json::Value = serde_json::from_slice(&oci.body).unwrap();
+
+    // A raw object imports, then ends DISABLED with the work request's error.
+    let created = d.post_json("/20160918/images", &create_image_details(tuple), &[]);
+    assert_eq!(created.status, 200, "{}", created.text());
+    let image: serde_json::Value = serde_json::from_slice(&created.body).unwrap();
+    let work_request = created.header("opc-work-request-id").unwrap().to_string();
+    let image = d.wait_imported(image["id"].as_str().unwrap());
+    assert_eq!(image["lifecycleState"], "DISABLED", "{image}");
+    let (_, wr) = d.get_json(&format!("/20160918/workRequests/{work_request}"));
+    assert_eq!(wr["status"], "FAILED", "{wr}");
+    let (status, errors) = d.get_json(&format!("/20160918/workRequests/{work_request}/errors"));
+    assert_eq!(status, 200);
+    assert_eq!(errors[0]["code"], "ImageImportFailed", "{errors}");
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not supported"),
+        "{errors}"
+    );
+    let oci = d.wait_imported(oci["id"].as_str().unwrap());
+    assert_eq!(oci["lifecycleState"], "AVAILABLE", "{oci}");
+    let record: serde_json::Value =
+        serde_json::from_slice(&d.unsigned("GET", "/_double/images").body).unwrap();
+    assert_eq!(record["created"], 2, "{record}");
 }

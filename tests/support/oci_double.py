@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""A test double of OCI Object Storage's native API, for ferry's tests.
+"""A test double of OCI Object Storage's native API, and of the Compute
+calls that import an object as a custom image, for ferry's tests.
 
 No OCI tenancy is reachable from the machines ferry is built on, so this
 stands in for it. It is written from the API reference and the request and
@@ -48,11 +49,50 @@ meant to be as strict as the service:
   install` provides with `crc32c` and `cryptography`. Without them it exits
   at once, saying so.
 
+Pre-authenticated requests and the image import are written from the API
+reference and the Oracle SDKs' models (CreatePreauthenticatedRequestDetails,
+PreauthenticatedRequest, CreateImageDetails, ImageSourceDetails, Image,
+WorkRequest, WorkRequestError), as ../OCI.md sections 4 and 4.4 summarise
+them, and are as strict as those say the service is:
+
+- PARs: POST /n/{ns}/b/{bucket}/p/ (name, accessType, timeExpires required,
+  RFC 3339 and in the future; objectName required for the Object* types)
+  answers the PreauthenticatedRequest with a random token in its accessUri
+  and fullPath; DELETE /n/{ns}/b/{bucket}/p/{parId} (204) ends it. An object
+  is reached through GET/HEAD (read types) or PUT (write types) of
+  /p/{token}/n/{ns}/b/{bucket}/o/{object}, UNSIGNED: the token is the
+  credential. A deleted, expired or mismatched PAR is a 404
+  NotAuthorizedOrNotFound; a method its type does not grant, a 405.
+- Compute, on the same port under /20160918 (point both endpoints here),
+  signed like any other call: POST /images (CreateImage) checks
+  compartmentId (a compartment or tenancy OCID), displayName, launchMode
+  (NATIVE|EMULATED|PARAVIRTUALIZED|CUSTOM), freeformTags (string to string),
+  definedTags, and imageSourceDetails: objectStorageUri with a sourceUri
+  that is a PAR this double issued and that still grants reading the
+  object, or a native .../n/{ns}/b/{bucket}/o/{object} URL; or
+  objectStorageTuple (namespaceName, bucketName, objectName); the object
+  must exist; sourceImageType is QCOW2|VMDK or absent. Any other field is
+  refused. Refusals are 400 MissingParameter / InvalidParameter naming the
+  field. `opc-retry-token`: the same token and body within 24 h answer
+  the same image (200, no new image); the same token with another body is
+  409 Conflict. The answer is the Image (lifecycleState IMPORTING) with
+  `opc-work-request-id`.
+- The import is a function of time: `import_secs` after the create the
+  image is AVAILABLE, or DISABLED if the object's first bytes were no
+  QCOW2 (QFI\xfb), VMDK (KDMV, or "# Disk DescriptorFile") or .oci (a tar,
+  "ustar" at offset 257); the work request then FAILED with one error,
+  code ImageImportFailed. GET /images/{id}, GET /workRequests/{id} and GET
+  /workRequests/{id}/errors answer the state of the moment; an unknown id
+  is 404 NotAuthorizedOrNotFound.
+- Test-only and unsigned: GET /_double/images answers {"created": N,
+  "bodies": [...]}, the number of images created and every CreateImage
+  body received after its signature checked (refused and replayed ones too).
+
 Usage: oci_double.py PORT CONFIG.json, where CONFIG is
   {"namespace": "ns", "buckets": ["images"],
    "keys": {"TENANCY/USER/FINGERPRINT": "/path/to/public.pem"},
    "data_dir": "/path/to/dir", "page_size": 1000,
-   "min_part_bytes": 5242880, "clock_offset_secs": 0}
+   "min_part_bytes": 5242880, "clock_offset_secs": 0, "import_secs": 2}
 and every key from "data_dir" on is optional:
 - data_dir: where parts and objects are kept; by default a new directory
   `oci-double-*` beside CONFIG (left behind: put CONFIG in a temporary
@@ -63,11 +103,13 @@ and every key from "data_dir" on is optional:
   check and the Date header of its answers: 600 makes a client with a true
   clock look 10 minutes slow (and -600 fast) without touching the system
   clock.
+- import_secs: how long an image stays IMPORTING.
 It listens on 127.0.0.1 only (a socket idle for 120 s is closed; at most
 128 connections are served at once) and prints "ready" once it does.
 """
 
 import base64
+import datetime
 import email.utils
 import hashlib
 import json
@@ -112,6 +154,34 @@ def crc_b64(value):
     return base64.b64encode(value.to_bytes(4, "big")).decode()
 
 
+def rfc3339(t):
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_rfc3339(text):
+    """Seconds since the epoch, or None unless `text` is an RFC 3339 time
+    with a zone."""
+    if not isinstance(text, str) or not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", text):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def image_format(head):
+    """What the first bytes of an object say it is, or None if nothing
+    Compute imports (a QCOW2, a VMDK sparse extent or descriptor, a tar as
+    an .oci export is)."""
+    if head.startswith(b"QFI\xfb"):
+        return "QCOW2"
+    if head.startswith(b"KDMV") or head.startswith(b"# Disk DescriptorFile"):
+        return "VMDK"
+    if head[257:262] == b"ustar":
+        return "OCI"
+    return None
+
+
 def unlink(path):
     try:
         os.unlink(path)
@@ -144,9 +214,80 @@ class Store:
         for d in (self.tmp_dir, self.objects_dir, self.parts_dir):
             os.makedirs(d, exist_ok=True)
         self.lock = threading.Lock()
+        # PAR token -> {id, bucket, name, accessType, objectName, expires,
+        # timeCreated, timeExpires}; PAR id -> token
+        self.pars = {}
+        self.par_ids = {}
+        self.import_secs = float(cfg.get("import_secs", 2))
+        # image id -> {image (the Image as created), created_at, size,
+        # supported, work_request}; work request id -> image id
+        self.images = {}
+        self.work_requests = {}
+        # opc-retry-token -> (canonical body, image id, when)
+        self.retry_tokens = {}
+        # every CreateImage body received (after its signature), in order
+        self.image_bodies = []
 
     def now(self):
         return time.time() + self.clock_offset
+
+    def images_record(self):
+        with self.lock:
+            return {"created": len(self.images), "bodies": list(self.image_bodies)}
+
+    def par_for(self, token, now):
+        """The PAR whose token this is, if it is neither deleted nor
+        expired; called under the lock."""
+        par = self.pars.get(token)
+        if par is None or par["expires"] <= now:
+            return None
+        return par
+
+    def image_view(self, image_id, now):
+        """(Image, work request, errors) as they are at `now`; called under
+        the lock. The import is a function of time: IMPORTING until
+        import_secs after the create, then AVAILABLE, or DISABLED when the
+        object's bytes are no image format the service imports."""
+        img = self.images[image_id]
+        image = dict(img["image"])
+        elapsed = now - img["created_at"]
+        done = elapsed >= self.import_secs
+        wr = {
+            "id": img["work_request"],
+            "operationType": "CreateImage",
+            "compartmentId": image["compartmentId"],
+            "timeAccepted": image["timeCreated"],
+            "timeStarted": image["timeCreated"],
+            "timeFinished": None,
+            "resources": [{
+                "entityType": "image",
+                "actionType": "CREATED" if done and img["supported"] else "IN_PROGRESS",
+                "identifier": image_id,
+                "entityUri": f"/20160918/images/{image_id}",
+            }],
+        }
+        errors = []
+        if not done:
+            image["lifecycleState"] = "IMPORTING"
+            wr["status"] = "IN_PROGRESS"
+            wr["percentComplete"] = round(100.0 * max(elapsed, 0) / max(self.import_secs, 1e-9), 1)
+        else:
+            wr["percentComplete"] = 100.0
+            wr["timeFinished"] = rfc3339(img["created_at"] + self.import_secs)
+            if img["supported"]:
+                image["lifecycleState"] = "AVAILABLE"
+                image["sizeInMBs"] = max(1, -(-img["size"] // (1 << 20)))
+                wr["status"] = "SUCCEEDED"
+            else:
+                image["lifecycleState"] = "DISABLED"
+                wr["status"] = "FAILED"
+                errors.append({
+                    "code": "ImageImportFailed",
+                    "message": "The image import failed: the object's format is not supported; "
+                               "import a QCOW2, a VMDK (monolithicSparse or streamOptimized) or an .oci export",
+                    "timestamp": wr["timeFinished"],
+                })
+        return image, wr, errors
 
     def temp_file(self):
         """A new file for bytes on their way in: (open binary file, path).
@@ -394,6 +535,12 @@ class Handler(BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query))
         parts = [urllib.parse.unquote(p) for p in url.path.split("/")]
+        # The two unsigned doors: a PAR (its token is the credential) and
+        # the test-only /_double/ calls.
+        if url.path.startswith("/p/"):
+            return self.par_object_call(parts)
+        if url.path == "/_double/images" and self.command == "GET":
+            return self.answer(200, json.dumps(self.store.images_record()).encode())
         # parts: ["", "n", ns, "b", bucket, "o"|"u", object...]
         object_body = (
             self.command == "PUT"
@@ -411,6 +558,8 @@ class Handler(BaseHTTPRequestHandler):
         s = self.store
         if url.path in ("/n", "/n/") and self.command == "GET":
             return self.answer(200, json.dumps(s.namespace).encode())
+        if len(parts) > 1 and parts[1] == "20160918":
+            return self.compute_call(parts[2:], body)
         if len(parts) < 5 or parts[1] != "n" or parts[3] != "b":
             return self.error(404, "NotFound", "no such API")
         ns, bucket = parts[2], parts[4]
@@ -424,6 +573,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.object_call(bucket, name)
         if kind == "u":
             return self.multipart_call(bucket, name, query, body)
+        if kind == "p":
+            return self.par_call(bucket, name, body)
         return self.error(404, "NotFound", "no such API")
 
     def object_call(self, bucket, name):
@@ -649,6 +800,253 @@ class Handler(BaseHTTPRequestHandler):
         if stored_crc:
             headers["opc-content-crc32c"] = stored_crc
         return self.answer(200, headers=headers)
+
+    # --- pre-authenticated requests ----------------------------------------
+    PAR_TYPES = ("ObjectRead", "ObjectWrite", "ObjectReadWrite",
+                 "AnyObjectWrite", "AnyObjectRead", "AnyObjectReadWrite")
+
+    def par_call(self, bucket, par_id, body):
+        """CreatePreauthenticatedRequest (POST .../p/) and
+        DeletePreauthenticatedRequest (DELETE .../p/{parId})."""
+        s = self.store
+        if self.command == "DELETE" and par_id:
+            with s.lock:
+                token = s.par_ids.get(par_id)
+                par = s.pars.get(token)
+                if par is not None and par["bucket"] == bucket:
+                    del s.pars[token]
+                    del s.par_ids[par_id]
+                else:
+                    par = None
+            if par is None:
+                return self.error(404, "NotFound", f"No pre-authenticated request {par_id} in bucket {bucket}")
+            return self.answer(204)
+        if self.command != "POST" or par_id:
+            return self.error(405, "MethodNotAllowed", self.command)
+        try:
+            d = json.loads(body or b"")
+        except ValueError:
+            return self.error(400, "InvalidParameter", "CreatePreauthenticatedRequestDetails is not JSON")
+        if not isinstance(d, dict):
+            return self.error(400, "InvalidParameter", "CreatePreauthenticatedRequestDetails is not an object")
+        for field in ("name", "accessType", "timeExpires"):
+            if d.get(field) is None:
+                return self.error(400, "MissingParameter", f"{field} is required")
+        if not isinstance(d["name"], str) or not d["name"]:
+            return self.error(400, "InvalidParameter", "name must be a non-empty string")
+        access = d["accessType"]
+        if access not in self.PAR_TYPES:
+            return self.error(400, "InvalidParameter", f"accessType must be one of {', '.join(self.PAR_TYPES)}")
+        expires = parse_rfc3339(d["timeExpires"])
+        if expires is None:
+            return self.error(400, "InvalidParameter", "timeExpires must be an RFC 3339 date-time")
+        now = s.now()
+        if expires <= now:
+            return self.error(400, "InvalidParameter", "timeExpires must be in the future")
+        obj = d.get("objectName")
+        if access.startswith("Object"):
+            if obj is None:
+                return self.error(400, "MissingParameter", f"objectName is required for accessType {access}")
+            if not isinstance(obj, str) or not obj:
+                return self.error(400, "InvalidParameter", "objectName must be a non-empty string")
+        elif obj is not None and not isinstance(obj, str):
+            return self.error(400, "InvalidParameter", "objectName must be a string")
+        listing = d.get("bucketListingAction")
+        if listing not in (None, "Deny", "ListObjects"):
+            return self.error(400, "InvalidParameter", "bucketListingAction must be Deny or ListObjects")
+        token = base64.urlsafe_b64encode(os.urandom(48)).decode().rstrip("=")
+        par_id = uuid.uuid4().hex
+        access_uri = f"/p/{token}/n/{s.namespace}/b/{bucket}/o/"
+        if access.startswith("Object"):
+            access_uri += urllib.parse.quote(obj, safe="/")
+        par = {
+            "id": par_id,
+            "name": d["name"],
+            "accessUri": access_uri,
+            "fullPath": f"http://{self.headers.get('host', '127.0.0.1')}{access_uri}",
+            "objectName": obj,
+            "bucketListingAction": listing,
+            "accessType": access,
+            "timeExpires": rfc3339(expires),
+            "timeCreated": rfc3339(now),
+        }
+        with s.lock:
+            s.pars[token] = {**par, "bucket": bucket, "expires": expires}
+            s.par_ids[par_id] = token
+        return self.answer(200, json.dumps(par).encode())
+
+    def par_object_call(self, parts):
+        """An object reached through a PAR: /p/{token}/n/{ns}/b/{bucket}/o/{object},
+        unsigned. Refused (404, as the service does not say which) when the
+        PAR is unknown, deleted or expired, or names another bucket or
+        object; 405 when its access type does not allow the method."""
+        s = self.store
+        # parts: ["", "p", token, "n", ns, "b", bucket, "o", object...]
+        if len(parts) < 9 or parts[3] != "n" or parts[5] != "b" or parts[7] != "o":
+            return self.error(404, "NotFound", "no such API")
+        token, ns, bucket = parts[2], parts[4], parts[6]
+        name = "/".join(parts[8:])
+        with s.lock:
+            par = s.par_for(token, s.now())
+        if (par is None or ns != s.namespace or bucket != par["bucket"] or bucket not in s.buckets
+                or not name or (par["accessType"].startswith("Object") and name != par["objectName"])):
+            return self.error(404, "NotAuthorizedOrNotFound", "The pre-authenticated request does not exist, has expired, or does not grant access to this object")
+        reads = par["accessType"].endswith("Read") or par["accessType"].endswith("ReadWrite")
+        writes = par["accessType"].endswith("Write")
+        if not ((self.command in ("GET", "HEAD") and reads) or (self.command == "PUT" and writes)):
+            return self.error(405, "MethodNotAllowed", f"{self.command} is not allowed by a {par['accessType']} pre-authenticated request")
+        return self.object_call(bucket, name)
+
+    # --- Compute (Core API) ------------------------------------------------
+    LAUNCH_MODES = ("NATIVE", "EMULATED", "PARAVIRTUALIZED", "CUSTOM")
+    SOURCE_IMAGE_TYPES = ("QCOW2", "VMDK")
+    CREATE_IMAGE_FIELDS = ("compartmentId", "definedTags", "displayName", "freeformTags",
+                           "imageSourceDetails", "instanceId", "launchMode")
+    RETRY_TOKEN_SECS = 24 * 3600
+
+    def compute_call(self, rest, body):
+        """rest: the path after /20160918/, split."""
+        s = self.store
+        if rest == ["images"] and self.command == "POST":
+            return self.create_image(body)
+        if self.command != "GET" or len(rest) < 2:
+            return self.error(404, "NotFound", "no such API")
+        with s.lock:
+            now = s.now()
+            if len(rest) == 2 and rest[0] == "images" and rest[1] in s.images:
+                return self.answer(200, json.dumps(s.image_view(rest[1], now)[0]).encode())
+            if rest[0] == "workRequests" and rest[1] in s.work_requests and len(rest) in (2, 3):
+                _, wr, errors = s.image_view(s.work_requests[rest[1]], now)
+                if len(rest) == 2:
+                    return self.answer(200, json.dumps(wr).encode())
+                if rest[2] == "errors":
+                    return self.answer(200, json.dumps(errors).encode())
+        return self.error(404, "NotAuthorizedOrNotFound", "Authorization failed or requested resource not found.")
+
+    def image_source(self, src, now):
+        """(bucket, object entry) the source names, or (None, (status, code,
+        message)); called under the lock."""
+        s = self.store
+        if not isinstance(src, dict):
+            return None, (400, "InvalidParameter", "imageSourceDetails must be an object")
+        kind = src.get("sourceType")
+        if kind is None:
+            return None, (400, "MissingParameter", "imageSourceDetails.sourceType is required")
+        fields = {"objectStorageUri": ("sourceUri",),
+                  "objectStorageTuple": ("namespaceName", "bucketName", "objectName")}.get(kind)
+        if fields is None:
+            return None, (400, "InvalidParameter", "imageSourceDetails.sourceType must be objectStorageUri or objectStorageTuple")
+        allowed = set(fields) | {"sourceType", "sourceImageType", "operatingSystem", "operatingSystemVersion"}
+        for k in src:
+            if k not in allowed:
+                return None, (400, "InvalidParameter", f"imageSourceDetails.{k} is not a field of {kind}")
+        for k in fields:
+            if src.get(k) is None:
+                return None, (400, "MissingParameter", f"imageSourceDetails.{k} is required")
+            if not isinstance(src[k], str) or not src[k]:
+                return None, (400, "InvalidParameter", f"imageSourceDetails.{k} must be a non-empty string")
+        if src.get("sourceImageType") not in (None,) + self.SOURCE_IMAGE_TYPES:
+            return None, (400, "InvalidParameter", "imageSourceDetails.sourceImageType must be QCOW2 or VMDK")
+        for k in ("operatingSystem", "operatingSystemVersion"):
+            if src.get(k) is not None and not isinstance(src[k], str):
+                return None, (400, "InvalidParameter", f"imageSourceDetails.{k} must be a string")
+        if kind == "objectStorageTuple":
+            ns, bucket, name = src["namespaceName"], src["bucketName"], src["objectName"]
+        else:
+            url = urllib.parse.urlsplit(src["sourceUri"])
+            path = [urllib.parse.unquote(p) for p in url.path.split("/")]
+            bad = (400, "InvalidParameter", "imageSourceDetails.sourceUri must be an Object Storage object URL or a pre-authenticated request URL for one")
+            if url.scheme not in ("http", "https") or not url.netloc:
+                return None, bad
+            if len(path) >= 9 and path[1] == "p" and path[3] == "n" and path[5] == "b" and path[7] == "o":
+                par = s.par_for(path[2], now)
+                ns, bucket, name = path[4], path[6], "/".join(path[8:])
+                if (par is None or par["bucket"] != bucket or not par["accessType"].endswith(("Read", "ReadWrite"))
+                        or (par["accessType"].startswith("Object") and par["objectName"] != name)):
+                    return None, (400, "InvalidParameter", "imageSourceDetails.sourceUri: the pre-authenticated request does not exist, has expired, or does not grant read access to the object")
+            elif len(path) >= 7 and path[1] == "n" and path[3] == "b" and path[5] == "o":
+                ns, bucket, name = path[2], path[4], "/".join(path[6:])
+            else:
+                return None, bad
+        obj = s.buckets.get(bucket, {}).get(name) if ns == s.namespace else None
+        if obj is None:
+            return None, (400, "InvalidParameter", f"imageSourceDetails: the object '{name}' in bucket '{bucket}' of namespace '{ns}' was not found")
+        return (bucket, obj), None
+
+    def create_image(self, body):
+        s = self.store
+        try:
+            d = json.loads(body or b"")
+        except ValueError:
+            d = None
+        with s.lock:
+            s.image_bodies.append(d if d is not None else (body or b"").decode("utf-8", "replace"))
+        if not isinstance(d, dict):
+            return self.error(400, "InvalidParameter", "CreateImageDetails is not a JSON object")
+        for k in d:
+            if k not in self.CREATE_IMAGE_FIELDS:
+                return self.error(400, "InvalidParameter", f"{k} is not a field of CreateImageDetails")
+        comp = d.get("compartmentId")
+        if comp is None:
+            return self.error(400, "MissingParameter", "compartmentId is required")
+        if not isinstance(comp, str) or not comp.startswith(("ocid1.compartment.", "ocid1.tenancy.")):
+            return self.error(400, "InvalidParameter", "compartmentId must be a compartment or tenancy OCID")
+        if d.get("displayName") is not None and (not isinstance(d["displayName"], str) or not 1 <= len(d["displayName"]) <= 255):
+            return self.error(400, "InvalidParameter", "displayName must be a string of 1 to 255 characters")
+        if d.get("launchMode") is not None and d["launchMode"] not in self.LAUNCH_MODES:
+            return self.error(400, "InvalidParameter", f"launchMode must be one of {', '.join(self.LAUNCH_MODES)}")
+        tags = d.get("freeformTags")
+        if tags is not None and not (isinstance(tags, dict) and all(isinstance(v, str) for v in tags.values())):
+            return self.error(400, "InvalidParameter", "freeformTags must map strings to strings")
+        defined = d.get("definedTags")
+        if defined is not None and not (isinstance(defined, dict) and all(isinstance(v, dict) for v in defined.values())):
+            return self.error(400, "InvalidParameter", "definedTags must map namespaces to maps")
+        if d.get("instanceId") is not None:
+            return self.error(400, "InvalidParameter", "instanceId: this double imports from Object Storage only (imageSourceDetails)")
+        if d.get("imageSourceDetails") is None:
+            return self.error(400, "MissingParameter", "imageSourceDetails is required")
+        token = self.headers.get("opc-retry-token")
+        canonical = json.dumps(d, sort_keys=True)
+        with s.lock:
+            now = s.now()
+            if token is not None:
+                seen = s.retry_tokens.get(token)
+                if seen is not None and now - seen[2] < self.RETRY_TOKEN_SECS:
+                    if seen[0] != canonical:
+                        return self.error(409, "Conflict", "The opc-retry-token was used before with a different request body")
+                    image, _, _ = s.image_view(seen[1], now)
+                    wr = s.images[seen[1]]["work_request"]
+                    return self.answer(200, json.dumps(image).encode(), {"opc-work-request-id": wr})
+            found, bad = self.image_source(d["imageSourceDetails"], now)
+            if bad:
+                return self.error(*bad)
+            bucket, obj = found
+            with open(obj["path"], "rb") as f:  # 512 bytes, under the lock: the entry's own file
+                head = f.read(512)
+            src = d["imageSourceDetails"]
+            image_id = "ocid1.image.oc1.." + base64.b32encode(os.urandom(35)).decode().lower()
+            wr_id = "ocid1.coreservicesworkrequest.oc1.." + base64.b32encode(os.urandom(35)).decode().lower()
+            image = {
+                "id": image_id,
+                "compartmentId": comp,
+                "displayName": d.get("displayName") or f"image-{time.strftime('%Y%m%d-%H%M', time.gmtime(now))}",
+                "launchMode": d.get("launchMode") or "PARAVIRTUALIZED",
+                "lifecycleState": "IMPORTING",
+                "timeCreated": rfc3339(now),
+                "operatingSystem": src.get("operatingSystem") or "Custom",
+                "operatingSystemVersion": src.get("operatingSystemVersion") or "Custom",
+                "freeformTags": tags or {},
+                "definedTags": defined or {},
+                "baseImageId": None,
+                "createImageAllowed": True,
+                "sizeInMBs": None,
+            }
+            s.images[image_id] = {"image": image, "created_at": now, "size": obj["size"],
+                                  "supported": image_format(head) is not None, "work_request": wr_id}
+            s.work_requests[wr_id] = image_id
+            if token is not None:
+                s.retry_tokens[token] = (canonical, image_id, now)
+        return self.answer(200, json.dumps(image).encode(), {"opc-work-request-id": wr_id})
 
     def paged(self, items, query, token):
         """One page of `items`, from the one whose token is `page` on, at
