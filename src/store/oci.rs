@@ -209,16 +209,7 @@ impl OciBackend {
                         &[],
                     )
                     .await?;
-                let text = r.text().await.map_err(|source| StoreError::Http {
-                    op: "look up namespace",
-                    key: "/n/".into(),
-                    source,
-                })?;
-                serde_json::from_str::<String>(&text).map_err(|e| StoreError::Answer {
-                    op: "look up namespace",
-                    key: "/n/".into(),
-                    message: format!("the answer is not a JSON string ({e}): {text:.200}"),
-                })
+                json::<String>("look up namespace", "/n/", r, "a JSON string").await
             })
             .await
             .map(String::as_str)
@@ -231,6 +222,15 @@ impl OciBackend {
             segment(self.ns().await?),
             segment(&self.bucket),
             segment(key)
+        ))
+    }
+
+    /// `/n/NS/b/BUCKET/u/OBJECT?uploadId=ID`: one upload of `key`.
+    async fn upload_path(&self, key: &str, upload_id: &str) -> Result<String, StoreError> {
+        Ok(format!(
+            "{}?uploadId={}",
+            self.path("u", key).await?,
+            segment(upload_id)
         ))
     }
 
@@ -453,6 +453,25 @@ fn clock_skew(ours: SystemTime, theirs: SystemTime) -> i64 {
     }
 }
 
+/// A JSON answer read whole as `T` (`what` says what it should have been).
+async fn json<T: serde::de::DeserializeOwned>(
+    op: &'static str,
+    key: &str,
+    resp: Response,
+    what: &str,
+) -> Result<T, StoreError> {
+    let text = resp.text().await.map_err(|source| StoreError::Http {
+        op,
+        key: key.to_string(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Answer {
+        op,
+        key: key.to_string(),
+        message: format!("the answer is not {what} ({e}): {text:.200}"),
+    })
+}
+
 fn header(resp: &Response, name: &str) -> Option<String> {
     resp.headers()
         .get(name)
@@ -460,11 +479,7 @@ fn header(resp: &Response, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// A CRC32C in OCI's form: base64 of its big-endian bytes.
-fn crc_b64(crc: u32) -> String {
-    base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
-}
-
+/// A CRC32C from OCI's form (the manifest's: base64 of its big-endian bytes).
 fn crc_from_b64(s: &str) -> Option<u32> {
     let b = base64::engine::general_purpose::STANDARD
         .decode(s.trim())
@@ -537,18 +552,9 @@ impl Backend for OciBackend {
         struct Created {
             upload_id: String,
         }
-        let text = r.text().await.map_err(|source| StoreError::Http {
-            op: "begin upload",
-            key: key.clone(),
-            source,
-        })?;
-        serde_json::from_str::<Created>(&text)
+        json::<Created>("begin upload", &key, r, "an upload with its uploadId")
+            .await
             .map(|c| c.upload_id)
-            .map_err(|e| StoreError::Answer {
-                op: "begin upload",
-                key,
-                message: format!("the answer has no uploadId ({e})"),
-            })
     }
 
     async fn put_part(
@@ -559,12 +565,11 @@ impl Backend for OciBackend {
     ) -> Result<String, StoreError> {
         let key = self.key_of(name);
         let path = format!(
-            "{}?uploadId={}&uploadPartNum={}",
-            self.path("u", &key).await?,
-            segment(upload_id),
+            "{}&uploadPartNum={}",
+            self.upload_path(&key, upload_id).await?,
             part.index() + 1
         );
-        let want = crc_b64(part.crc32c());
+        let want = crate::manifest::crc_base64(part.crc32c());
         let r = self
             .send(
                 "upload part",
@@ -603,11 +608,7 @@ impl Backend for OciBackend {
         receipts: &[PartReceipt],
     ) -> Result<Option<u32>, StoreError> {
         let key = self.key_of(name);
-        let path = format!(
-            "{}?uploadId={}",
-            self.path("u", &key).await?,
-            segment(upload_id)
-        );
+        let path = self.upload_path(&key, upload_id).await?;
         let parts: Vec<serde_json::Value> = receipts
             .iter()
             .map(|r| serde_json::json!({ "partNum": r.index + 1, "etag": r.part_id }))
@@ -642,11 +643,7 @@ impl Backend for OciBackend {
         upload_id: &str,
     ) -> Result<Option<Vec<ListedPart>>, StoreError> {
         let key = self.key_of(name);
-        let base = format!(
-            "{}?uploadId={}&limit=1000",
-            self.path("u", &key).await?,
-            segment(upload_id)
-        );
+        let base = format!("{}&limit=1000", self.upload_path(&key, upload_id).await?);
         #[derive(serde::Deserialize)]
         #[serde(rename_all = "camelCase")]
         struct Listed {
@@ -665,17 +662,7 @@ impl Backend for OciBackend {
                 .send("list parts", &key, Method::GET, path, Payload::None, &[])
                 .await?;
             page = header(&r, "opc-next-page");
-            let text = r.text().await.map_err(|source| StoreError::Http {
-                op: "list parts",
-                key: key.clone(),
-                source,
-            })?;
-            let listed: Vec<Listed> =
-                serde_json::from_str(&text).map_err(|e| StoreError::Answer {
-                    op: "list parts",
-                    key: key.clone(),
-                    message: format!("the answer is not a list of parts ({e})"),
-                })?;
+            let listed: Vec<Listed> = json("list parts", &key, r, "a list of parts").await?;
             out.extend(
                 listed
                     .into_iter()
@@ -698,11 +685,7 @@ impl Backend for OciBackend {
     }
 
     async fn abort_key(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
-        let path = format!(
-            "{}?uploadId={}",
-            self.path("u", key).await?,
-            segment(upload_id)
-        );
+        let path = self.upload_path(key, upload_id).await?;
         self.send(
             "abort upload",
             key,
@@ -774,7 +757,7 @@ impl Backend for OciBackend {
         let key = self.key_of(name);
         self.key_ok(&key)?;
         let path = self.path("o", &key).await?;
-        let crc = crc_b64(crc32c::crc32c(&body));
+        let crc = crate::manifest::crc_base64(crc32c::crc32c(&body));
         self.send(
             "write",
             &key,
@@ -846,7 +829,7 @@ mod tests {
     #[test]
     fn crc32c_in_ocis_form() {
         // CRC32C("123456789") = 0xe3069283, base64 of its big-endian bytes.
-        assert_eq!(crc_b64(0xe3069283), "4waSgw==");
+        assert_eq!(crate::manifest::crc_base64(0xe3069283), "4waSgw==");
         assert_eq!(crc_from_b64("4waSgw=="), Some(0xe3069283));
         assert_eq!(crc_from_b64("4waS"), None);
         assert_eq!(crc_from_b64("not base64"), None);
