@@ -62,11 +62,6 @@ impl Answer {
     }
 }
 
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl").args(args).output().unwrap();
-    assert!(out.status.success(), "openssl {args:?}: {out:?}");
-}
-
 impl Double {
     /// Starts the double with a new 2048-bit key, bucket `images` in
     /// namespace `ns`.
@@ -78,16 +73,7 @@ impl Double {
     fn start_with(extra: serde_json::Value) -> Double {
         let dir = tmpdir();
         let key = dir.path().join("key.pem");
-        let public = dir.path().join("public.pem");
-        openssl(&["genrsa", "-out", key.to_str().unwrap(), "2048"]);
-        openssl(&[
-            "rsa",
-            "-in",
-            key.to_str().unwrap(),
-            "-pubout",
-            "-out",
-            public.to_str().unwrap(),
-        ]);
+        let public = oci_key(&key);
         let key_id = "ocid1.tenancy.oc1..t/ocid1.user.oc1..u/aa:bb";
         let mut cfg = serde_json::json!({
             "namespace": "ns",
@@ -365,7 +351,7 @@ fn the_double_takes_what_ferry_signs_and_refuses_what_oci_would() {
     );
     let dir = tmpdir();
     let other_key = dir.path().join("other.pem");
-    openssl(&["genrsa", "-out", other_key.to_str().unwrap(), "2048"]);
+    oci_key(&other_key);
     let pem = std::fs::read_to_string(&other_key).unwrap();
     let stranger = Signer::from_pem(
         "ocid1.tenancy.oc1..t/ocid1.user.oc1..x/cc:dd",
