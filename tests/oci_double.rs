@@ -16,7 +16,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -25,22 +24,12 @@ use ferry::oci::sign::{Body, Request, Signer};
 
 const MIB: usize = 1 << 20;
 
-/// The double's process, killed when dropped (also when a test panics
-/// before it said it was ready).
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// The double (started as every test starts it, `common::OciDouble`) and a
+/// signer of the key it knows.
 struct Double {
-    _child: Running,
+    _double: OciDouble,
     port: u16,
     signer: Signer,
-    _dir: tempfile::TempDir,
 }
 
 /// What the double answered.
@@ -71,54 +60,25 @@ impl Double {
 
     /// As `start`, with the config's keys in `extra` added or replaced.
     fn start_with(extra: serde_json::Value) -> Double {
-        let dir = tmpdir();
-        let key = dir.path().join("key.pem");
-        let public = oci_key(&key);
-        let key_id = "ocid1.tenancy.oc1..t/ocid1.user.oc1..u/aa:bb";
-        let mut cfg = serde_json::json!({
-            "namespace": "ns",
-            "buckets": ["images"],
-            "keys": { key_id: public },
-            "data_dir": dir.path().join("data"),
-            "page_size": 1,
+        let double = OciDouble::start_with(|cfg| {
+            cfg["namespace"] = "ns".into();
+            cfg["buckets"] = serde_json::json!(["images"]);
+            cfg["page_size"] = 1.into();
+            for (k, v) in extra.as_object().expect("extra config is an object") {
+                cfg[k] = v.clone();
+            }
         });
-        for (k, v) in extra.as_object().expect("extra config is an object") {
-            cfg[k] = v.clone();
-        }
-        let cfg = write(&dir.path().join("double.json"), &cfg.to_string());
-        let port = free_port();
-        let mut child = Running(
-            Command::new(oci_double_python())
-                .arg(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/tests/support/oci_double.py"
-                ))
-                .arg(port.to_string())
-                .arg(&cfg)
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect(".venv-test/bin/python3 runs"),
-        );
-        let mut ready = [0u8; 5];
-        child
-            .0
-            .stdout
-            .take()
-            .unwrap()
-            .read_exact(&mut ready)
-            .expect("the double says ready (its error, if any, is above)");
-        assert_eq!(&ready, b"ready");
+        let key = &double.key_file;
         let signer = Signer::from_pem(
-            key_id,
-            &std::fs::read_to_string(&key).unwrap(),
+            &format!("{OCI_TENANCY}/{OCI_USER}/{OCI_FINGERPRINT}"),
+            &std::fs::read_to_string(key).unwrap(),
             key.to_str().unwrap(),
         )
         .unwrap();
         Double {
-            _child: child,
-            port,
+            port: double.port,
             signer,
-            _dir: dir,
+            _double: double,
         }
     }
 
