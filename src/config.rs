@@ -401,6 +401,21 @@ pub fn check_part_size(part_bytes: u64, memory_limit_bytes: u64) -> Result<(), S
     Ok(())
 }
 
+/// Whether `endpoint` is plain http to this host (where a signed request
+/// does not leave the machine): such an endpoint is allowed without
+/// `allow_http`.
+pub fn is_loopback_http(endpoint: &str) -> bool {
+    url::Url::parse(endpoint).is_ok_and(|u| {
+        u.scheme() == "http"
+            && match u.host() {
+                Some(url::Host::Domain(d)) => d == "localhost",
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                None => false,
+            }
+    })
+}
+
 /// A parsed destination URL.
 ///
 /// Parsed here rather than by the `url` crate, on purpose: `url` resolves
@@ -594,6 +609,14 @@ fn line_of(text: &str, byte: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_endpoints_allow_http() {
+        assert!(is_loopback_http("http://127.0.0.1:8333"));
+        assert!(is_loopback_http("http://localhost:8333"));
+        assert!(!is_loopback_http("http://10.0.0.1:8333"));
+        assert!(!is_loopback_http("https://127.0.0.1"));
+    }
 
     #[test]
     fn embedded_default_parses_with_two_file_destinations() {

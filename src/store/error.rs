@@ -158,38 +158,49 @@ pub enum StoreError {
     Key { key: String, message: String },
 }
 
-/// An error answer of OCI's API: its status, OCI's code and message, what an
-/// operator can do about it, and the `opc-request-id` Oracle support asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OciAnswer {
-    pub status: u16,
-    pub code: String,
-    pub message: String,
-    pub advice: Option<String>,
-    pub request_id: Option<String>,
-}
+pub use crate::oci::client::OciAnswer;
 
-impl std::fmt::Display for OciAnswer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "OCI answered {} {}", self.status, self.code)?;
-        if !self.message.is_empty() {
-            write!(f, " ({})", self.message)?;
-        }
-        if let Some(a) = &self.advice {
-            write!(f, ": {a}")?;
-        }
-        match &self.request_id {
-            Some(id) => write!(f, " [opc-request-id {id}]"),
-            None => Ok(()),
+impl StoreError {
+    /// A failed request to an OCI API, as a `StoreError` of `op` on `key`.
+    pub fn from_oci(op: &'static str, key: &str, f: crate::oci::client::Failure) -> StoreError {
+        use crate::oci::client::Failure;
+        match f {
+            Failure::Url(message) => StoreError::Key {
+                key: key.to_string(),
+                message: format!("no URL can carry it ({message})"),
+            },
+            Failure::Http(source) => StoreError::Http {
+                op,
+                key: key.to_string(),
+                source,
+            },
+            Failure::Answer(answer) => StoreError::Oci {
+                op,
+                key: key.to_string(),
+                answer,
+            },
         }
     }
-}
 
-impl OciAnswer {
-    /// The service found the bytes not as their checksum says ("Unmatched
-    /// Content CRC32C", "Unmatched Content MD5").
-    pub fn checksum(&self) -> bool {
-        self.status == 400 && self.message.contains("Unmatched Content")
+    /// A success answer whose JSON could not be read.
+    pub fn from_json(
+        op: &'static str,
+        key: &str,
+        f: crate::oci::client::JsonFailure,
+    ) -> StoreError {
+        use crate::oci::client::JsonFailure;
+        match f {
+            JsonFailure::Http(source) => StoreError::Http {
+                op,
+                key: key.to_string(),
+                source,
+            },
+            JsonFailure::Shape(message) => StoreError::Answer {
+                op,
+                key: key.to_string(),
+                message,
+            },
+        }
     }
 }
 
@@ -314,9 +325,7 @@ impl StoreError {
             StoreError::Http { source, .. } => !(source.is_builder() || source.is_redirect()),
             // 409: a commit still running when its retry arrives, or another
             // writer of the object (Oracle's SDKs retry it too).
-            StoreError::Oci { answer: a, .. } => {
-                a.status >= 500 || matches!(a.status, 408 | 409 | 429) || a.checksum()
-            }
+            StoreError::Oci { answer: a, .. } => a.passing() || a.checksum(),
             StoreError::Setup(_) | StoreError::Key { .. } | StoreError::Answer { .. } => false,
         }
     }

@@ -438,7 +438,7 @@ fn build_s3(
         .with_pool_idle_timeout(Duration::from_secs(30));
     let allow_http = cfg
         .allow_http
-        .unwrap_or_else(|| is_loopback_http(&target.endpoint));
+        .unwrap_or_else(|| crate::config::is_loopback_http(&target.endpoint));
     // Keys: nothing from the environment but what S3Target read. Instance:
     // the AWS SDKs' chain (web identity, container, instance metadata), as asked.
     let b = match target.keys {
@@ -474,29 +474,9 @@ fn build_s3(
         .map_err(|e| StoreError::Setup(format!("s3://{}: {e}", target.bucket)))
 }
 
-pub(super) fn is_loopback_http(endpoint: &str) -> bool {
-    url::Url::parse(endpoint).is_ok_and(|u| {
-        u.scheme() == "http"
-            && match u.host() {
-                Some(url::Host::Domain(d)) => d == "localhost",
-                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-                None => false,
-            }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn loopback_endpoints_allow_http() {
-        assert!(is_loopback_http("http://127.0.0.1:8333"));
-        assert!(is_loopback_http("http://localhost:8333"));
-        assert!(!is_loopback_http("http://10.0.0.1:8333"));
-        assert!(!is_loopback_http("https://127.0.0.1"));
-    }
 
     #[test]
     fn keys_are_the_name_exactly_and_never_leave_the_prefix() {
