@@ -118,7 +118,7 @@ async fn push_memory_with(
     .await
     .unwrap();
     let took = started.elapsed();
-    for o in outcomes {
+    for o in outcomes.outcomes {
         o.result.expect("memory push verified");
     }
     took

@@ -259,6 +259,172 @@ pub struct DestinationConfig {
     /// oci://: the OCI CLI's config file (default `OCI_CLI_CONFIG_FILE`, else
     /// `~/.oci/config`).
     pub config_file: Option<PathBuf>,
+    /// oci://: import every verified object as a custom image in this
+    /// destination's region.
+    pub import: Option<ImportConfig>,
+}
+
+/// Where CreateImage reads the object from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ImportSource {
+    /// A read-only pre-authenticated request on the object, made for the
+    /// import and deleted after it: works for every kind of caller.
+    #[default]
+    Par,
+    /// The namespace, bucket and object name: fails for instance principals
+    /// and federated users (Oracle documents it).
+    Tuple,
+}
+
+impl ImportSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImportSource::Par => "par",
+            ImportSource::Tuple => "tuple",
+        }
+    }
+}
+
+impl std::str::FromStr for ImportSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "par" => Ok(ImportSource::Par),
+            "tuple" => Ok(ImportSource::Tuple),
+            other => Err(format!("{other:?}: use par or tuple")),
+        }
+    }
+}
+
+/// `[destinations.NAME.import]`: each verified object becomes a custom image
+/// in the destination's region (OCI Compute's CreateImage).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImportConfig {
+    /// The compartment the image is created in (an OCID).
+    pub compartment_id: String,
+    /// The image's name: a template of `{stem}`, `{name}`, `{date}`, `{crc32c}`.
+    #[serde(default = "default_display_name")]
+    pub display_name: String,
+    #[serde(default)]
+    pub source: ImportSource,
+    /// How long the pre-authenticated request lives (it is deleted as soon
+    /// as the import ends).
+    #[serde(default = "default_par_expiry_hours")]
+    pub par_expiry_hours: u64,
+    /// Give up waiting for AVAILABLE after this long.
+    #[serde(default = "default_import_timeout_minutes")]
+    pub timeout_minutes: u64,
+    /// Tags for the image, beside ferry's own (`ferry-crc32c`, `ferry-source-host`).
+    #[serde(default)]
+    pub freeform_tags: BTreeMap<String, String>,
+    /// Compute's endpoint (default `https://iaas.REGION.oraclecloud.com`).
+    pub endpoint: Option<String>,
+}
+
+fn default_display_name() -> String {
+    "{stem}".into()
+}
+fn default_par_expiry_hours() -> u64 {
+    24
+}
+fn default_import_timeout_minutes() -> u64 {
+    120
+}
+
+/// The placeholders a display-name template may hold.
+pub const DISPLAY_NAME_FIELDS: &[&str] = &["stem", "name", "date", "crc32c"];
+
+/// Freeform tag keys ferry sets on every image it imports.
+pub const IMPORT_TAGS: &[&str] = &["ferry-crc32c", "ferry-source-host"];
+
+/// Fills a display-name template: `fill` gives each placeholder's value.
+/// `Err` names a placeholder that is not one, or a brace left open.
+pub fn display_name(template: &str, fill: impl Fn(&str) -> String) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = template;
+    // Bounded: each turn consumes at least one '{'.
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let close = after
+            .find('}')
+            .ok_or_else(|| format!("{template:?} has a '{{' with no '}}'"))?;
+        let field = &after[..close];
+        if !DISPLAY_NAME_FIELDS.contains(&field) {
+            return Err(format!(
+                "{template:?} has {{{field}}}, which is not one of {{stem}}, {{name}}, {{date}}, {{crc32c}}"
+            ));
+        }
+        out.push_str(&fill(field));
+        rest = &after[close + 1..];
+    }
+    if rest.contains('}') {
+        return Err(format!("{template:?} has a '}}' with no '{{'"));
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl ImportConfig {
+    /// What is wrong with this table, in words that name the key.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.compartment_id.starts_with("ocid1.compartment.")
+            || self.compartment_id.starts_with("ocid1.tenancy."))
+        {
+            return Err(format!(
+                "compartment_id = {:?} is not a compartment OCID (ocid1.compartment.oc1..…, or the tenancy's ocid1.tenancy.oc1..… for the root compartment); `oci iam compartment list` shows them",
+                self.compartment_id
+            ));
+        }
+        display_name(&self.display_name, |_| "x".into())
+            .map_err(|e| format!("display_name = {e}"))?;
+        if self.display_name.trim().is_empty() {
+            return Err("display_name is empty: use a template such as \"{stem}\"".into());
+        }
+        if self.timeout_minutes == 0 || self.timeout_minutes > 7 * 24 * 60 {
+            return Err(format!(
+                "timeout_minutes = {} is out of range: use 1..=10080 (a week)",
+                self.timeout_minutes
+            ));
+        }
+        if self.source == ImportSource::Par {
+            if self.par_expiry_hours == 0 || self.par_expiry_hours > 365 * 24 {
+                return Err(format!(
+                    "par_expiry_hours = {} is out of range: use 1..=8760",
+                    self.par_expiry_hours
+                ));
+            }
+            if self.par_expiry_hours * 60 < self.timeout_minutes {
+                return Err(format!(
+                    "par_expiry_hours = {} ends before timeout_minutes = {}: the pre-authenticated request would expire while the import may still read it; raise par_expiry_hours",
+                    self.par_expiry_hours, self.timeout_minutes
+                ));
+            }
+        }
+        for (k, v) in &self.freeform_tags {
+            if IMPORT_TAGS.contains(&k.as_str()) {
+                return Err(format!(
+                    "freeform_tags.{k} is ferry's own tag (it records the image's source): use another key"
+                ));
+            }
+            if k.is_empty()
+                || k.chars().count() > 100
+                || k.chars().any(|c| c.is_control() || c == '.' || c == ' ')
+            {
+                return Err(format!(
+                    "freeform_tags key {k:?}: OCI takes 1 to 100 characters, without '.', spaces or control characters"
+                ));
+            }
+            if v.chars().count() > 256 {
+                return Err(format!(
+                    "freeform_tags.{k}: OCI takes values of at most 256 characters"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -355,6 +521,19 @@ impl Config {
             }
             let url = DestinationUrl::parse(&d.url)
                 .map_err(|e| invalid(format!("destinations.{name}.url: {e}")))?;
+            if let Some(import) = &d.import {
+                if !matches!(url, DestinationUrl::Oci { .. }) {
+                    return Err(invalid(format!(
+                        "destinations.{name}.import needs an oci:// destination: OCI imports \
+                         custom images only from OCI Object Storage, and ferry signs the import \
+                         with the destination's OCI CLI profile; use oci://BUCKET/PREFIX/ or \
+                         remove the import table"
+                    )));
+                }
+                import
+                    .check()
+                    .map_err(|m| invalid(format!("destinations.{name}.import.{m}")))?;
+            }
             if let Some(key) = d.misplaced_key(&url) {
                 return Err(invalid(format!(
                     "destinations.{name}.{key} does not apply to {}: {}",
@@ -764,6 +943,101 @@ mod tests {
         let u = url::Url::parse("s3://bkt/a/../b/").unwrap();
         assert_eq!(u.path(), "/b/");
     }
+    #[test]
+    fn import_tables_are_checked_at_load() {
+        let table = |url: &str, import: &str| {
+            format!(
+                "[destinations.ashburn]\nurl = \"{url}\"\n[destinations.ashburn.import]\n{import}\n"
+            )
+        };
+        let ok = "compartment_id = \"ocid1.compartment.oc1..aaaa\"";
+        let c = Config::parse(&table("oci://images/x/", ok), "t").unwrap();
+        let i = c.destinations["ashburn"].import.clone().unwrap();
+        assert_eq!(
+            (
+                i.display_name.as_str(),
+                i.source,
+                i.par_expiry_hours,
+                i.timeout_minutes
+            ),
+            ("{stem}", ImportSource::Par, 24, 120)
+        );
+        for (url, import, words) in [
+            ("s3://images/x/", ok, "needs an oci:// destination"),
+            ("file:///tmp/x/", ok, "needs an oci:// destination"),
+            ("oci://images/x/", "", "missing field `compartment_id`"),
+            (
+                "oci://images/x/",
+                "compartment_id = \"images\"",
+                "not a compartment OCID",
+            ),
+            (
+                "oci://images/x/",
+                &format!("{ok}\ncompartmentid = 1"),
+                "unknown field `compartmentid`",
+            ),
+            (
+                "oci://images/x/",
+                &format!("{ok}\ndisplay_name = \"{{host}}\""),
+                "{host}, which is not one of",
+            ),
+            (
+                "oci://images/x/",
+                &format!("{ok}\ndisplay_name = \"a{{stem\""),
+                "'{' with no '}'",
+            ),
+            (
+                "oci://images/x/",
+                &format!("{ok}\nsource = \"uri\""),
+                "unknown variant `uri`",
+            ),
+            (
+                "oci://images/x/",
+                &format!("{ok}\ntimeout_minutes = 0"),
+                "timeout_minutes = 0",
+            ),
+            (
+                "oci://images/x/",
+                &format!("{ok}\npar_expiry_hours = 1\ntimeout_minutes = 120"),
+                "ends before timeout_minutes",
+            ),
+            (
+                "oci://images/x/",
+                &format!("{ok}\nfreeform_tags = {{ \"ferry-crc32c\" = \"x\" }}"),
+                "ferry's own tag",
+            ),
+            (
+                "oci://images/x/",
+                &format!("{ok}\nfreeform_tags = {{ \"a.b\" = \"x\" }}"),
+                "without '.'",
+            ),
+        ] {
+            let e = Config::parse(&table(url, import), "t")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(words), "{import:?}: {e}");
+        }
+        // A tuple source needs no PAR expiry.
+        let tuple =
+            format!("{ok}\nsource = \"tuple\"\npar_expiry_hours = 1\ntimeout_minutes = 600");
+        assert!(Config::parse(&table("oci://images/x/", &tuple), "t").is_ok());
+    }
+
+    #[test]
+    fn display_names_fill_their_placeholders() {
+        let fill = |f: &str| match f {
+            "stem" => "web01".to_string(),
+            "date" => "2026-12-07".to_string(),
+            other => format!("<{other}>"),
+        };
+        assert_eq!(
+            display_name("{stem}-{date}", fill).unwrap(),
+            "web01-2026-12-07"
+        );
+        assert_eq!(display_name("plain", fill).unwrap(), "plain");
+        assert!(display_name("}", fill).is_err());
+    }
+
     #[test]
     fn sizes_parse_in_binary_units() {
         let c = Config::parse("[transfer]\npart_size = \"8MiB\"\n", "t").unwrap();

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::manifest::Manifest;
 use crate::metrics::{DestinationMetrics, Metrics};
 use crate::store::PartReceipt;
 
@@ -23,7 +24,8 @@ pub trait Observer: Send + Sync {
     fn read_bytes(&self, _bytes: u64) {}
     /// A resumed upload could not be continued; the destination starts over.
     fn upload_restarted(&self, _destination: &str) {}
-    fn verified(&self, _destination: &str) {}
+    /// The object verified and its manifest was written.
+    fn verified(&self, _destination: &str, _manifest: &Manifest) {}
     /// Verification failed; `checksum` when the CRC32C did not match.
     fn verify_failed(&self, _destination: &str, _checksum: bool) {}
     fn part_failed(&self, _destination: &str) {}
@@ -54,8 +56,8 @@ impl Observer for Observers {
     fn upload_restarted(&self, d: &str) {
         self.0.iter().for_each(|o| o.upload_restarted(d));
     }
-    fn verified(&self, d: &str) {
-        self.0.iter().for_each(|o| o.verified(d));
+    fn verified(&self, d: &str, m: &Manifest) {
+        self.0.iter().for_each(|o| o.verified(d, m));
     }
     fn part_failed(&self, d: &str) {
         self.0.iter().for_each(|o| o.part_failed(d));
@@ -120,7 +122,7 @@ impl Observer for JobMetrics {
     fn read_bytes(&self, bytes: u64) {
         self.metrics.read_bytes.inc_by(bytes);
     }
-    fn verified(&self, destination: &str) {
+    fn verified(&self, destination: &str, _manifest: &Manifest) {
         if let Some(d) = self.get(destination) {
             d.verified_ok.inc();
             let now = std::time::SystemTime::now()
@@ -160,7 +162,7 @@ mod tests {
         };
         j.part_done("phoenix", &r, Duration::from_millis(5));
         j.retried("phoenix", "slow_down");
-        j.verified("phoenix");
+        j.verified("phoenix", &Manifest::example());
         j.verify_failed("phoenix", true);
         j.resumed("phoenix");
         j.read_bytes(10);

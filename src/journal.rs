@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::{Address, PartReceipt};
 
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: `import` per destination.
+pub const FORMAT_VERSION: u32 = 3;
 pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +76,40 @@ pub struct DestinationRecord {
     pub upload_id: Option<String>,
     pub parts: Vec<PartReceipt>,
     pub verified: bool,
+    /// The import of the verified object as a custom image (version 3 on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import: Option<ImportRecord>,
+}
+
+/// Where an import stands, so that a restarted daemon waits for the same
+/// image and never creates a second one: the CreateImage is sent again only
+/// with the same retry token and the same body, which OCI answers with the
+/// image it made the first time.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ImportRecord {
+    /// CreateImage's `opc-retry-token`.
+    pub retry_token: String,
+    /// When the import began (RFC 3339): its timeout runs from here.
+    pub started_at: String,
+    /// The pre-authenticated request made for it, until it is deleted.
+    #[serde(default)]
+    pub par_id: Option<String>,
+    /// Its URL: a credential (read access to the object) while it lives.
+    #[serde(default)]
+    pub par_url: Option<String>,
+    /// The CreateImage body as first built.
+    #[serde(default)]
+    pub body: Option<serde_json::Value>,
+    #[serde(default)]
+    pub image_id: Option<String>,
+    #[serde(default)]
+    pub work_request_id: Option<String>,
+    /// The image's lifecycle state when last seen.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// The import ended well and the manifest says so: nothing is left to do.
+    #[serde(default)]
+    pub done: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -267,10 +302,23 @@ struct LastSuccesses {
     destinations: BTreeMap<String, i64>,
 }
 
-/// Writes `path` whole or not at all: a temp file, fsync, rename, fsync of `dir`.
+/// Writes `path` whole or not at all: a temp file, fsync, rename, fsync of
+/// `dir`. Readable by ferry's user only: a record may hold an import's
+/// pre-authenticated request, read access to the image while it lives.
 fn write_whole(dir: &Path, path: &Path, body: &[u8]) -> Result<(), JournalError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(JournalError::io(&tmp))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(JournalError::io(&tmp))?;
+    // A temp file left by an older ferry keeps its mode through open().
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(JournalError::io(&tmp))?;
     f.write_all(body).map_err(JournalError::io(&tmp))?;
     f.sync_all().map_err(JournalError::io(&tmp))?;
     drop(f);
@@ -354,6 +402,24 @@ impl JobJournal {
         let name = self.record().name;
         self.journal.remove(&name)
     }
+
+    /// Records where `destination`'s import stands, at once: an image OCID
+    /// must be on disk before anything else happens.
+    pub fn set_import(&self, destination: &str, import: &ImportRecord) -> Result<(), String> {
+        let found = self.with(|r| match r.destinations.get_mut(destination) {
+            Some(d) => {
+                d.import = Some(import.clone());
+                true
+            }
+            None => false,
+        });
+        if !found {
+            return Err(format!(
+                "the job's record has no destination {destination} to keep its import in"
+            ));
+        }
+        self.flush(true).map_err(|e| e.to_string())
+    }
 }
 
 impl crate::events::Observer for JobJournal {
@@ -388,7 +454,7 @@ impl crate::events::Observer for JobJournal {
         self.flush_logged(true);
     }
 
-    fn verified(&self, destination: &str) {
+    fn verified(&self, destination: &str, _manifest: &crate::manifest::Manifest) {
         self.with(|r| {
             if let Some(d) = r.destinations.get_mut(destination) {
                 d.verified = true;
@@ -453,6 +519,7 @@ mod tests {
                         crc32c: 7,
                     }],
                     verified: false,
+                    import: None,
                 },
             )]),
         }
@@ -492,6 +559,12 @@ mod tests {
         let mut want: Vec<String> = all.iter().map(|s| s.to_string()).collect();
         want.sort();
         assert_eq!(names, want);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(j.path("disk.qcow2"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "records are ferry's alone");
         j.remove("disk.qcow2").unwrap();
         assert_eq!(j.load("disk.qcow2"), None);
     }

@@ -13,6 +13,7 @@ pub mod events;
 pub mod failpoint;
 pub mod http;
 pub mod image;
+pub mod import;
 pub mod journal;
 pub mod lock;
 pub mod manifest;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ferry::config::{Config, VerifyMode};
+use ferry::import::{Ended, ImportArgs};
 use ferry::push::{self, PushOptions};
 use ferry::shutdown;
 
@@ -90,8 +91,12 @@ or to .ferry/failed/ with X.error.json saying why.",
     #[command(
         long_about = "Upload IMAGE to every destination in the config, or to those given with --to, \
 all at the same time. The object key is IMAGE's base name under each destination's prefix; \
-<name>.manifest.json is written beside it once the object verified.",
-        after_help = concat!("EXIT STATUS:\n  0    every destination verified\n  1    at least one destination failed (a line says which and why)\n  2    refused before a byte was sent\n  130  interrupted\n\n",
+<name>.manifest.json is written beside it once the object verified.\n\n\
+Where a destination has an import table ([destinations.NAME.import]), each object that verified \
+there is then imported as a custom image in its region, and the push waits until the image is \
+AVAILABLE (see ferry import --help); --no-import leaves that to a later `ferry import`. An image \
+without a basis for its launch mode is refused before a byte is sent when an import is asked.",
+        after_help = concat!("EXIT STATUS:\n  0    every destination verified (and every import asked ended AVAILABLE)\n  1    at least one destination or import failed (a line says which and why)\n  2    refused before a byte was sent\n  130  interrupted\n\n",
             ENVIRONMENT!(),
             "\n\n\
 SIGNALS:\n  SIGINT, SIGTERM  stop: uploads not yet complete are aborted (nothing is left half-written);\n                   destinations that verified keep their objects. A second signal exits at once.\n\n\
@@ -122,6 +127,10 @@ EXAMPLES:\n  ferry push disk.qcow2\n  ferry push disk.qcow2 --to phoenix --to s3
         /// Ship the file even if OCI could not import it (the manifest records the verdict).
         #[arg(long)]
         force: bool,
+        /// Do not import verified objects as custom images, whatever the destinations'
+        /// import tables say (`ferry import` does it later).
+        #[arg(long)]
+        no_import: bool,
         /// Serve /metrics, /healthz, /readyz and /status on ADDR during the push,
         /// e.g. 127.0.0.1:9465.
         #[arg(long, value_name = "ADDR")]
@@ -155,6 +164,77 @@ with the basis each rests on. IMAGE.meta.json beside the image is read as its si
         #[arg(long)]
         daemon_policy: bool,
     },
+    /// Import an object ferry shipped as a custom image in its region, and wait for it.
+    #[command(
+        long_about = "Import an object that ferry shipped to OCI Object Storage (oci://) as a custom \
+image in that bucket's region, from the manifest beside it, and wait until the image is AVAILABLE, \
+with a progress line. TARGET is oci://BUCKET/PREFIX/NAME, or the path of a NAME.manifest.json.\n\n\
+The destination is the configured one whose oci:// URL holds the object (its profile, region, \
+endpoints and [destinations.NAME.import] table), or --destination; without one, the bucket in the \
+region of the OCI CLI profile. Options given here override the table's keys; without a table, \
+--compartment-id is needed.\n\n\
+Before anything is created the object is checked against its manifest (its size, and the CRC32C \
+OCI keeps of it): a changed object is refused. CreateImage gets the image's format \
+(sourceImageType QCOW2 or VMDK, none for .oci), its operating system and a launch mode with a basis \
+(.oci metadata, or the sidecar's attestation): an image without one is refused. The source is a \
+read-only pre-authenticated request on the object, deleted when the import ends (or, with \
+--source tuple, the namespace, bucket and object name). The manifest is written again with the \
+image's OCID and how the import ended (and the manifest file, when TARGET is one). A manifest \
+that says the object was imported already is not imported again without --again.",
+        after_help = concat!(
+            "EXIT STATUS:\n  0    the image is AVAILABLE (or was already)\n  1    the import ended otherwise (DISABLED, timeout, OCI refused it)\n  2    refused before an image was created: the manifest, the object, the table\n  130  interrupted: the image (if created) goes on importing in OCI\n\n",
+            ENVIRONMENT!(),
+            "\n\nEXAMPLES:\n  ferry import oci://images/exports/web01.qcow2\n  ferry import var/web01.qcow2.manifest.json --compartment-id ocid1.compartment.oc1..aaaa\n  ferry import oci://images/exports/web01.qcow2 --display-name '{stem}-{date}' --tag team=migration"
+        )
+    )]
+    Import {
+        /// oci://BUCKET/PREFIX/NAME of the object, or the path of its manifest file.
+        target: String,
+        /// Config file (TOML). Default: the embedded config/ferry.toml.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The configured destination to import through. Default: the one whose URL holds the object.
+        #[arg(long, value_name = "NAME")]
+        destination: Option<String>,
+        /// The compartment the image is created in (an OCID).
+        #[arg(long, value_name = "OCID")]
+        compartment_id: Option<String>,
+        /// The image's name: a template of {stem}, {name}, {date}, {crc32c}. Default: the
+        /// table's, else {stem}.
+        #[arg(long, value_name = "TEMPLATE")]
+        display_name: Option<String>,
+        /// Where CreateImage reads the object: par (a read-only pre-authenticated request)
+        /// or tuple (namespace, bucket and object name). Default: the table's, else par.
+        #[arg(long, value_name = "par|tuple")]
+        source: Option<ferry::config::ImportSource>,
+        /// How long the pre-authenticated request lives (it is deleted when the import ends).
+        /// Default: the destination's import table's, else 24.
+        #[arg(long, value_name = "HOURS")]
+        par_expiry_hours: Option<u64>,
+        /// Give up waiting for AVAILABLE after this long. Default: the table's, else 120.
+        #[arg(long, value_name = "MINUTES")]
+        timeout_minutes: Option<u64>,
+        /// A freeform tag for the image, KEY=VALUE; repeat for several.
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = key_value)]
+        tags: Vec<(String, String)>,
+        /// OCI Compute's endpoint. Default: the table's, else https://iaas.REGION.oraclecloud.com.
+        #[arg(long, value_name = "URL")]
+        endpoint: Option<String>,
+        /// Import even when the manifest says the object was imported already.
+        #[arg(long)]
+        again: bool,
+        /// Seconds between progress lines while the state stays the same.
+        #[arg(long, value_name = "SECS", default_value_t = 10)]
+        progress_secs: u64,
+    },
+}
+
+/// A `KEY=VALUE` argument.
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -190,6 +270,62 @@ async fn run(cli: Cli) -> u8 {
             sidecar,
             daemon_policy,
         } => inspect(&image, json, config.as_deref(), sidecar, daemon_policy),
+        Command::Import {
+            target,
+            config,
+            destination,
+            compartment_id,
+            display_name,
+            source,
+            par_expiry_hours,
+            timeout_minutes,
+            tags,
+            endpoint,
+            again,
+            progress_secs,
+        } => {
+            let config = match Config::load_or_embedded(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("ferry: {e}");
+                    return EXIT_REFUSED;
+                }
+            };
+            let (trigger, stop) = shutdown::new();
+            let first = || eprintln!("ferry: interrupted (again to exit at once)");
+            if let Err(e) = shutdown::on_signals(trigger, first) {
+                eprintln!("ferry: cannot install signal handlers: {e}");
+                return EXIT_FAILED;
+            }
+            let args = ImportArgs {
+                target,
+                destination,
+                compartment_id,
+                display_name,
+                source,
+                par_expiry_hours,
+                timeout_minutes,
+                tags,
+                endpoint,
+                again,
+                progress_every: Duration::from_secs(progress_secs),
+            };
+            match ferry::import::run_command(&config, args, stop).await {
+                Ended::Imported(_) => EXIT_OK,
+                Ended::Failed(e) => {
+                    eprintln!("ferry: FAILED: {e}\nferry: {}", e.advice());
+                    EXIT_FAILED
+                }
+                Ended::Refused(why) => {
+                    eprintln!("ferry: refused: {why}");
+                    EXIT_REFUSED
+                }
+                Ended::Interrupted(left) => {
+                    eprintln!("ferry: interrupted: {left}");
+                    EXIT_INTERRUPTED
+                }
+            }
+        }
         Command::Daemon { config } => match ferry::daemon::run(config).await {
             Ok(()) => EXIT_OK,
             Err(e) => {
@@ -205,6 +341,7 @@ async fn run(cli: Cli) -> u8 {
             verify,
             progress_secs,
             force,
+            no_import,
             metrics_addr,
         } => {
             let config = match Config::load_or_embedded(config.as_deref()) {
@@ -219,6 +356,7 @@ async fn run(cli: Cli) -> u8 {
                 part_size_bytes: part_size.map(|p| p.as_u64()),
                 verify,
                 force,
+                no_import,
             };
             let status = match metrics_addr {
                 Some(addr) => match push::serve_status(addr).await {
@@ -244,15 +382,15 @@ async fn run(cli: Cli) -> u8 {
                 return EXIT_FAILED;
             }
             let every = Duration::from_secs(progress_secs.max(1));
-            let outcomes =
-                match push::push(&config, &image, opts, every, status, stop.clone()).await {
-                    Ok(o) => o,
-                    Err(e) => {
-                        eprintln!("ferry: {e}");
-                        return EXIT_REFUSED;
-                    }
-                };
-            match push::report(&outcomes, stop.is_requested()) {
+            let pushed = match push::push(&config, &image, opts, every, status, stop.clone()).await
+            {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("ferry: {e}");
+                    return EXIT_REFUSED;
+                }
+            };
+            match push::report(&pushed, stop.is_requested()) {
                 push::Ended::Verified => EXIT_OK,
                 push::Ended::Failed => EXIT_FAILED,
                 push::Ended::Interrupted => EXIT_INTERRUPTED,

@@ -38,6 +38,8 @@ pub const BUFFER_BYTES_LIMIT: &str = "ferry_buffer_bytes_limit";
 pub const UPLOADS_RESUMED: &str = "ferry_uploads_resumed_total";
 pub const BUILD_INFO: &str = "ferry_build_info";
 pub const LAST_SUCCESS: &str = "ferry_last_success_timestamp_seconds";
+pub const IMPORTS: &str = "ferry_imports_total";
+pub const IMPORT_DURATION: &str = "ferry_import_duration_seconds";
 
 /// Every `reason` of [`PART_RETRIES`]: each destination's series exist at 0
 /// from the start, so `increase()` sees the first retry after a restart.
@@ -54,6 +56,9 @@ pub const RETRY_REASONS: &[&str] = &[
 ];
 /// Every `outcome` of [`JOBS`].
 pub const JOB_OUTCOMES: &[&str] = &["done", "refused", "failed"];
+/// Every `outcome` of [`IMPORTS`]: AVAILABLE (`ok`), or not (`failed`:
+/// DISABLED, DELETED, a timeout, or a request OCI refused for good).
+pub const IMPORT_OUTCOMES: &[&str] = &["ok", "failed"];
 
 /// Buckets for parts of 5 MiB .. 5 GiB on links from a LAN to a slow WAN.
 const PART_BUCKETS: &[f64] = &[
@@ -62,6 +67,11 @@ const PART_BUCKETS: &[f64] = &[
 /// Buckets for whole jobs: seconds to hours.
 const JOB_BUCKETS: &[f64] = &[
     1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
+];
+
+/// Buckets for imports: OCI takes minutes to hours.
+const IMPORT_BUCKETS: &[f64] = &[
+    5.0, 30.0, 60.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
 ];
 
 /// Every metric ferry exposes.
@@ -83,6 +93,8 @@ pub struct Metrics {
     pub buffer_limit: IntGauge,
     uploads_resumed: IntCounterVec,
     last_success: IntGaugeVec,
+    imports: IntCounterVec,
+    import_duration: HistogramVec,
     /// Destinations given to [`Metrics::add_destination`].
     known: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
@@ -160,6 +172,15 @@ impl Metrics {
             &["destination"],
         ));
         must(registry.register(Box::new(last_success.clone())));
+        let import_duration = must(HistogramVec::new(
+            HistogramOpts::new(
+                IMPORT_DURATION,
+                "Time from the start of an import (CreateImage) to its end, by destination.",
+            )
+            .buckets(IMPORT_BUCKETS.to_vec()),
+            &["destination"],
+        ));
+        must(registry.register(Box::new(import_duration.clone())));
         let metrics = Arc::new(Metrics {
             read_bytes: counter(READ_BYTES, "Bytes read from source images."),
             uploaded_bytes: counter_vec(
@@ -211,6 +232,12 @@ impl Metrics {
                 &["destination"],
             ),
             last_success,
+            imports: counter_vec(
+                IMPORTS,
+                "Imports of verified objects as custom images ended, by destination and outcome (ok: AVAILABLE; failed).",
+                &["destination", "outcome"],
+            ),
+            import_duration,
             known: Default::default(),
             registry,
         });
@@ -238,6 +265,25 @@ impl Metrics {
         {
             handles.last_success.set(t);
         }
+    }
+
+    /// Makes the import series of `destination` (one with an import table)
+    /// exist at 0 before its first import.
+    pub fn add_import_destination(&self, destination: &str) {
+        for outcome in IMPORT_OUTCOMES {
+            self.imports.with_label_values(&[destination, outcome]);
+        }
+        self.import_duration.with_label_values(&[destination]);
+    }
+
+    /// An import to `destination` ended (`ok` or `failed`) after `took`.
+    pub fn import_ended(&self, destination: &str, ok: bool, took: Duration) {
+        self.imports
+            .with_label_values(&[destination, if ok { "ok" } else { "failed" }])
+            .inc();
+        self.import_duration
+            .with_label_values(&[destination])
+            .observe(took.as_secs_f64());
     }
 
     /// The last success of every destination added so far that has one
@@ -300,6 +346,7 @@ mod tests {
         d.retries.with_label_values(&["phoenix", "slow_down"]).inc();
         d.checksum_mismatches.inc();
         m.job_ended("done", Duration::from_secs(1));
+        m.add_import_destination("ashburn");
         let (_, text) = m.encode();
         let text = String::from_utf8(text).unwrap();
         for name in [
@@ -319,9 +366,22 @@ mod tests {
             BUFFER_BYTES_LIMIT,
             UPLOADS_RESUMED,
             BUILD_INFO,
+            IMPORTS,
+            IMPORT_DURATION,
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
         assert!(text.contains("ferry_uploaded_bytes_total{destination=\"phoenix\"} 10"));
+        for line in [
+            "ferry_imports_total{destination=\"ashburn\",outcome=\"ok\"} 0",
+            "ferry_imports_total{destination=\"ashburn\",outcome=\"failed\"} 0",
+            "ferry_import_duration_seconds_count{destination=\"ashburn\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        m.import_ended("ashburn", false, Duration::from_secs(90));
+        let text = String::from_utf8(m.encode().1).unwrap();
+        assert!(text.contains("ferry_imports_total{destination=\"ashburn\",outcome=\"failed\"} 1"));
+        assert!(text.contains("ferry_import_duration_seconds_sum{destination=\"ashburn\"} 90"));
     }
 }

@@ -21,6 +21,19 @@ pub enum Phase {
     Verifying = 1,
     Done = 2,
     Failed = 3,
+    /// Verified; being imported as a custom image.
+    Importing = 4,
+    /// Verified and imported: the image is AVAILABLE.
+    Imported = 5,
+}
+
+/// Where a destination's import stands, for `/status`.
+#[derive(Debug, Clone, Default)]
+pub struct ImportShown {
+    pub image_id: Option<String>,
+    /// The image's lifecycle state, or what ferry does before there is one.
+    pub state: String,
+    pub percent: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -29,6 +42,7 @@ pub struct DestinationProgress {
     pub total_bytes: u64,
     done_bytes: AtomicU64,
     phase: AtomicU8,
+    import: Mutex<Option<ImportShown>>,
 }
 
 impl DestinationProgress {
@@ -50,8 +64,19 @@ impl DestinationProgress {
             0 => Phase::Uploading,
             1 => Phase::Verifying,
             2 => Phase::Done,
+            4 => Phase::Importing,
+            5 => Phase::Imported,
             _ => Phase::Failed,
         }
+    }
+    /// Where the import stands (`None` before it begins).
+    pub fn set_import(&self, shown: ImportShown) {
+        if let Ok(mut i) = self.import.lock() {
+            *i = Some(shown);
+        }
+    }
+    pub fn import(&self) -> Option<ImportShown> {
+        self.import.lock().ok().and_then(|i| i.clone())
     }
 }
 
@@ -78,6 +103,7 @@ impl Progress {
                         total_bytes,
                         done_bytes: AtomicU64::new(0),
                         phase: AtomicU8::new(Phase::Uploading as u8),
+                        import: Mutex::new(None),
                     })
                 })
                 .collect(),
@@ -153,6 +179,8 @@ impl Renderer {
                             match d.phase() {
                                 Phase::Verifying => bar.set_message("verifying"),
                                 Phase::Done => bar.finish_with_message("verified"),
+                                Phase::Importing => bar.set_message("importing"),
+                                Phase::Imported => bar.finish_with_message("imported"),
                                 Phase::Failed => bar.abandon_with_message("FAILED"),
                                 Phase::Uploading => {}
                             }
@@ -164,7 +192,8 @@ impl Renderer {
                             if !*said {
                                 eprintln!("{}", line(&progress, d));
                             }
-                            *said = matches!(d.phase(), Phase::Done | Phase::Failed);
+                            *said =
+                                matches!(d.phase(), Phase::Done | Phase::Imported | Phase::Failed);
                         }
                     }
                     None => {}
@@ -238,6 +267,8 @@ pub fn line(progress: &Progress, d: &DestinationProgress) -> String {
         Phase::Uploading => String::new(),
         Phase::Verifying => " [verifying]".into(),
         Phase::Done => " [verified]".into(),
+        Phase::Importing => " [verified; importing]".into(),
+        Phase::Imported => " [verified; imported]".into(),
         Phase::Failed => " [FAILED]".into(),
     };
     format!(

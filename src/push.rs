@@ -17,13 +17,14 @@ use tracing::info;
 use crate::chunk::{self, Budget, FirstReads, PartPlan};
 use crate::config::VerifyMode;
 use crate::events::{NoObserver, Observer};
+use crate::import::Importer;
 use crate::progress::Progress;
 use crate::shutdown::Shutdown;
 use crate::source::Source;
 use crate::status::Status;
 use crate::transfer::{
-    self, Job, Outcome, PrepareError, RetryPolicy, TransferError, destinations, inspect_source,
-    plan_for,
+    self, Job, Outcome, PrepareError, RetryPolicy, TransferError, check_import, destinations,
+    inspect_source, plan_for,
 };
 
 /// What `ferry push` was asked for, beyond the config.
@@ -35,6 +36,17 @@ pub struct PushOptions {
     pub verify: Option<VerifyMode>,
     /// Ship even what inspection refuses (the manifest records the verdict).
     pub force: bool,
+    /// Do not import verified objects, whatever the destinations' import
+    /// tables say.
+    pub no_import: bool,
+}
+
+/// What a push did: each destination's upload, and the imports that
+/// followed where a destination has an import table.
+#[derive(Debug)]
+pub struct Pushed {
+    pub outcomes: Vec<Outcome>,
+    pub imports: Vec<(String, crate::import::ImportOutcome)>,
 }
 
 /// Puts a push on the status board `st` serves, and returns the observer
@@ -69,7 +81,7 @@ pub async fn push(
     progress_every: Duration,
     status: Option<Arc<crate::status::Status>>,
     cancel: Shutdown,
-) -> Result<Vec<Outcome>, PrepareError> {
+) -> Result<Pushed, PrepareError> {
     let started = std::time::Instant::now();
     let source = Source::open(path)?;
     let sidecar = crate::image::sidecar::path_of(path);
@@ -91,6 +103,22 @@ pub async fn push(
         .unwrap_or(part_size);
     let dests = destinations(config, &opts.to, hint)?;
     let plan = plan_for(&source, &dests, part_size, &budget)?;
+    // The imports the destinations' tables ask for, ready before a byte is sent.
+    let mut importers = Vec::new();
+    if !opts.no_import {
+        let names: Vec<&str> = dests.iter().map(|d| d.name()).collect();
+        check_import(&report, config, &names)?;
+        for d in &dests {
+            if let Some(cfg) = config.destinations.get(d.name())
+                && cfg.url == d.url()
+                && let Some(table) = &cfg.import
+            {
+                let i = Importer::new(d.name(), cfg, table, &config.transfer)
+                    .map_err(|e| PrepareError::Destination(e.to_string()))?;
+                importers.push((d.clone(), i));
+            }
+        }
+    }
     info!(
         "pushing {} ({} bytes) in {} parts of {} to {}",
         source.name,
@@ -128,17 +156,27 @@ pub async fn push(
         progress,
         HashMap::new(),
         observer,
-        cancel,
+        cancel.clone(),
     )
     .await;
     renderer.finish().await;
+    let verified: Vec<(String, crate::manifest::Manifest)> = outcomes
+        .iter()
+        .filter_map(|o| Some((o.destination.clone(), o.result.as_ref().ok()?.clone())))
+        .collect();
+    let imports = if importers.is_empty() || cancel.is_requested() {
+        vec![]
+    } else {
+        crate::import::after_push(&importers, &verified, progress_every, &cancel).await
+    };
     if let Some(st) = &status {
         st.board.remove(&source.name);
-        let ok = outcomes.iter().all(|o| o.result.is_ok());
+        let ok = outcomes.iter().all(|o| o.result.is_ok())
+            && imports.iter().all(|(_, i)| i.result.is_ok());
         st.metrics
             .job_ended(if ok { "done" } else { "failed" }, started.elapsed());
     }
-    Ok(outcomes)
+    Ok(Pushed { outcomes, imports })
 }
 
 /// How a push ended, for its exit status.
@@ -152,10 +190,11 @@ pub enum Ended {
     Interrupted,
 }
 
-/// Prints one line per destination and says how the push ended.
-pub fn report(outcomes: &[Outcome], interrupted: bool) -> Ended {
+/// Prints one line per destination (and per import) and says how the push
+/// ended.
+pub fn report(pushed: &Pushed, interrupted: bool) -> Ended {
     let mut failed = false;
-    for o in outcomes {
+    for o in &pushed.outcomes {
         match &o.result {
             Ok(m) => println!(
                 "verified {} ({} bytes, crc32c {}) at {} [{}]",
@@ -171,6 +210,26 @@ pub fn report(outcomes: &[Outcome], interrupted: bool) -> Ended {
                     "ferry: FAILED {}: {} ({}): {e}",
                     o.destination, o.key, o.url
                 );
+            }
+        }
+    }
+    for (d, i) in &pushed.imports {
+        let entry = i.manifest.as_ref().and_then(|m| m.import.as_ref());
+        match (&i.result, entry) {
+            (Ok(()), Some(e)) => println!(
+                "imported {} at {d} as {} ({}, {} s)",
+                e.display_name,
+                e.image_id.as_deref().unwrap_or("-"),
+                e.state,
+                e.duration_secs.unwrap_or(0)
+            ),
+            (Ok(()), None) => println!("imported at {d}"),
+            (Err(crate::import::ImportError::Cancelled), _) => {
+                eprintln!("ferry: INTERRUPTED import at {d} (the line above says what it leaves)")
+            }
+            (Err(e), _) => {
+                failed = true;
+                eprintln!("ferry: FAILED import at {d}: {e}; {}", e.advice());
             }
         }
     }

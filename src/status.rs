@@ -21,6 +21,23 @@ use crate::progress::{Board, Phase};
 
 /// How many recent errors `/status` keeps.
 const LAST_ERRORS: usize = 20;
+/// How many ended imports `/status` keeps.
+const LAST_IMPORTS: usize = 20;
+
+/// An import that ended, as `/status` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportEnded {
+    pub file: String,
+    pub destination: String,
+    pub image_id: Option<String>,
+    /// The image's last lifecycle state.
+    pub state: String,
+    /// `ok` (AVAILABLE) or `failed`.
+    pub outcome: String,
+    pub finished_at: String,
+    pub duration_secs: u64,
+    pub error: Option<String>,
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LastError {
@@ -74,6 +91,8 @@ pub struct Status {
     /// Set while the spool's own directories cannot be made again.
     pub spool_problem: Mutex<Option<String>>,
     pub retrying: Mutex<Vec<Retrying>>,
+    /// The last imports that ended, newest last.
+    pub imports: Mutex<VecDeque<ImportEnded>>,
 }
 
 impl Status {
@@ -89,7 +108,18 @@ impl Status {
             state_problem: Mutex::new(None),
             spool_problem: Mutex::new(None),
             retrying: Mutex::new(vec![]),
+            imports: Mutex::new(VecDeque::new()),
         })
+    }
+
+    /// An import ended: listed on `/status` until newer ones push it out.
+    pub fn record_import(&self, ended: ImportEnded) {
+        if let Ok(mut i) = self.imports.lock() {
+            if i.len() >= LAST_IMPORTS {
+                i.pop_front();
+            }
+            i.push_back(ended);
+        }
     }
 
     /// The jobs waiting to be tried again.
@@ -233,8 +263,15 @@ impl Status {
                                 Phase::Uploading => "uploading",
                                 Phase::Verifying => "verifying",
                                 Phase::Done => "verified",
+                                Phase::Importing => "importing",
+                                Phase::Imported => "imported",
                                 Phase::Failed => "failed",
                             },
+                            "import": d.import().map(|i| serde_json::json!({
+                                "image_id": i.image_id,
+                                "state": i.state,
+                                "percent": i.percent,
+                            })),
                         })
                     }).collect::<Vec<_>>(),
                 })
@@ -253,6 +290,7 @@ impl Status {
                 "reason": j.reason,
             })).collect::<Vec<_>>()).unwrap_or_default(),
             "last_errors": self.errors.lock().map(|e| e.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),
+            "last_imports": self.imports.lock().map(|i| i.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),
             "destinations": self.health.lock().map(|h| h.clone()).unwrap_or_default(),
         })
     }

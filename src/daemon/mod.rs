@@ -27,6 +27,7 @@ mod job;
 mod recovery;
 mod retries;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +40,7 @@ use tracing::{error, info, warn};
 use crate::chunk::Budget;
 use crate::config::{Config, OnSuccess};
 use crate::error::Class;
+use crate::import::Importer;
 use crate::journal::Journal;
 use crate::lock::DirLock;
 use crate::metrics::Metrics;
@@ -47,7 +49,7 @@ use crate::spool::{ClaimOutcome, Claimed, Hint, Spool};
 use crate::status::Status;
 use crate::store::Destination;
 use crate::transfer;
-use job::{JobCtx, JobEnd, give_up, job, report};
+use job::{JobCtx, JobEnd, give_up, job, report, wait_imports};
 use recovery::abort_orphans;
 use retries::Retries;
 
@@ -110,6 +112,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 struct Settings {
     config: Config,
     destinations: Vec<Arc<Destination>>,
+    /// The importer of each destination with an import table, by its name.
+    importers: BTreeMap<String, Arc<Importer>>,
     budget: Budget,
 }
 
@@ -117,10 +121,19 @@ impl Settings {
     fn new(config: Config) -> Result<Settings, DaemonError> {
         let destinations = transfer::destinations(&config, &[], config.transfer.part_size.as_u64())
             .map_err(|e| DaemonError::Destinations(e.to_string()))?;
+        let mut importers = BTreeMap::new();
+        for (name, d) in &config.destinations {
+            if let Some(table) = &d.import {
+                let i = Importer::new(name, d, table, &config.transfer)
+                    .map_err(|e| DaemonError::Destinations(e.to_string()))?;
+                importers.insert(name.clone(), Arc::new(i));
+            }
+        }
         let budget = Budget::new(config.transfer.memory_limit.as_u64());
         Ok(Settings {
             config,
             destinations,
+            importers,
             budget,
         })
     }
@@ -281,6 +294,13 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                 }
                 next_scan = Instant::now();
             }
+            Some(ended) = d.waits.join_next() => {
+                match ended {
+                    Ok(end) => d.job_ended(end),
+                    Err(e) => error!("a job's imports ended abnormally: {e}"),
+                }
+                next_scan = Instant::now();
+            }
             _ = watchdog_tick.tick(), if watchdog.is_some() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
@@ -317,6 +337,9 @@ struct Daemon {
     /// Kept for its Drop: dropping the watcher stops watching.
     watcher: Option<notify::RecommendedWatcher>,
     jobs: JoinSet<JobEnd>,
+    /// Jobs whose uploads ended, waiting for their imports (they hold no
+    /// job slot).
+    waits: JoinSet<JobEnd>,
     retries: Retries,
     state_ok: bool,
 }
@@ -360,6 +383,9 @@ impl Daemon {
         for d in &settings.destinations {
             metrics.add_destination(d.name(), kept.get(d.name()).copied());
         }
+        for name in settings.importers.keys() {
+            metrics.add_import_destination(name);
+        }
         let status = Arc::new(Status {
             spool_dir: Some(settings.config.spool_dir.clone()),
             budget: std::sync::Mutex::new(Some(settings.budget.clone())),
@@ -389,6 +415,7 @@ impl Daemon {
             hint_tx,
             watcher,
             jobs: JoinSet::new(),
+            waits: JoinSet::new(),
             retries: Retries::default(),
             state_ok: true,
         };
@@ -401,6 +428,7 @@ impl Daemon {
             journal: self.journal.clone(),
             board: self.board.clone(),
             metrics: self.metrics.clone(),
+            status: self.status.clone(),
             cancel: self.cancel.clone(),
         }
     }
@@ -447,6 +475,9 @@ impl Daemon {
                 for d in &s.destinations {
                     self.metrics.add_destination(d.name(), None);
                 }
+                for name in s.importers.keys() {
+                    self.metrics.add_import_destination(name);
+                }
                 self.settings = Arc::new(s);
                 self.prober.abort();
                 self.prober = tokio::spawn(probe_destinations(
@@ -462,6 +493,13 @@ impl Daemon {
     /// Settles an ended job. One that may still pass waits for its next
     /// attempt, or, after all of them, is given up.
     fn job_ended(&mut self, end: JobEnd) {
+        let end = match end {
+            JobEnd::Importing(w) => {
+                self.waits.spawn(wait_imports(*w));
+                return;
+            }
+            end => end,
+        };
         let name = end.claimed().name.clone();
         match settle_job(&self.spool, &self.settings, &self.status, end) {
             None => self.retries.forget(&name),
@@ -586,19 +624,26 @@ impl Daemon {
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         // Every job saw the stop request already (the token is theirs too).
+        let until = Instant::now() + timeout;
         let (spool, settings, status) = (&self.spool, &self.settings, &self.status);
-        let left = crate::shutdown::drain(&mut self.jobs, timeout, |ended| match ended {
-            Ok(end) => {
-                if let Some((c, _)) = settle_job(spool, settings, status, end) {
-                    info!(
-                        "{:?} stays in active/ and resumes at the next start",
-                        c.name
-                    );
-                }
-            }
+        let mut importing = Vec::new();
+        let mut left = crate::shutdown::drain(&mut self.jobs, timeout, |ended| match ended {
+            Ok(JobEnd::Importing(w)) => importing.push(w),
+            Ok(end) => stopped(spool, settings, status, end),
             Err(e) => error!("a job task ended abnormally: {e}"),
         })
         .await;
+        // Imports stop at the request too, their records journaled.
+        for w in importing {
+            self.waits.spawn(wait_imports(*w));
+        }
+        let rest = until.saturating_duration_since(Instant::now());
+        left += crate::shutdown::drain(&mut self.waits, rest, |ended| match ended {
+            Ok(end) => stopped(spool, settings, status, end),
+            Err(e) => error!("a job's imports ended abnormally: {e}"),
+        })
+        .await;
+        self.waits.abort_all();
         if left > 0 {
             warn!(
                 "shutdown timeout reached; {left} job(s) stop where they are and resume at the next start"
@@ -611,6 +656,16 @@ impl Daemon {
         self.prober.abort();
         self.stop_http.trip();
         info!("stopped");
+    }
+}
+
+/// Settles a job that ended during the shutdown.
+fn stopped(spool: &Spool, settings: &Settings, status: &Status, end: JobEnd) {
+    if let Some((c, _)) = settle_job(spool, settings, status, end) {
+        info!(
+            "{:?} stays in active/ and resumes at the next start",
+            c.name
+        );
     }
 }
 
@@ -649,7 +704,7 @@ fn settle_job(
             status.metrics.job_ended(outcome(&end), t.elapsed());
             status.record_error(&c.name.to_string_lossy(), outcome(&end), &r.reason);
         }
-        JobEnd::Interrupted(_) | JobEnd::Retry(..) => {}
+        JobEnd::Interrupted(_) | JobEnd::Retry(..) | JobEnd::Importing(_) => {}
     }
     let word = outcome(&end);
     match end {
@@ -696,6 +751,8 @@ fn settle_job(
             }
         }
         JobEnd::Interrupted(c) => info!("{:?} interrupted; it resumes at the next start", c.name),
+        // Handed to the loop's waits before it comes here (`job_ended`).
+        JobEnd::Importing(w) => info!("{:?} waits for its imports", w.claimed().name),
         JobEnd::Retry(c, why) => {
             status.record_error(&c.name.to_string_lossy(), "retrying", &why);
             return Some((c, why));
@@ -713,5 +770,6 @@ fn outcome(end: &JobEnd) -> &'static str {
         JobEnd::Failed(..) => "failed",
         JobEnd::Interrupted(..) => "interrupted",
         JobEnd::Retry(..) => "retrying",
+        JobEnd::Importing(..) => "importing",
     }
 }

@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::Settings;
 use crate::journal::{DestinationRecord, JobRecord, Journal};
@@ -85,6 +85,33 @@ pub(super) async fn abort_orphans(journal: &Journal, spool: &Spool, settings: &S
 /// what is left open where: ferry never rebuilds a client from a URL alone
 /// (that would fall back to public AWS and the instance-metadata service).
 pub(super) async fn abort_record(record: &JobRecord, settings: &Settings) {
+    // An import that will not go on: before its image exists, it leaves no
+    // pre-authenticated request; once it exists, OCI may be reading through
+    // it, so it is left to its expiry and the image is named for a person.
+    for (dname, d) in &record.destinations {
+        let Some(import) = d.import.as_ref().filter(|i| !i.done) else {
+            continue;
+        };
+        match &import.image_id {
+            Some(id) => warn!(
+                destination = dname.as_str(),
+                "{}: ferry no longer waits for its image {id} ({}): check it in the console and delete it if it is not wanted{}",
+                record.name,
+                import.state.as_deref().unwrap_or("state unknown"),
+                import
+                    .par_id
+                    .as_deref()
+                    .map(|p| format!("; its pre-authenticated request {p} ends at its expiry"))
+                    .unwrap_or_default()
+            ),
+            None if import.par_id.is_some() => {
+                if let Some(importer) = settings.importers.get(dname) {
+                    importer.abandon(import).await;
+                }
+            }
+            None => {}
+        }
+    }
     for (dname, d) in &record.destinations {
         let Some(id) = &d.upload_id else { continue };
         if d.verified {

@@ -197,15 +197,6 @@ impl Report {
         m.insert("image".into(), serde_json::Value::Object(image));
         m
     }
-
-    /// OCI's `sourceImageType`: QCOW2 or VMDK, none for `.oci`.
-    pub fn source_image_type(&self) -> Option<&'static str> {
-        match self.format.as_str() {
-            "qcow2" => Some("QCOW2"),
-            "vmdk" => Some("VMDK"),
-            _ => None,
-        }
-    }
 }
 
 /// Bounded positional reads over an image, or a member inside a container.
@@ -592,34 +583,80 @@ pub(crate) fn human(bytes: u64) -> String {
     bytesize::ByteSize(bytes).display().iec().to_string()
 }
 
-/// The body of OCI's CreateImage request that imports `object_url`.
+/// What OCI's CreateImage needs to know of an image: its format, the launch
+/// mode (only one with a basis: never a guess), and the OS it names.
+#[derive(Debug, Clone, Copy)]
+pub struct ImportFacts<'a> {
+    /// qemu's driver name: `qcow2`, `vmdk`, `oci`, ...
+    pub format: &'a str,
+    pub launch_mode: Option<&'a str>,
+    pub os: Option<&'a str>,
+    pub os_version: Option<&'a str>,
+}
+
+impl Report {
+    /// What CreateImage needs of this image.
+    pub fn import_facts(&self) -> ImportFacts<'_> {
+        ImportFacts {
+            format: &self.format,
+            launch_mode: (self.launch_mode_basis != "none").then_some(self.launch_mode.as_str()),
+            os: self.os.as_deref(),
+            os_version: self.os_version.as_deref(),
+        }
+    }
+}
+
+/// OCI's `sourceImageType` for an image format: QCOW2 or VMDK, none for
+/// `.oci` (OCI's SDKs: "not used for exported Oracle images with the OCI
+/// image format").
+pub fn source_image_type(format: &str) -> Option<&'static str> {
+    match format {
+        "qcow2" => Some("QCOW2"),
+        "vmdk" => Some("VMDK"),
+        _ => None,
+    }
+}
+
+/// Why an image without a basis for its launch mode is not imported, and
+/// what to write in its sidecar.
+pub fn no_launch_mode(file: &str) -> String {
+    format!(
+        "{file} has no basis for its launch mode (no .oci metadata, nothing attested), and an import is configured: an image imported with the wrong launch mode may never boot. Write {file}.meta.json beside the image with \"launch_mode\": \"PARAVIRTUALIZED\" (most Linux and Windows images; EMULATED for old ones, NATIVE for images exported from OCI), and \"os\" and \"os_version\" if CreateImage should name them"
+    )
+}
+
+/// Whether OCI imports images of this format: QCOW2, VMDK and `.oci`.
+pub fn importable(format: &str) -> bool {
+    matches!(format, "qcow2" | "vmdk" | "oci")
+}
+
+/// The body of OCI's CreateImage request (`CreateImageDetails`) that
+/// imports an image from `source` (an `imageSourceDetails` with its
+/// `sourceType` and where to read: a URI, or the namespace, bucket and
+/// object). The launch mode is sent only when it has a basis (for an
+/// `.oci` export, its metadata's, NATIVE by default).
 pub fn create_image_body(
-    report: &Report,
-    object_url: &str,
+    facts: &ImportFacts<'_>,
+    mut source: serde_json::Value,
+    compartment_id: &str,
     display_name: &str,
 ) -> serde_json::Value {
-    let mut source = serde_json::json!({
-        "sourceType": "objectStorageUri",
-        "sourceUri": object_url,
-    });
-    if let Some(t) = report.source_image_type() {
+    if let Some(t) = source_image_type(facts.format) {
         source["sourceImageType"] = t.into();
     }
-    if let Some(os) = &report.os {
-        source["operatingSystem"] = os.clone().into();
+    if let Some(os) = facts.os {
+        source["operatingSystem"] = os.into();
     }
-    if let Some(v) = &report.os_version {
-        source["operatingSystemVersion"] = v.clone().into();
+    if let Some(v) = facts.os_version {
+        source["operatingSystemVersion"] = v.into();
     }
     let mut body = serde_json::json!({
-        "compartmentId": "<compartment OCID>",
+        "compartmentId": compartment_id,
         "displayName": display_name,
         "imageSourceDetails": source,
     });
-    // OCI picks the launch mode of an .oci image itself; for others, only a
-    // launch mode with a basis is sent.
-    if report.format != "oci" && report.launch_mode_basis != "none" {
-        body["launchMode"] = report.launch_mode.clone().into();
+    if let Some(mode) = facts.launch_mode {
+        body["launchMode"] = mode.into();
     }
     body
 }

@@ -24,7 +24,12 @@ fn create_image_bodies() {
     let url = "https://objectstorage.us-ashburn-1.oraclecloud.com/n/ns/b/images/o/disk.qcow2";
     let mut r = Report::new("disk.qcow2", 1 << 20);
     r.format = "qcow2".into();
-    let body = create_image_body(&r, url, "disk.qcow2");
+    let body = create_image_body(
+        &r.import_facts(),
+        uri(url),
+        "<compartment OCID>",
+        "disk.qcow2",
+    );
     assert_eq!(body["compartmentId"], "<compartment OCID>");
     assert_eq!(body["displayName"], "disk.qcow2");
     let src = &body["imageSourceDetails"];
@@ -41,7 +46,12 @@ fn create_image_bodies() {
     r.launch_mode_basis = "attested".into();
     r.os = Some("Oracle Linux".into());
     r.os_version = Some("9".into());
-    let body = create_image_body(&r, url, "disk.qcow2");
+    let body = create_image_body(
+        &r.import_facts(),
+        uri(url),
+        "<compartment OCID>",
+        "disk.qcow2",
+    );
     assert_eq!(body["launchMode"], "PARAVIRTUALIZED");
     assert_eq!(
         body["imageSourceDetails"]["operatingSystem"],
@@ -50,15 +60,37 @@ fn create_image_bodies() {
     assert_eq!(body["imageSourceDetails"]["operatingSystemVersion"], "9");
 
     r.format = "vmdk".into();
-    let body = create_image_body(&r, url, "disk.vmdk");
+    let body = create_image_body(
+        &r.import_facts(),
+        uri(url),
+        "<compartment OCID>",
+        "disk.vmdk",
+    );
     assert_eq!(body["imageSourceDetails"]["sourceImageType"], "VMDK");
 
     r.format = "oci".into();
     r.launch_mode_basis = "oci-metadata".into();
-    let body = create_image_body(&r, url, "disk.oci");
+    let body = create_image_body(
+        &r.import_facts(),
+        uri(url),
+        "<compartment OCID>",
+        "disk.oci",
+    );
     assert!(
         body["imageSourceDetails"].get("sourceImageType").is_none(),
         "{body}"
     );
-    assert!(body.get("launchMode").is_none(), "{body}");
+    assert_eq!(body["launchMode"], "PARAVIRTUALIZED", "{body}");
+    r.launch_mode = "NATIVE".into();
+    let body = create_image_body(
+        &r.import_facts(),
+        uri(url),
+        "<compartment OCID>",
+        "disk.oci",
+    );
+    assert_eq!(body["launchMode"], "NATIVE", "an .oci export's own: {body}");
+}
+
+fn uri(url: &str) -> serde_json::Value {
+    serde_json::json!({ "sourceType": "objectStorageUri", "sourceUri": url })
 }

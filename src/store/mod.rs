@@ -42,6 +42,7 @@ use crate::chunk::{Part, PartLimits};
 use crate::config::{DestinationConfig, DestinationUrl, TransferConfig};
 
 pub use error::{StoreError, readable};
+pub(crate) use oci::{account_and_region as oci_account, allow_http as oci_allow_http};
 
 /// Picks the destinations for a push: every configured one when `to` is empty,
 /// otherwise each `--to` value as a configured name or a URL.

@@ -31,7 +31,7 @@ mod retry;
 mod verify;
 mod worker;
 
-pub use prepare::{PrepareError, destinations, inspect_source, plan_for};
+pub use prepare::{PrepareError, check_import, destinations, inspect_source, plan_for};
 pub use retry::{Halt, RetryPolicy, retry};
 
 use std::collections::{HashMap, HashSet};

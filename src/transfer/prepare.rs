@@ -39,6 +39,11 @@ pub enum PrepareError {
     /// attests its licences (the policy requires one).
     #[error("refused {}: {}", .0.file, .0.reasons.join("; "))]
     Unattested(Box<crate::image::Report>),
+    /// A destination imports every image it verifies, and this one cannot
+    /// be imported as it is (no basis for its launch mode, or a format OCI
+    /// does not import).
+    #[error("refused {}: {}", .0.file, .0.reasons.join("; "))]
+    NotImportable(Box<crate::image::Report>),
 }
 
 impl PrepareError {
@@ -51,7 +56,8 @@ impl PrepareError {
             | PrepareError::Plan { .. }
             | PrepareError::Inspect(_)
             | PrepareError::Refused(_)
-            | PrepareError::Unattested(_) => Class::Refuse,
+            | PrepareError::Unattested(_)
+            | PrepareError::NotImportable(_) => Class::Refuse,
             PrepareError::Destination(_)
             | PrepareError::PartSize(_)
             | PrepareError::Budget { .. } => Class::Fatal,
@@ -70,7 +76,7 @@ impl PrepareError {
             PrepareError::Source(_) => {
                 "Put the image back in the spool as a regular, readable, non-empty file."
             }
-            PrepareError::Unattested(_) => {
+            PrepareError::Unattested(_) | PrepareError::NotImportable(_) => {
                 "Write the sidecar as the reason says, then put the image (and its .meta.json) back in the spool."
             }
             PrepareError::Refused(_) => {
@@ -91,7 +97,9 @@ impl PrepareError {
     /// The inspection report of a refused image.
     pub fn into_report(self) -> Option<crate::image::Report> {
         match self {
-            PrepareError::Refused(r) | PrepareError::Unattested(r) => Some(*r),
+            PrepareError::Refused(r)
+            | PrepareError::Unattested(r)
+            | PrepareError::NotImportable(r) => Some(*r),
             _ => None,
         }
     }
@@ -126,6 +134,48 @@ pub fn inspect_source(
         );
     }
     Ok(report)
+}
+
+/// Refuses, before a byte is sent, an image that a destination among
+/// `names` would import and that cannot be imported as it is: without a
+/// basis for its launch mode, or of a format OCI does not import.
+pub fn check_import(
+    report: &crate::image::Report,
+    config: &crate::config::Config,
+    names: &[&str],
+) -> Result<(), PrepareError> {
+    let importing: Vec<&str> = names
+        .iter()
+        .filter(|n| {
+            config
+                .destinations
+                .get(**n)
+                .is_some_and(|d| d.import.is_some())
+        })
+        .copied()
+        .collect();
+    if importing.is_empty() {
+        return Ok(());
+    }
+    let reason = if !crate::image::importable(&report.format) {
+        format!(
+            "OCI cannot import {} ({}), and {} import(s) every image it verifies",
+            report.file,
+            report.format_name,
+            importing.join(", ")
+        )
+    } else if report.import_facts().launch_mode.is_none() {
+        format!(
+            "{} (destination(s) {} import)",
+            crate::image::no_launch_mode(&report.file),
+            importing.join(", ")
+        )
+    } else {
+        return Ok(());
+    };
+    let mut r = report.clone();
+    r.refuse(reason);
+    Err(PrepareError::NotImportable(Box::new(r)))
 }
 
 /// The plan for a file against every destination's limits and the budget.

@@ -163,6 +163,7 @@ impl Worker {
             source_host: manifest::hostname(),
             started_at: manifest::timestamp(started),
             finished_at: manifest::timestamp(SystemTime::now()),
+            import: None,
             image: self.image_fields(),
         }
     }
@@ -175,7 +176,12 @@ impl Worker {
         match self.dest.import_url(&self.job.name) {
             Ok(url) => m.insert(
                 "oci_create_image".into(),
-                crate::image::create_image_body(report, &url, &self.job.name),
+                crate::image::create_image_body(
+                    &report.import_facts(),
+                    serde_json::json!({ "sourceType": "objectStorageUri", "sourceUri": url }),
+                    "<compartment OCID>",
+                    &self.job.name,
+                ),
             ),
             Err(why) => m.insert("oci_create_image_unavailable".into(), why.into()),
         };

@@ -81,8 +81,8 @@ impl Worker {
                 Phase::Failed
             });
         }
-        if result.is_ok() {
-            self.observer.verified(self.dest.name());
+        if let Ok(m) = &result {
+            self.observer.verified(self.dest.name(), m);
         }
         result
     }

@@ -15,6 +15,7 @@ pub const OCI_NAMESPACE: &str = "ferryns";
 pub const OCI_TENANCY: &str = "ocid1.tenancy.oc1..aaaaaaaaferrytest";
 pub const OCI_USER: &str = "ocid1.user.oc1..aaaaaaaaferrytest";
 pub const OCI_FINGERPRINT: &str = "12:34:56:78:9a:bc:de:f0:12:34:56:78:9a:bc:de:f0";
+pub const OCI_COMPARTMENT: &str = "ocid1.compartment.oc1..aaaaaaaaferrytest";
 
 pub struct OciDouble {
     child: Child,
@@ -111,6 +112,30 @@ impl OciDouble {
         format!(
             "[destinations.{name}]\nurl = \"{url}\"\n{}",
             self.table_keys(&self.endpoint())
+        )
+    }
+
+    /// The images the double's Compute created, and every CreateImage body
+    /// it received: `{"created": N, "bodies": [...]}` (its test-only door).
+    pub fn images(&self) -> serde_json::Value {
+        let (code, body) = http_get(self.port, "/_double/images").expect("the double answers");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// How many images the double's Compute created.
+    pub fn images_created(&self) -> u64 {
+        self.images()["created"].as_u64().unwrap()
+    }
+
+    /// A destination table in region `region` whose objects are imported
+    /// (the double answers Compute on its own port), with `import` (lines
+    /// of TOML) added to its import table.
+    pub fn importing_table(&self, name: &str, url: &str, region: &str, import: &str) -> String {
+        format!(
+            "[destinations.{name}]\nurl = \"{url}\"\nregion = \"{region}\"\nendpoint = \"{e}\"\nconfig_file = \"{}\"\n[destinations.{name}.import]\ncompartment_id = \"{OCI_COMPARTMENT}\"\nendpoint = \"{e}\"\n{import}\n",
+            self.config_file.display(),
+            e = self.endpoint(),
         )
     }
 
