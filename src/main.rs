@@ -56,7 +56,8 @@ each exactly once, resuming after crashes and restarts.\n\n\
 A producer writes X.partial and renames it to X when complete, or writes X and then creates an \
 empty X.ready; a file that arrives any other way is taken once its size and mtime have been still \
 for settle_secs. X.meta.json beside X is its sidecar. Claimed files move to spool/.ferry/active/, \
-then to .ferry/done/ (or are deleted, on_success = \"delete\") once every destination verified them, \
+then to .ferry/done/ (or are deleted, on_success = \"delete\") once every destination verified them \
+(and, for a destination with an import table, once the custom image made from it is AVAILABLE), \
 or to .ferry/failed/ with X.error.json saying why.",
         after_help = concat!(
             "EXIT STATUS:\n  0    stopped by SIGTERM or SIGINT after jobs reached a resumable point\n  1    the process could not start its runtime\n  2    did not start: the config, a destination (e.g. s3:// without credentials),\n       the state directory, the spool, the metrics port, or another daemon holding\n       the same state directory or spool (its pid is named)\n  130  a second signal: exited at once; the journal on disk is whole\n\n",
@@ -284,19 +285,14 @@ async fn run(cli: Cli) -> u8 {
             again,
             progress_secs,
         } => {
-            let config = match Config::load_or_embedded(config.as_deref()) {
+            let config = match load_config(config.as_deref()) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("ferry: {e}");
-                    return EXIT_REFUSED;
-                }
+                Err(code) => return code,
             };
-            let (trigger, stop) = shutdown::new();
-            let first = || eprintln!("ferry: interrupted (again to exit at once)");
-            if let Err(e) = shutdown::on_signals(trigger, first) {
-                eprintln!("ferry: cannot install signal handlers: {e}");
-                return EXIT_FAILED;
-            }
+            let stop = match stop_on_signals("ferry: interrupted (again to exit at once)") {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
             let args = ImportArgs {
                 target,
                 destination,
@@ -344,12 +340,9 @@ async fn run(cli: Cli) -> u8 {
             no_import,
             metrics_addr,
         } => {
-            let config = match Config::load_or_embedded(config.as_deref()) {
+            let config = match load_config(config.as_deref()) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("ferry: {e}");
-                    return EXIT_REFUSED;
-                }
+                Err(code) => return code,
             };
             let opts = PushOptions {
                 to,
@@ -371,16 +364,12 @@ async fn run(cli: Cli) -> u8 {
                 },
                 None => None,
             };
-            let (trigger, stop) = shutdown::new();
-            let first = || {
-                eprintln!(
-                    "ferry: interrupted; aborting the uploads not yet complete (again to exit at once)"
-                )
+            let stop = match stop_on_signals(
+                "ferry: interrupted; aborting the uploads not yet complete (again to exit at once)",
+            ) {
+                Ok(s) => s,
+                Err(code) => return code,
             };
-            if let Err(e) = shutdown::on_signals(trigger, first) {
-                eprintln!("ferry: cannot install signal handlers: {e}");
-                return EXIT_FAILED;
-            }
             let every = Duration::from_secs(progress_secs.max(1));
             let pushed = match push::push(&config, &image, opts, every, status, stop.clone()).await
             {
@@ -397,6 +386,25 @@ async fn run(cli: Cli) -> u8 {
             }
         }
     }
+}
+
+/// The config file, or the embedded default; a refusal's exit status.
+fn load_config(path: Option<&std::path::Path>) -> Result<Config, u8> {
+    Config::load_or_embedded(path).map_err(|e| {
+        eprintln!("ferry: {e}");
+        EXIT_REFUSED
+    })
+}
+
+/// A stop token that SIGINT and SIGTERM trip, saying `first` the first
+/// time (a second signal exits at once).
+fn stop_on_signals(first: &'static str) -> Result<shutdown::Shutdown, u8> {
+    let (trigger, stop) = shutdown::new();
+    shutdown::on_signals(trigger, move || eprintln!("{first}")).map_err(|e| {
+        eprintln!("ferry: cannot install signal handlers: {e}");
+        EXIT_FAILED
+    })?;
+    Ok(stop)
 }
 
 fn inspect(

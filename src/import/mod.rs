@@ -236,30 +236,15 @@ impl Importer {
             request: Duration::from_secs(60),
             connect: Duration::from_secs(transfer.connect_timeout_secs),
         };
-        let storage_endpoint = dest
-            .endpoint
-            .clone()
-            .unwrap_or_else(|| format!("https://objectstorage.{region}.oraclecloud.com"));
-        let storage = Client::new(
-            &account,
-            &storage_endpoint,
-            &format!("https://objectstorage.{region}.oraclecloud.com"),
-            crate::store::oci_allow_http(dest, &storage_endpoint),
-            limits,
-        )
-        .map_err(setup)?;
-        let compute_endpoint = import
-            .endpoint
-            .clone()
-            .unwrap_or_else(|| format!("https://iaas.{region}.oraclecloud.com"));
-        let compute = Client::new(
-            &account,
-            &compute_endpoint,
-            &format!("https://iaas.{region}.oraclecloud.com"),
-            crate::store::oci_allow_http(dest, &compute_endpoint),
-            limits,
-        )
-        .map_err(|m| setup(format!("import.{m}")))?;
+        // A client of `service` in the region: at `endpoint`, else OCI's own.
+        let client = |service: &str, endpoint: &Option<String>| {
+            let default = format!("https://{service}.{region}.oraclecloud.com");
+            let endpoint = endpoint.clone().unwrap_or_else(|| default.clone());
+            let allow_http = crate::store::oci_allow_http(dest, &endpoint);
+            Client::new(&account, &endpoint, &default, allow_http, limits)
+        };
+        let storage = client("objectstorage", &dest.endpoint).map_err(setup)?;
+        let compute = client("iaas", &import.endpoint).map_err(|m| setup(format!("import.{m}")))?;
         Ok(Importer {
             destination: name.to_string(),
             region,
