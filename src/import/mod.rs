@@ -280,25 +280,11 @@ impl Importer {
         }
     }
 
-    /// Imports the object `m` describes, continuing from `rec` (a new
-    /// record, or a journaled one), and ends with how it ended: `Ok` once
-    /// AVAILABLE; [`ImportError::Ended`] or [`ImportError::TimedOut`] when
-    /// it ended otherwise (both carry the entry for the manifest); other
-    /// errors when it stopped before it ended, `rec` holding where it stands.
-    pub async fn run(
-        &self,
-        m: &Manifest,
-        rec: &mut ImportRecord,
-        watch: &dyn Watch,
-        cancel: &Shutdown,
-    ) -> Result<ImportEntry, ImportError> {
-        self.begin(m, rec, watch, cancel).await?;
-        self.finish(m, rec, watch, cancel).await
-    }
-
-    /// The first half of [`Importer::run`]: the source (a PAR) and the
-    /// CreateImage, up to the image's OCID journaled. Does nothing when
-    /// `rec` has an image already.
+    /// The first half of an import, continuing from `rec` (a new record, or
+    /// a journaled one): the source (a PAR) and the CreateImage, up to the
+    /// image's OCID journaled. Does nothing when `rec` has an image already.
+    /// A restart past the timeout ends in [`ImportError::TimedOut`]; other
+    /// errors stop it where `rec` says it stands.
     pub async fn begin(
         &self,
         m: &Manifest,
@@ -376,8 +362,11 @@ impl Importer {
         keep(rec)
     }
 
-    /// The second half of [`Importer::run`]: the wait for the image of
-    /// `rec`, and its end (the PAR deleted).
+    /// The second half of an import: the wait for the image of `rec`, and
+    /// its end (the PAR deleted): `Ok` once AVAILABLE;
+    /// [`ImportError::Ended`] or [`ImportError::TimedOut`] when it ended
+    /// otherwise (both carry the entry for the manifest); other errors when
+    /// it stopped before it ended.
     pub async fn finish(
         &self,
         m: &Manifest,
