@@ -510,18 +510,13 @@ impl Importer {
             }
             .into());
         };
-        let par = Par {
-            id,
-            access_uri,
-            full_path: field("fullPath"),
-        };
         // fullPath is the whole URL where OCI gives it; else the endpoint
         // and the accessUri, as Oracle's documentation builds it.
-        let url = match par.full_path {
+        let url = match field("fullPath") {
             Some(p) if p.starts_with("https://") || p.starts_with("http://") => p,
-            _ => format!("{}{}", self.storage.endpoint(), par.access_uri),
+            _ => format!("{}{access_uri}", self.storage.endpoint()),
         };
-        Ok((par.id, url))
+        Ok((id, url))
     }
 
     /// Deletes the import's PAR, if it has one; a failure is said and left
@@ -701,43 +696,32 @@ impl Importer {
                 }
                 Err(e) => return Err(self.advised(redacted(e)).into()),
             };
-            if let Some(e) = &failing {
-                let left = deadline
-                    .duration_since(SystemTime::now())
-                    .unwrap_or_default();
-                if left.is_zero() {
-                    return Ok((state, Some(format!("GetImage failed at the end: {e}"))));
+            if failing.is_none() {
+                if rec.state.as_deref() != Some(state.as_str()) {
+                    rec.state = Some(state.clone());
+                    keep(rec)?;
                 }
-                tokio::select! {
-                    _ = cancel.requested() => return Err(ImportError::Cancelled),
-                    _ = tokio::time::sleep(pause.min(left)) => {}
+                match state.as_str() {
+                    "AVAILABLE" => {
+                        show(&state, Some(image_id), Some(100.0));
+                        return Ok((state, None));
+                    }
+                    "DISABLED" | "DELETED" => {
+                        show(&state, Some(image_id), None);
+                        let why = self.work_request_errors(rec, cancel).await;
+                        return Ok((state, Some(why)));
+                    }
+                    _ => {}
                 }
-                pause = (pause.mul_f64(1.5)).min(POLL_MAX);
-                continue;
+                let percent = self.percent(rec, cancel).await;
+                show(&state, Some(image_id), percent);
             }
-            if rec.state.as_deref() != Some(state.as_str()) {
-                rec.state = Some(state.clone());
-                keep(rec)?;
-            }
-            match state.as_str() {
-                "AVAILABLE" => {
-                    show(&state, Some(image_id), Some(100.0));
-                    return Ok((state, None));
-                }
-                "DISABLED" | "DELETED" => {
-                    show(&state, Some(image_id), None);
-                    let why = self.work_request_errors(rec, cancel).await;
-                    return Ok((state, Some(why)));
-                }
-                _ => {}
-            }
-            let percent = self.percent(rec, cancel).await;
-            show(&state, Some(image_id), percent);
             let left = deadline
                 .duration_since(SystemTime::now())
                 .unwrap_or_default();
             if left.is_zero() {
-                return Ok((state, None));
+                let why = failing.map(|e| format!("GetImage failed at the end: {e}"));
+                return Ok((state, why));
             }
             tokio::select! {
                 _ = cancel.requested() => return Err(ImportError::Cancelled),
@@ -804,8 +788,8 @@ impl Importer {
         }
     }
 
-    /// One request, tried again after a pause while it fails for a passing
-    /// reason, at most `max_retries` times; a stop ends the wait at once.
+    /// One request, tried again while it fails for a passing reason
+    /// ([`Importer::retrying`]); an answer it gets for good is advised.
     async fn request<F, Fut>(
         &self,
         cancel: &Shutdown,
@@ -817,19 +801,38 @@ impl Importer {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<reqwest::Response, client::Failure>>,
     {
+        let once = || async {
+            send()
+                .await
+                .map_err(|f| redacted(StoreError::from_oci(op, key, f)))
+        };
+        self.retrying(cancel, once).await.map_err(|e| match e {
+            ImportError::Api(e) => self.advised(e).into(),
+            other => other,
+        })
+    }
+
+    /// `once`, tried again after a pause (doubling from 500 ms, at most
+    /// [`POLL_MAX`]) while it fails for a passing reason, at most
+    /// `max_retries` times; a stop ends the wait at once.
+    async fn retrying<T, F, Fut>(&self, cancel: &Shutdown, once: F) -> Result<T, ImportError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
         let mut pause = Duration::from_millis(500);
         let mut attempt = 0u32;
+        // Bounded: at most max_retries + 1 attempts.
         loop {
-            let r = tokio::select! {
+            let e = tokio::select! {
                 _ = cancel.requested() => return Err(ImportError::Cancelled),
-                r = send() => r,
-            };
-            let e = match r {
-                Ok(resp) => return Ok(resp),
-                Err(f) => redacted(StoreError::from_oci(op, key, f)),
+                r = once() => match r {
+                    Ok(v) => return Ok(v),
+                    Err(e) => e,
+                },
             };
             if !e.retryable() || attempt >= self.max_retries {
-                return Err(self.advised(e).into());
+                return Err(ImportError::Api(e));
             }
             attempt += 1;
             warn!(
@@ -933,14 +936,6 @@ fn redacted(mut e: StoreError) -> StoreError {
 
 /// Shows a state, an image OCID and a percentage.
 type Show<'a> = &'a (dyn Fn(&str, Option<&str>, Option<f64>) + Sync);
-
-/// A pre-authenticated request as CreatePreauthenticatedRequest answers it
-/// (the fields ferry reads).
-struct Par {
-    id: String,
-    access_uri: String,
-    full_path: Option<String>,
-}
 
 /// An image as GetImage and CreateImage answer it (the fields ferry reads).
 #[derive(Debug, Deserialize)]
@@ -1124,7 +1119,7 @@ async fn ended(
 }
 
 /// Writes the manifest `m` beside its object, trying again while that
-/// fails for a passing reason (at most `max_retries` times).
+/// fails for a passing reason.
 async fn write_manifest(
     dest: &Destination,
     importer: &Importer,
@@ -1133,24 +1128,9 @@ async fn write_manifest(
 ) -> Result<(), ImportError> {
     let body = bytes::Bytes::from(m.to_json());
     let mname = format!("{}{}", m.file_name, manifest::MANIFEST_SUFFIX);
-    let mut pause = Duration::from_millis(500);
-    let mut attempt = 0;
-    // Bounded: at most max_retries + 1 writes.
-    loop {
-        let failed = match dest.put_small(&mname, body.clone()).await {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        if !failed.retryable() || attempt >= importer.max_retries {
-            return Err(ImportError::Api(failed));
-        }
-        attempt += 1;
-        tokio::select! {
-            _ = cancel.requested() => return Err(ImportError::Cancelled),
-            _ = tokio::time::sleep(pause) => {}
-        }
-        pause = (pause * 2).min(POLL_MAX);
-    }
+    importer
+        .retrying(cancel, || dest.put_small(&mname, body.clone()))
+        .await
 }
 
 #[cfg(test)]
