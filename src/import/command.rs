@@ -398,29 +398,16 @@ fn choose(
         ));
     }
     // No configured destination: the bucket and the key's directory, with
-    // the profile from the environment.
+    // the profile from the environment, named as `--to URL` names it.
     let (prefix, object) = match key.rfind('/') {
         Some(i) => (&key[..=i], &key[i + 1..]),
         None => ("", key),
     };
-    Ok((
-        format!("oci-{bucket}")
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .take(64)
-            .collect(),
-        DestinationConfig {
-            url: format!("oci://{bucket}/{prefix}"),
-            ..DestinationConfig::default()
-        },
-        object.to_string(),
-    ))
+    let url = format!("oci://{bucket}/{prefix}");
+    let (name, cfg) = crate::store::resolve(&config.destinations, &[url])?
+        .pop()
+        .ok_or_else(|| format!("oci://{bucket}/{key}: no destination"))?;
+    Ok((name, cfg, object.to_string()))
 }
 
 /// The import table: the destination's, with what the command line says
@@ -468,8 +455,7 @@ fn import_table(
     for (k, v) in &args.tags {
         t.freeform_tags.insert(k.clone(), v.clone());
     }
-    t.check()
-        .map_err(|m| format!("import table of {name}: {m}"))?;
+    // Checked by `Importer::new`, as every table is.
     Ok(t)
 }
 
