@@ -211,7 +211,6 @@ pub(super) async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
             image: Some(image),
             resumable: true,
         });
-        let all = dests.clone();
         let run = transfer::run(
             job,
             dests,
@@ -227,7 +226,7 @@ pub(super) async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
         loop {
             tokio::select! {
                 outcomes = &mut run => break outcomes,
-                Some(v) = verified.recv() => imports.start_named(&all, v),
+                Some(v) = verified.recv() => imports.start_named(&settings.destinations, v),
             }
         }
     };
@@ -285,22 +284,22 @@ pub(super) async fn wait_imports(w: Waiting) -> JobEnd {
     } = w;
     let mut ended = Vec::new();
     while let Some(joined) = imports.set.join_next_with_id().await {
-        match joined {
-            Ok((_, r)) => ended.push(r),
+        let (id, result) = match joined {
+            Ok((id, result)) => (id, result),
             // Never taken for an import that ended: the job must not end
             // done without it.
             Err(e) => {
                 warn!("an import task ended abnormally: {e}");
-                if let Some((destination, url)) = imports.tasks.remove(&e.id()) {
-                    ended.push(ImportEnd {
-                        destination,
-                        url,
-                        result: Err(ImportError::Setup(format!(
-                            "the import task ended abnormally ({e}); its record is kept"
-                        ))),
-                    });
-                }
+                let why = format!("the import task ended abnormally ({e}); its record is kept");
+                (e.id(), Err(ImportError::Setup(why)))
             }
+        };
+        if let Some((destination, url)) = imports.tasks.remove(&id) {
+            ended.push(ImportEnd {
+                destination,
+                url,
+                result,
+            });
         }
     }
     let ctx = &imports.ctx;
@@ -338,7 +337,7 @@ impl Observer for ImportFeed {
 
 /// One job's imports, a task per destination.
 struct Imports {
-    set: JoinSet<ImportEnd>,
+    set: JoinSet<Result<(), ImportError>>,
     /// Each task's destination and URL, by task id.
     tasks: HashMap<tokio::task::Id, (String, String)>,
     ctx: JobCtx,
@@ -388,11 +387,7 @@ impl Imports {
                     Err(_) => dp.set_phase(Phase::Failed),
                 }
             }
-            ImportEnd {
-                destination: dest.name().to_string(),
-                url: dest.url().to_string(),
-                result,
-            }
+            result
         });
         self.tasks.insert(task.id(), named);
     }
