@@ -248,60 +248,103 @@ pub(crate) fn eof() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the end")
 }
 
-/// A byte range of a file (a whole file, or a member of an uncompressed tar).
-pub struct FileRange<'a> {
+/// A whole open file, read by `pread`.
+pub struct FileAt<'a> {
     pub file: &'a File,
-    pub start: u64,
     pub len: u64,
 }
 
-impl ReadAt for FileRange<'_> {
+impl ReadAt for FileAt<'_> {
     fn size(&self) -> u64 {
         self.len
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         within(offset, buf.len(), self.len)?;
-        self.file.read_exact_at(buf, self.start + offset)
+        self.file.read_exact_at(buf, offset)
+    }
+}
+
+/// A byte range of an image (a whole image, or a member of an uncompressed
+/// tar), readable by position and, from a cursor, as a stream that can seek
+/// (for the `tar` crate, which then skips members without reading them).
+pub struct Range<'a> {
+    pub base: &'a dyn ReadAt,
+    pub start: u64,
+    pub len: u64,
+    pos: u64,
+}
+
+impl<'a> Range<'a> {
+    pub fn new(base: &'a dyn ReadAt, start: u64, len: u64) -> Range<'a> {
+        Range {
+            base,
+            start,
+            len,
+            pos: 0,
+        }
+    }
+}
+
+impl ReadAt for Range<'_> {
+    fn size(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        within(offset, buf.len(), self.len)?;
+        self.base.read_at(self.start + offset, buf)
+    }
+}
+
+impl Read for Range<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.len.saturating_sub(self.pos)) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.base.read_at(self.start + self.pos, &mut buf[..n])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for Range<'_> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let at = match to {
+            std::io::SeekFrom::Start(n) => Some(n),
+            std::io::SeekFrom::End(d) => self.len.checked_add_signed(d),
+            std::io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        let at = at.ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the start")
+        })?;
+        self.pos = at;
+        Ok(at)
     }
 }
 
 /// A member of a gzip-compressed tar: read by decompressing from the start
 /// again whenever a read goes backwards (only a handful of reads are needed).
 pub struct GzMember<'a> {
-    file: &'a File,
+    base: &'a dyn ReadAt,
     start: u64,
     len: u64,
-    state: Mutex<
-        Option<(
-            flate2::read::GzDecoder<std::io::BufReader<FileRange<'a>>>,
-            u64,
-        )>,
-    >,
-}
-
-impl Read for FileRange<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = (buf.len() as u64).min(self.len) as usize;
-        if n == 0 {
-            return Ok(0);
-        }
-        let got = self.file.read_at(&mut buf[..n], self.start)?;
-        self.start += got as u64;
-        self.len -= got as u64;
-        Ok(got)
-    }
+    state: Mutex<Option<(flate2::read::GzDecoder<std::io::BufReader<Range<'a>>>, u64)>>,
 }
 
 impl<'a> GzMember<'a> {
-    pub fn new(file: &'a File, start: u64, len: u64) -> GzMember<'a> {
+    pub fn new(base: &'a dyn ReadAt, start: u64, len: u64) -> GzMember<'a> {
         GzMember {
-            file,
+            base,
             start,
             len,
             state: Mutex::new(None),
         }
     }
 }
+
+/// The buffer of a stream read from an image: large, so that an image read
+/// by ranged GETs costs few requests.
+pub(crate) const STREAM_BUFFER_BYTES: usize = 1 << 20;
 
 impl ReadAt for GzMember<'_> {
     fn size(&self) -> u64 {
@@ -315,13 +358,12 @@ impl ReadAt for GzMember<'_> {
             .map_err(|_| std::io::Error::other("poisoned"))?;
         let want = self.start + offset;
         if g.as_ref().is_none_or(|(_, pos)| *pos > want) {
-            let whole = FileRange {
-                file: self.file,
-                start: 0,
-                len: self.file.metadata()?.len(),
-            };
+            let whole = Range::new(self.base, 0, self.base.size());
             *g = Some((
-                flate2::read::GzDecoder::new(std::io::BufReader::with_capacity(1 << 16, whole)),
+                flate2::read::GzDecoder::new(std::io::BufReader::with_capacity(
+                    STREAM_BUFFER_BYTES,
+                    whole,
+                )),
                 0,
             ));
         }
@@ -384,14 +426,36 @@ pub fn inspect_file(
             "not a regular file",
         )));
     }
-    let mut report = Report::new(name, meta.len());
-    let whole = FileRange {
+    let side = match sidecar {
+        Some(p) => Some(Sidecar::load(p).map_err(|message| InspectError::Sidecar {
+            path: p.display().to_string(),
+            message,
+        })?),
+        None => None,
+    };
+    let whole = FileAt {
         file,
-        start: 0,
         len: meta.len(),
     };
+    inspect_at(&whole, name, shown, side.as_ref(), policy)
+}
+
+/// Inspects an image through any positional reader (a file, or an object
+/// read by ranged GETs), with its sidecar already read.
+pub fn inspect_at(
+    whole: &dyn ReadAt,
+    name: &str,
+    shown: &str,
+    side: Option<&Sidecar>,
+    policy: &Policy,
+) -> Result<Report, InspectError> {
+    let io = |source| InspectError::Io {
+        path: shown.to_string(),
+        source,
+    };
+    let mut report = Report::new(name, whole.size());
     let mut oci_meta = None;
-    detect_and_check(&whole, file, &mut report, policy, &mut oci_meta).map_err(io)?;
+    detect_and_check(whole, &mut report, policy, &mut oci_meta).map_err(io)?;
 
     if let Some(v) = report.virtual_size {
         if v > policy.max_virtual_size_bytes {
@@ -408,14 +472,7 @@ pub fn inspect_file(
         }
     }
 
-    let side = match sidecar {
-        Some(p) => Some(Sidecar::load(p).map_err(|message| InspectError::Sidecar {
-            path: p.display().to_string(),
-            message,
-        })?),
-        None => None,
-    };
-    decide_launch(&mut report, side.as_ref(), oci_meta.as_ref());
+    decide_launch(&mut report, side, oci_meta.as_ref());
     if policy.require_license_attestation && report.license.is_none() {
         report.refuse(format!(
             "no licence attestation: OCI requires every imported image to comply with its OS and software licences. Write {name}.meta.json beside the image with: {}",
@@ -427,7 +484,6 @@ pub fn inspect_file(
 
 fn detect_and_check(
     r: &dyn ReadAt,
-    file: &File,
     report: &mut Report,
     policy: &Policy,
     oci_meta: &mut Option<serde_json::Value>,
@@ -444,10 +500,10 @@ fn detect_and_check(
         return vmdk::check(r, report);
     }
     if oci::is_tar(&head) {
-        return oci::check_tar(file, r, report, policy, oci_meta, false);
+        return oci::check_tar(r, report, policy, oci_meta);
     }
     if head.starts_with(&[0x1f, 0x8b]) {
-        return oci::check_gzip(file, r, report, policy, oci_meta);
+        return oci::check_gzip(r, report, policy, oci_meta);
     }
     others::check(r, &head, report)
 }

@@ -3,10 +3,9 @@
 //! launch mode, firmware and OS come from the metadata. Member sizes over 8 GiB
 //! (GNU base-256, pax `size=`) are read by the `tar` crate.
 
-use std::fs::File;
-use std::io::{Read, Seek};
+use std::io::Read;
 
-use super::{FileRange, GzMember, Policy, ReadAt, Report, qcow2};
+use super::{GzMember, Policy, Range, ReadAt, Report, STREAM_BUFFER_BYTES, qcow2};
 
 const METADATA: &str = "image_metadata.json";
 const MAX_METADATA_BYTES: u64 = 1 << 20;
@@ -23,13 +22,13 @@ struct Found {
     names: Vec<String>,
 }
 
-fn scan<R: Read>(archive: &mut tar::Archive<R>) -> std::io::Result<Found> {
+fn scan<R: Read>(entries: tar::Entries<'_, R>) -> std::io::Result<Found> {
     let mut found = Found {
         metadata: None,
         qcow2: None,
         names: vec![],
     };
-    for (i, entry) in archive.entries()?.enumerate() {
+    for (i, entry) in entries.enumerate() {
         if i >= MAX_MEMBERS {
             break;
         }
@@ -125,17 +124,18 @@ fn judge(
 }
 
 pub(super) fn check_tar(
-    file: &File,
-    _r: &dyn ReadAt,
+    r: &dyn ReadAt,
     rep: &mut Report,
     policy: &Policy,
     oci_meta: &mut Option<serde_json::Value>,
-    _gz: bool,
 ) -> std::io::Result<()> {
-    let mut f = file.try_clone()?;
-    f.rewind()?;
-    let mut archive = tar::Archive::new(f);
-    let found = match scan(&mut archive) {
+    // Seekable: members are skipped, not read (an object source is read by
+    // ranged GETs, and the QCOW2 member is most of the file).
+    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(
+        64 << 10,
+        Range::new(r, 0, r.size()),
+    ));
+    let found = match archive.entries_with_seek().and_then(scan) {
         Ok(f) => f,
         Err(e) => {
             rep.format = "tar".into();
@@ -145,44 +145,37 @@ pub(super) fn check_tar(
         }
     };
     let (start, len) = found.qcow2.as_ref().map(|q| (q.1, q.2)).unwrap_or((0, 0));
-    if start.saturating_add(len) > file.metadata()?.len() {
+    if start.saturating_add(len) > r.size() {
         rep.format = "oci".into();
         rep.refuse("truncated: the .oci image's QCOW2 member reaches past the end of the file");
         return Ok(());
     }
-    let inner = FileRange { file, start, len };
+    let inner = Range::new(r, start, len);
     judge(found, &inner, rep, policy, oci_meta, "oci-tar")
 }
 
 pub(super) fn check_gzip(
-    file: &File,
     r: &dyn ReadAt,
     rep: &mut Report,
     policy: &Policy,
     oci_meta: &mut Option<serde_json::Value>,
 ) -> std::io::Result<()> {
-    let whole = FileRange {
-        file,
-        start: 0,
-        len: r.size(),
+    let stream = || {
+        flate2::read::GzDecoder::new(std::io::BufReader::with_capacity(
+            STREAM_BUFFER_BYTES,
+            Range::new(r, 0, r.size()),
+        ))
     };
     let mut peek = [0u8; 512];
-    let mut dec = flate2::read::GzDecoder::new(std::io::BufReader::new(whole));
-    let n = read_up_to(&mut dec, &mut peek);
+    let n = read_up_to(&mut stream(), &mut peek);
     if n < 512 || !is_tar(&peek) {
         rep.format = "gzip".into();
         rep.format_name = "a gzip-compressed file".into();
         rep.refuse("OCI cannot import a gzip-compressed file; decompress it first (gunzip), then check the image inside with ferry inspect");
         return Ok(());
     }
-    let whole = FileRange {
-        file,
-        start: 0,
-        len: r.size(),
-    };
-    let mut archive =
-        tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(whole)));
-    let found = match scan(&mut archive) {
+    let mut archive = tar::Archive::new(stream());
+    let found = match archive.entries().and_then(scan) {
         Ok(f) => f,
         Err(e) => {
             rep.format = "oci".into();
@@ -193,7 +186,7 @@ pub(super) fn check_gzip(
         }
     };
     let (start, len) = found.qcow2.as_ref().map(|q| (q.1, q.2)).unwrap_or((0, 0));
-    let inner = GzMember::new(file, start, len);
+    let inner = GzMember::new(r, start, len);
     judge(found, &inner, rep, policy, oci_meta, "oci-tar-gz")
 }
 
