@@ -15,6 +15,14 @@ the real server cannot be made to produce on demand:
   {"part_bytes_per_sec": N}    take part bodies from ferry at N bytes/s, a slow link;
       each part forwarded is logged as "slow <bytes>"
   {"log_requests": true}       log every request line as "req <METHOD> <PATH> HTTP/1.1"
+  {"flip_bit_in_gets": 1}      flip one random bit in the body of the next N answers 206
+      (Partial Content: object reads by range) with a body, each logged as
+      "flipget <request line>". A chunked response is never flipped (nor counted towards N)
+  {"flip_min_bytes": M}        with flip_bit_in_gets: only bodies of at least M bytes
+      (a part, not an inspection's small read) are flipped
+  {"count_gets": true}         log every GET response with status 200 or 206 as
+      "get <status> <body bytes> <request line>", so a test can add up what the server
+      served; a chunked body counts its raw bytes, chunk framing included
 
 It appends one line per injected fault to CONTROL_JSON + ".log", so a test can
 show that faults really happened. Everything else is passed through unchanged.
@@ -30,6 +38,7 @@ import time
 LISTEN, TARGET, CONTROL = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 lock = threading.Lock()
 flips_done = 0
+get_flips_done = 0
 parts_seen = 0
 
 
@@ -81,6 +90,12 @@ def read_body(sock, rest, n, rate=0):
     return body, extra
 
 
+def status_of(head):
+    """The status code on a response's first line, or 0 if it has none."""
+    words = head.split(b"\r\n", 1)[0].split(b" ", 2)
+    return int(words[1]) if len(words) > 1 and words[1].isdigit() else 0
+
+
 def respond(sock, status, reason, code):
     xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
            f'<Message>injected by the test relay</Message></Error>').encode()
@@ -89,7 +104,7 @@ def respond(sock, status, reason, code):
 
 
 def serve(client):
-    global flips_done
+    global flips_done, get_flips_done
     upstream = None
     buf = b""
     try:
@@ -147,7 +162,8 @@ def serve(client):
             uhead, urest = read_head(upstream, b"")
             if uhead is None:
                 return
-            if b"transfer-encoding: chunked" in uhead.lower():
+            chunked = b"transfer-encoding: chunked" in uhead.lower()
+            if chunked:
                 ubody = bytearray(urest)
                 while not ubody.endswith(b"0\r\n\r\n"):
                     chunk = upstream.recv(65536)
@@ -159,6 +175,21 @@ def serve(client):
                 ubody, _ = read_body(upstream, urest, un)
                 if ubody is None:
                     return
+            status = status_of(uhead)
+            if first.startswith(b"GET ") and status in (200, 206):
+                # Logged before ferry has the bytes, so the log is complete
+                # once its read is.
+                if c.get("count_gets"):
+                    note(f"get {status} {len(ubody)} " + first.decode(errors="replace"))
+                big = len(ubody) >= max(1, int(c.get("flip_min_bytes", 1)))
+                if status == 206 and big and not chunked:
+                    with lock:
+                        flip = get_flips_done < int(c.get("flip_bit_in_gets", 0))
+                        if flip:
+                            get_flips_done += 1
+                    if flip:
+                        ubody[random.randrange(len(ubody))] ^= 1 << random.randrange(8)
+                        note("flipget " + first.decode(errors="replace"))
             client.sendall(uhead + b"\r\n\r\n" + bytes(ubody))
             if rate:
                 note(f"slow {n}")

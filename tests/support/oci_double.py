@@ -15,8 +15,8 @@ meant to be as strict as the service:
   x-content-sha256`, whose value must be the body's SHA-256. A date more than
   5 minutes off is refused. Each refusal is OCI's 401 NotAuthenticated.
 - GET /n/ (the namespace), PutObject, HeadObject, GetObject (with Range),
-  DeleteObject, and the multipart API: CreateMultipartUpload (with
-  `opc-checksum-algorithm`), UploadPart (part numbers 1..10000),
+  DeleteObject, ListObjects, and the multipart API: CreateMultipartUpload
+  (with `opc-checksum-algorithm`), UploadPart (part numbers 1..10000),
   ListMultipartUploadParts and ListMultipartUploads (paged: `limit`, `page`,
   `opc-next-page`; a small `page_size` in the config makes a client cross
   pages), CommitMultipartUpload (every uploaded part in `partsToCommit` or
@@ -30,7 +30,42 @@ meant to be as strict as the service:
   (400 "Unmatched Content MD5" / "Unmatched Content CRC32C"); a commit of an
   upload created with CRC32C answers the whole object's CRC32C in
   `opc-content-crc32c`, and `opc-multipart-md5` in OCI's `BASE64-N` form.
-  An object keeps one ETag, answered by PUT, commit, HEAD and GET alike.
+  An object keeps one ETag, answered by PUT, commit, HEAD, GET and
+  ListObjects alike.
+- Conditional requests, the `if-match` and `if-none-match` headers of the
+  SDKs' PutObjectRequest, GetObjectRequest and HeadObjectRequest (an ETag
+  is compared as sent, quotes and all): PutObject with `if-none-match: *`
+  on an existing object, or with an `if-match` that is not the current
+  ETag (or no object), is 412; GetObject and HeadObject with an `if-match`
+  that is not the current ETag are 412, and with `if-none-match` equal to
+  it 304 Not Modified, no body (an absent object stays 404). A PUT's body
+  is received first; its check and its rename into place are one step
+  under the lock, so of two conditional creates exactly one wins. The
+  semantics are the SDKs' field documentation ("the only valid value is
+  '*'" for a PUT, "wildcards ('*') are not allowed" for a read); the codes
+  IfNoneMatchFailed and IfMatchFailed are not in the API reference but
+  are what others report a live service answering a PUT; that a GET or
+  HEAD fails with IfMatchFailed too, and the 400 InvalidParameter for
+  an if-none-match other than `*` on a PUT or `*` on a read, are
+  unconfirmed. DeleteObject, CreateMultipartUpload,
+  CommitMultipartUpload and UploadPart ignore both headers (the service
+  honours them): not implemented here.
+- ListObjects, GET /n/{ns}/b/{bucket}/o (no object name; a name, even
+  with a query, is GetObject): `prefix`, `start` (names >= it),
+  `startAfter` (names > it), `end` (names < it), `limit` (the config's
+  page_size, 1000 unless set, by default and at most) and `fields` (a
+  comma-separated, case-insensitive list of name, size, etag,
+  timeCreated, timeModified, storageTier, archivalState, as the API
+  reference has them; name always comes). The answer is ListObjects
+  `{"objects": [{"name": ..., "size": ..., ...}], "nextStartWith": ...}`,
+  names in order, each summary with only the fields asked,
+  `nextStartWith` (the next name, for `start`) only when more remain.
+  Not implemented, and refused (400 InvalidParameter, unlike the
+  service): `delimiter` (and so `prefixes`), any other parameter, and
+  the `md5` field (the double keeps an object's MD5 only when it was
+  sent). timeModified is timeCreated (every write makes a new object),
+  storageTier is Standard and archivalState never appears (it is only
+  set in the Archive tier).
 - A PUT or POST without Content-Length is refused (411), as is chunked
   transfer encoding, which Object Storage does not take.
 - Every answer carries an `opc-request-id`; errors are OCI's JSON
@@ -196,7 +231,7 @@ class Store:
 
     def __init__(self, cfg, cfg_dir):
         self.namespace = cfg["namespace"]
-        # bucket -> object name -> {path, size, crc32c, multipart_md5, etag}
+        # bucket -> object name -> {path, size, crc32c, multipart_md5, etag, created}
         self.buckets = {b: {} for b in cfg.get("buckets", [])}
         self.keys = {}
         for key_id, path in cfg.get("keys", {}).items():
@@ -569,6 +604,8 @@ class Handler(BaseHTTPRequestHandler):
         name = "/".join(parts[6:])
         if kind == "" and self.command == "GET":
             return self.answer(200, json.dumps({"name": bucket, "namespace": ns}).encode())
+        if kind == "o" and not name and self.command == "GET":
+            return self.list_objects(bucket, query)
         if kind == "o":
             return self.object_call(bucket, name)
         if kind == "u":
@@ -581,22 +618,35 @@ class Handler(BaseHTTPRequestHandler):
         s = self.store
         objects = s.buckets[bucket]
         if self.command == "PUT":
+            if self.headers.get("if-none-match") not in (None, "*"):
+                return self.error(400, "InvalidParameter", "The only valid value of if-none-match on PutObject is '*'")
             got = self.receive_checked(False, False)
             if got is None:
                 return
             crc = crc_b64(got.crc) if self.headers.get("opc-content-crc32c") else None
             etag = uuid.uuid4().hex
             path = s.object_path(bucket, name)
-            with s.lock:  # the rename and the entry change together
-                os.replace(got.path, path)
-                objects[name] = {"path": path, "size": got.size, "crc32c": crc, "multipart_md5": None, "etag": etag}
+            with s.lock:  # the check, the rename and the entry change together
+                bad = self.precondition(objects.get(name))
+                if bad is None:
+                    os.replace(got.path, path)
+                    objects[name] = {"path": path, "size": got.size, "crc32c": crc, "multipart_md5": None,
+                                     "etag": etag, "created": s.now()}
+            if bad is not None:
+                unlink(got.path)
+                return self.error(*bad)
             return self.answer(200, headers={"ETag": etag, **({"opc-content-crc32c": crc} if crc else {})})
+        if self.command in ("GET", "HEAD") and self.headers.get("if-none-match") == "*":
+            return self.error(400, "InvalidParameter", "Wildcards ('*') are not allowed in if-none-match on GetObject and HeadObject")
+        bad = None
         with s.lock:
             obj = objects.get(name)
+            if obj is not None and self.command in ("GET", "HEAD"):
+                bad = self.precondition(obj)
             if obj is not None and self.command == "DELETE":
                 del objects[name]
                 unlink(obj["path"])
-            elif obj is not None and self.command == "GET":
+            elif obj is not None and self.command == "GET" and bad is None:
                 # Opened under the lock: the bytes that go with this entry,
                 # even if the object is replaced while they are sent.
                 f = open(obj["path"], "rb")
@@ -604,6 +654,10 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(404, "ObjectNotFound", f"The object '{name}' was not found")
         if self.command == "DELETE":
             return self.answer(204)
+        if bad is not None and bad[0] == 304:
+            return self.answer(304, headers={"ETag": obj["etag"]})
+        if bad is not None:
+            return self.error(*bad)
         size = obj["size"]
         headers = {"ETag": obj["etag"], "Accept-Ranges": "bytes"}
         if obj["crc32c"]:
@@ -634,6 +688,69 @@ class Handler(BaseHTTPRequestHandler):
                 headers["Content-Range"] = f"bytes {start}-{end}/{size}"
                 return self.send_file(206, f, start, end + 1 - start, headers, "application/octet-stream")
             return self.send_file(200, f, 0, size, headers, "application/octet-stream")
+
+    def precondition(self, obj):
+        """None, or what a conditional PutObject, GetObject or HeadObject
+        earns against `obj` (None when absent): (412, IfMatchFailed) when
+        if-match is not its ETag, (412, IfNoneMatchFailed) when a PUT's
+        if-none-match is `*` and it exists, (304,) when a read's
+        if-none-match is its ETag. Called under the lock, so that a PUT's
+        check and its rename are one step."""
+        if_match = self.headers.get("if-match")
+        if_none = self.headers.get("if-none-match")
+        if if_match is not None and (obj is None or obj["etag"] != if_match):
+            return (412, "IfMatchFailed", f"The if-match header '{if_match}' does not match the object's current ETag")
+        if self.command == "PUT" and if_none == "*" and obj is not None:
+            return (412, "IfNoneMatchFailed", "The if-none-match header is '*' and the object already exists")
+        if self.command != "PUT" and if_none is not None and obj is not None and obj["etag"] == if_none:
+            return (304,)
+        return None
+
+    LIST_PARAMS = ("prefix", "start", "end", "startAfter", "limit", "fields")
+    # fields= names (case-insensitive) -> the ObjectSummary key; md5 is
+    # refused: the double keeps an object's MD5 only when it was sent.
+    LIST_FIELDS = {"name": "name", "size": "size", "etag": "etag", "timecreated": "timeCreated",
+                   "timemodified": "timeModified", "storagetier": "storageTier",
+                   "archivalstate": "archivalState"}
+
+    def list_objects(self, bucket, query):
+        """ListObjects: GET /n/{ns}/b/{bucket}/o, names in order, from
+        `start` on (or after `startAfter`), below `end`, beginning with
+        `prefix`; at most `limit` (the config's page_size by default, and
+        at most that), `nextStartWith` naming the next one when more remain."""
+        s = self.store
+        for k in query:
+            if k not in self.LIST_PARAMS:
+                return self.error(400, "InvalidParameter", f"{k}: this double's ListObjects takes only {', '.join(self.LIST_PARAMS)}")
+        try:
+            limit = int(query.get("limit", s.page_size))
+        except ValueError:
+            limit = 0
+        if limit < 1:
+            return self.error(400, "InvalidParameter", "limit must be a positive integer")
+        limit = min(limit, s.page_size)
+        fields = [f.strip().lower() for f in query.get("fields", "name").split(",") if f.strip()]
+        for f in fields:
+            if f not in self.LIST_FIELDS:
+                return self.error(400, "InvalidParameter", f"fields: {f} is not a field this double lists (name, size, etag, timeCreated, timeModified, storageTier, archivalState)")
+        prefix, start, end, after = (query.get(k) for k in ("prefix", "start", "end", "startAfter"))
+        with s.lock:
+            objects = s.buckets[bucket]
+            names = sorted(n for n in objects
+                           if n.startswith(prefix or "") and (start is None or n >= start)
+                           and (end is None or n < end) and (after is None or n > after))
+            rows = []
+            for n in names[:limit]:
+                obj = objects[n]
+                known = {"name": n, "size": obj["size"], "etag": obj["etag"],
+                         "timeCreated": rfc3339(obj["created"]), "timeModified": rfc3339(obj["created"]),
+                         "storageTier": "Standard"}  # archivalState: only in the Archive tier
+                rows.append({self.LIST_FIELDS[f]: known[self.LIST_FIELDS[f]]
+                             for f in ["name"] + fields if self.LIST_FIELDS[f] in known})
+        listing = {"objects": rows}
+        if len(names) > limit:
+            listing["nextStartWith"] = names[limit]
+        return self.answer(200, json.dumps(listing).encode())
 
     def multipart_call(self, bucket, name, query, body):
         s = self.store
@@ -795,6 +912,7 @@ class Handler(BaseHTTPRequestHandler):
                 "crc32c": stored_crc,
                 "multipart_md5": multipart_md5,
                 "etag": etag,
+                "created": s.now(),
             }
         headers = {"ETag": etag, "opc-multipart-md5": multipart_md5}
         if stored_crc:
