@@ -54,6 +54,82 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub transfer: TransferConfig,
     pub destinations: BTreeMap<String, DestinationConfig>,
+    pub sources: BTreeMap<String, SourceConfig>,
+}
+
+/// `[sources.NAME]`: a bucket (and prefix) that images are shipped from, and
+/// how to reach it. `ferry push s3://...` or `oci://...` takes the store
+/// settings of the table whose URL holds the object.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// s3://BUCKET/PREFIX/ or oci://BUCKET/PREFIX/.
+    pub url: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub credentials: Option<Credentials>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub allow_http: Option<bool>,
+    /// Ranges read at once (default `transfer.parallel_parts`).
+    pub parallel_reads: Option<usize>,
+    pub namespace: Option<String>,
+    pub profile: Option<String>,
+    pub config_file: Option<PathBuf>,
+}
+
+impl SourceConfig {
+    /// The store settings, in the form the stores take.
+    pub fn store(&self) -> DestinationConfig {
+        DestinationConfig {
+            url: self.url.clone(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            credentials: self.credentials,
+            access_key_id: self.access_key_id.clone(),
+            secret_access_key: self.secret_access_key.clone(),
+            allow_http: self.allow_http,
+            parallel_parts: self.parallel_reads,
+            namespace: self.namespace.clone(),
+            profile: self.profile.clone(),
+            config_file: self.config_file.clone(),
+            import: None,
+        }
+    }
+}
+
+impl Config {
+    /// The store settings for the object at `url`: those of the
+    /// `[sources.NAME]` table whose URL holds it (the longest), else of a
+    /// destination in the same bucket, else none but the URL's (the
+    /// environment's, as for `--to URL`).
+    pub fn source_store(&self, url: &str) -> DestinationConfig {
+        let holds = |base: &str| url.starts_with(base);
+        if let Some(s) = self
+            .sources
+            .values()
+            .filter(|s| holds(&s.url))
+            .max_by_key(|s| s.url.len())
+        {
+            return s.store();
+        }
+        let bucket = |u: &str| {
+            let (scheme, rest) = u.split_once("://")?;
+            Some((scheme.to_string(), rest.split('/').next()?.to_string()))
+        };
+        if let Some(d) = self
+            .destinations
+            .values()
+            .find(|d| bucket(&d.url).is_some() && bucket(&d.url) == bucket(url))
+        {
+            return DestinationConfig {
+                import: None,
+                parallel_parts: None,
+                ..d.clone()
+            };
+        }
+        DestinationConfig::default()
+    }
 }
 
 /// What happens to a spool file once every destination verified it.
@@ -104,6 +180,7 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             transfer: TransferConfig::default(),
             destinations: BTreeMap::new(),
+            sources: BTreeMap::new(),
         }
     }
 }
@@ -507,6 +584,32 @@ impl Config {
             return Err(invalid(
                 "transfer.min_throughput_kib must be above 0".into(),
             ));
+        }
+        for (name, s) in &self.sources {
+            if !valid_destination_name(name) {
+                return Err(invalid(format!(
+                    "source name {name:?} must be 1..=64 characters of a-z, 0-9, '-' and '_'"
+                )));
+            }
+            if let Some(0) = s.parallel_reads {
+                return Err(invalid(format!(
+                    "sources.{name}.parallel_reads must be above 0"
+                )));
+            }
+            let d = s.store();
+            let url = DestinationUrl::parse(&d.url)
+                .map_err(|e| invalid(format!("sources.{name}.url: {e}")))?;
+            if !matches!(url, DestinationUrl::S3 { .. } | DestinationUrl::Oci { .. }) {
+                return Err(invalid(format!(
+                    "sources.{name}.url: a source is a bucket, s3://BUCKET/PREFIX/ or oci://BUCKET/PREFIX/"
+                )));
+            }
+            if let Some(key) = d.misplaced_key(&url) {
+                return Err(invalid(format!(
+                    "sources.{name}.{key} does not apply to {}; remove it",
+                    d.url
+                )));
+            }
         }
         for (name, d) in &self.destinations {
             if !valid_destination_name(name) {

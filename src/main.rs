@@ -93,6 +93,12 @@ or to .ferry/failed/ with X.error.json saying why.",
         long_about = "Upload IMAGE to every destination in the config, or to those given with --to, \
 all at the same time. The object key is IMAGE's base name under each destination's prefix; \
 <name>.manifest.json is written beside it once the object verified.\n\n\
+IMAGE may be an object in a bucket (s3://BUCKET/KEY, oci://BUCKET/KEY), such as an image OCI \
+exported: it is read once, by parallel ranged GETs pinned to the ETag it had when the push began, \
+inspected through the same reads, and each part goes to every destination. Where its store keeps \
+the whole object's CRC32C (OCI always for its uploads with CRC32C; S3 with a full-object \
+x-amz-checksum-crc32c), the parts read must combine to it before any destination completes (a \
+part damaged on the way is read again); the manifest's `source` says what it was checked against.\n\n\
 Where a destination has an import table ([destinations.NAME.import]), each object that verified \
 there is then imported as a custom image in its region, and the push waits until the image is \
 AVAILABLE (see ferry import --help); --no-import leaves that to a later `ferry import`. An image \
@@ -101,10 +107,12 @@ without a basis for its launch mode is refused before a byte is sent when an imp
             ENVIRONMENT!(),
             "\n\n\
 SIGNALS:\n  SIGINT, SIGTERM  stop: uploads not yet complete are aborted (nothing is left half-written);\n                   destinations that verified keep their objects. A second signal exits at once.\n\n\
-EXAMPLES:\n  ferry push disk.qcow2\n  ferry push disk.qcow2 --to phoenix --to s3://images-fra/exports/\n  AWS_ENDPOINT_URL=http://127.0.0.1:8333 ferry push disk.vmdk --to s3://bucket/ --verify readback")
+EXAMPLES:\n  ferry push disk.qcow2\n  ferry push disk.qcow2 --to phoenix --to s3://images-fra/exports/\n  ferry push oci://exports/web01.oci --to ashburn --to frankfurt   # from an export bucket\n  AWS_ENDPOINT_URL=http://127.0.0.1:8333 ferry push disk.vmdk --to s3://bucket/ --verify readback")
     )]
     Push {
-        /// The image file (a regular file; symlinks are refused).
+        /// The image: a regular file (symlinks are refused), or an object in a bucket,
+        /// s3://BUCKET/KEY or oci://BUCKET/KEY (read by ranged GETs, with the store
+        /// settings of the [sources.NAME] table whose URL holds it).
         image: PathBuf,
         /// Config file (TOML). Default: the embedded config/ferry.toml.
         #[arg(long, short = 'c', value_name = "FILE")]
@@ -150,7 +158,7 @@ with the basis each rests on. IMAGE.meta.json beside the image is read as its si
         )
     )]
     Inspect {
-        /// The image file.
+        /// The image file, or an object: s3://BUCKET/KEY, oci://BUCKET/KEY.
         image: PathBuf,
         /// Print the report as JSON.
         #[arg(long)]
@@ -270,7 +278,7 @@ async fn run(cli: Cli) -> u8 {
             config,
             sidecar,
             daemon_policy,
-        } => inspect(&image, json, config.as_deref(), sidecar, daemon_policy),
+        } => inspect(&image, json, config.as_deref(), sidecar, daemon_policy).await,
         Command::Import {
             target,
             config,
@@ -388,6 +396,34 @@ async fn run(cli: Cli) -> u8 {
     }
 }
 
+/// The report on the object at `url`, by ranged reads, with its sidecar
+/// from the bucket or `sidecar`.
+async fn inspect_object(
+    config: &Config,
+    url: &str,
+    sidecar: Option<&std::path::Path>,
+    policy: &ferry::image::Policy,
+) -> Result<ferry::image::Report, String> {
+    let opened = ferry::store::open_object(
+        url,
+        &config.source_store(url),
+        &config.transfer,
+        ferry::transfer::SIDECAR_BESIDE,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let side = match sidecar {
+        Some(p) => Some((
+            p.display().to_string(),
+            std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
+        )),
+        None => opened.sidecar,
+    };
+    ferry::transfer::object_report(&opened.source, side, policy)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// The config file, or the embedded default; a refusal's exit status.
 fn load_config(path: Option<&std::path::Path>) -> Result<Config, u8> {
     Config::load_or_embedded(path).map_err(|e| {
@@ -407,7 +443,7 @@ fn stop_on_signals(first: &'static str) -> Result<shutdown::Shutdown, u8> {
     Ok(stop)
 }
 
-fn inspect(
+async fn inspect(
     image: &std::path::Path,
     json: bool,
     config: Option<&std::path::Path>,
@@ -421,15 +457,18 @@ fn inspect(
             return EXIT_FAILED;
         }
     };
-    let sidecar = sidecar.or_else(|| {
-        let p = ferry::image::sidecar::path_of(image);
-        p.exists().then_some(p)
-    });
-    let report = match ferry::image::inspect(
-        image,
-        sidecar.as_deref(),
-        &ferry::image::Policy::from_config(&config.policy, daemon_policy),
-    ) {
+    let policy = ferry::image::Policy::from_config(&config.policy, daemon_policy);
+    let report = match push::object_url(image) {
+        Some(url) => inspect_object(&config, url, sidecar.as_deref(), &policy).await,
+        None => {
+            let sidecar = sidecar.or_else(|| {
+                let p = ferry::image::sidecar::path_of(image);
+                p.exists().then_some(p)
+            });
+            ferry::image::inspect(image, sidecar.as_deref(), &policy).map_err(|e| e.to_string())
+        }
+    };
+    let report = match report {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ferry: {e}");

@@ -18,7 +18,8 @@ pub const MANIFEST_SUFFIX: &str = ".manifest.json";
 /// OCI can import from, else `oci_create_image_unavailable`.
 /// 3: `server_verified`.
 /// 4: `import`, once an import of the object as a custom image ended.
-pub const FORMAT_VERSION: u32 = 4;
+/// 5: `source`, for an image shipped from a bucket.
+pub const FORMAT_VERSION: u32 = 5;
 
 /// `server_verified` when the store answered the whole object's CRC32C and
 /// it was the file's.
@@ -48,6 +49,24 @@ pub struct DestinationEntry {
     pub path: Option<String>,
 }
 
+/// Where an image shipped from a bucket came from, and what its bytes were
+/// checked against.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourceEntry {
+    /// The object's URL (`s3://...`, `oci://...`).
+    pub url: String,
+    /// The version read: every range was read by this ETag.
+    pub etag: String,
+    /// The whole object's CRC32C that its store keeps, which the parts sent
+    /// combine to; absent when the store keeps none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_crc32c: Option<String>,
+    /// `crc32c-stored` (the bytes shipped were checked against the store's
+    /// CRC32C) or `none` (the store keeps no checksum ferry can check them
+    /// with: only the ETag pinned the version).
+    pub checked: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
     pub manifest_version: u32,
@@ -68,6 +87,9 @@ pub struct Manifest {
     #[serde(default)]
     pub server_verified: String,
     pub source_host: String,
+    /// For an image shipped from a bucket: the object it was read from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceEntry>,
     pub started_at: String,
     pub finished_at: String,
     /// The import of the object as a custom image, once it ended (the
@@ -192,6 +214,7 @@ impl Manifest {
             verify: "head".into(),
             server_verified: SERVER_WHOLE_CRC32C.into(),
             source_host: "host1".into(),
+            source: None,
             started_at: "2026-12-07T10:00:00.000Z".into(),
             finished_at: "2026-12-07T10:01:00.000Z".into(),
             import: None,

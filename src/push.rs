@@ -24,7 +24,7 @@ use crate::source::Source;
 use crate::status::Status;
 use crate::transfer::{
     self, Job, Outcome, PrepareError, RetryPolicy, TransferError, check_import, destinations,
-    inspect_source, plan_for,
+    inspect_object, inspect_source, plan_for,
 };
 
 /// What `ferry push` was asked for, beyond the config.
@@ -71,7 +71,8 @@ fn shown(
     ]))
 }
 
-/// One file to every chosen destination, with progress. When `cancel` trips,
+/// One image (a file, or an object at `path` when it is an `s3://` or
+/// `oci://` URL) to every chosen destination, with progress. When `cancel` trips,
 /// uploads not yet complete are aborted and end `Cancelled`; destinations
 /// that verified before keep their objects.
 pub async fn push(
@@ -83,15 +84,33 @@ pub async fn push(
     cancel: Shutdown,
 ) -> Result<Pushed, PrepareError> {
     let started = std::time::Instant::now();
-    let source = Source::open(path)?;
-    let sidecar = crate::image::sidecar::path_of(path);
-    let report = inspect_source(
-        &source,
-        sidecar.exists().then_some(sidecar.as_path()),
-        config,
-        false,
-        opts.force,
-    )?;
+    let (source, report) = match object_url(path) {
+        Some(url) => {
+            let opened = crate::store::open_object(
+                url,
+                &config.source_store(url),
+                &config.transfer,
+                transfer::SIDECAR_BESIDE,
+            )
+            .await
+            .map_err(PrepareError::Open)?;
+            let report =
+                inspect_object(&opened.source, opened.sidecar, config, false, opts.force).await?;
+            (opened.source, report)
+        }
+        None => {
+            let source = Source::open(path)?;
+            let sidecar = crate::image::sidecar::path_of(path);
+            let report = inspect_source(
+                &source,
+                sidecar.exists().then_some(sidecar.as_path()),
+                config,
+                false,
+                opts.force,
+            )?;
+            (source, report)
+        }
+    };
     let part_size = opts
         .part_size_bytes
         .unwrap_or(config.transfer.part_size.as_u64());
@@ -177,6 +196,12 @@ pub async fn push(
             .job_ended(if ok { "done" } else { "failed" }, started.elapsed());
     }
     Ok(Pushed { outcomes, imports })
+}
+
+/// The URL of an object to ship from a bucket (`s3://...`, `oci://...`),
+/// when that is what `path` is.
+pub fn object_url(path: &std::path::Path) -> Option<&str> {
+    path.to_str().filter(|s| s.contains("://"))
 }
 
 /// How a push ended, for its exit status.

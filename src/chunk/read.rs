@@ -1,6 +1,7 @@
 //! The readers: part indexes in, [`Part`]s out, each within the memory budget.
 //! `pread` into pooled buffers (the default), or one guarded read-only mapping
-//! per part (`reader = "mmap"`, see `mapping`).
+//! per part (`reader = "mmap"`, see `mapping`); an object source by ranged
+//! GETs into the same pooled buffers, several at once.
 
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
@@ -43,6 +44,17 @@ pub trait Reader: Send + Sync {
     }
     fn read(&self, index: u32, lease: Lease) -> Result<Part, ReadError>;
     fn plan(&self) -> &PartPlan;
+    /// Parts the fan-out may read at once (a file: one, read ahead by the
+    /// kernel; an object: several ranged GETs).
+    fn parallel_reads(&self) -> usize {
+        1
+    }
+    /// Reads part `index` afresh, without comparing it with its first read:
+    /// for an object whose parts must be read again because what was read
+    /// does not match the store's checksum. `None` where that cannot be.
+    fn reread(&self, _index: u32, _lease: Lease) -> Option<Result<Part, ReadError>> {
+        None
+    }
 }
 
 /// Waits for the memory of part `index`: an idle pooled buffer, or new budget.
@@ -74,6 +86,26 @@ pub async fn lease(reader: &dyn Reader, budget: &Budget, index: u32) -> Lease {
 pub async fn read(reader: Arc<dyn Reader>, budget: &Budget, index: u32) -> Result<Part, ReadError> {
     let lease = lease(&*reader, budget, index).await;
     read_leased(reader, index, lease).await
+}
+
+/// Reads part `index` afresh on a blocking thread ([`Reader::reread`]);
+/// `None` when the reader cannot.
+pub async fn reread(
+    reader: Arc<dyn Reader>,
+    budget: &Budget,
+    index: u32,
+) -> Option<Result<Part, ReadError>> {
+    let lease = lease(&*reader, budget, index).await;
+    let offset = reader.plan().offset(index);
+    tokio::task::spawn_blocking(move || reader.reread(index, lease))
+        .await
+        .unwrap_or_else(|e| {
+            Some(Err(ReadError::Io {
+                index,
+                offset,
+                source: std::io::Error::other(e),
+            }))
+        })
 }
 
 /// The memory of part `index` if it is free right now.
@@ -113,13 +145,22 @@ pub fn reader(
     plan: PartPlan,
     first: Arc<FirstReads>,
 ) -> Arc<dyn Reader> {
-    match kind {
-        crate::config::ReaderKind::Pread => Arc::new(PreadReader::new(source, plan, first)),
-        crate::config::ReaderKind::Mmap => Arc::new(MmapReader {
+    if let Some(object) = source.remote().cloned() {
+        return Arc::new(ObjectReader {
             source,
+            object,
+            plan,
+            pool: Arc::default(),
+        });
+    }
+    match (kind, source.file().cloned()) {
+        (crate::config::ReaderKind::Mmap, Some(file)) => Arc::new(MmapReader {
+            source,
+            file,
             plan,
             first,
         }),
+        _ => Arc::new(PreadReader::new(source, plan, first)),
     }
 }
 
@@ -213,14 +254,31 @@ fn pread_part(
     index: u32,
     lease: Lease,
 ) -> std::io::Result<Part> {
+    let file = source
+        .file()
+        .ok_or_else(|| std::io::Error::other("not a file source"))?;
+    fill_part(plan, pool, index, lease, |buf, offset| {
+        file.read_exact_at(buf, offset)?;
+        Ok(crc32c::crc32c(buf))
+    })
+}
+
+/// Part `index` in a pooled buffer (or a new one), filled by `fill`, which
+/// answers the bytes' CRC32C.
+fn fill_part(
+    plan: &PartPlan,
+    pool: &Pool,
+    index: u32,
+    lease: Lease,
+    fill: impl FnOnce(&mut [u8], u64) -> std::io::Result<u32>,
+) -> std::io::Result<Part> {
     let offset = plan.offset(index);
     let len = plan.len(index) as usize;
     let mut buf = match lease.buf {
         Some(b) if b.len() >= len => b,
         _ => buffer(plan.part_bytes.max(len as u64) as usize)?,
     };
-    source.file.read_exact_at(&mut buf[..len], offset)?;
-    let crc32c = crc32c::crc32c(&buf[..len]);
+    let crc32c = fill(&mut buf[..len], offset)?;
     let owner = PooledBuf {
         buf: Some(buf),
         len,
@@ -241,6 +299,7 @@ fn pread_part(
 /// process. Where no guard can be had the part is read with pread.
 pub struct MmapReader {
     source: Source,
+    file: Arc<std::fs::File>,
     plan: PartPlan,
     first: Arc<FirstReads>,
 }
@@ -255,7 +314,7 @@ impl Reader for MmapReader {
         let len = self.plan.len(index) as usize;
         // Never map past the end of a file that was cut before this read.
         self.source.check()?;
-        let read = match crate::mapping::Mapped::new(&self.source.file, offset, len) {
+        let read = match crate::mapping::Mapped::new(&self.file, offset, len) {
             Ok(Some(map)) => {
                 let faults = crate::mapping::zeroed_faults();
                 let crc32c = crc32c::crc32c(map.as_ref());
@@ -284,6 +343,78 @@ impl Reader for MmapReader {
             Err(e) => Err(e),
         };
         checked(&self.source, &self.first, read, index, offset)
+    }
+}
+
+/// An object read by ranged GETs into pooled buffers, several at once.
+///
+/// No part is compared with its first read: the object is pinned by its
+/// ETag (a change answers 412), so two reads that differ mean one was
+/// corrupted on the way, and the store's checksum of the whole object, which
+/// the transfer checks before completing, says which set is right.
+pub struct ObjectReader {
+    source: Source,
+    object: Arc<crate::source::Object>,
+    plan: PartPlan,
+    pool: Pool,
+}
+
+impl ObjectReader {
+    fn fetch(&self, index: u32, lease: Lease) -> Result<Part, ReadError> {
+        let offset = self.plan.offset(index);
+        let object = &self.object;
+        let mut changed = None;
+        let read = fill_part(&self.plan, &self.pool, index, lease, |buf, at| {
+            object.read_into(at, buf).map_err(|e| match e {
+                crate::source::RangeError::Changed(why) => {
+                    changed = Some(why.clone());
+                    std::io::Error::other(why)
+                }
+                crate::source::RangeError::Failed(why) => std::io::Error::other(why),
+            })
+        });
+        if let Some(why) = changed {
+            return Err(ReadError::Changed(self.source.note_change(format!(
+                "the object is no longer the version opened (ETag {}): {why}",
+                object.etag
+            ))));
+        }
+        self.source.check()?;
+        read.map_err(|source| ReadError::Io {
+            index,
+            offset,
+            source,
+        })
+    }
+}
+
+impl Reader for ObjectReader {
+    fn plan(&self) -> &PartPlan {
+        &self.plan
+    }
+
+    fn returned(&self) -> Option<&Notify> {
+        Some(&self.pool.returned)
+    }
+
+    fn pooled(&self) -> Option<Lease> {
+        let (buf, permit) = self.pool.idle.lock().ok()?.pop()?;
+        Some(Lease {
+            permit,
+            buf: Some(buf),
+        })
+    }
+
+    fn parallel_reads(&self) -> usize {
+        self.object.parallel_reads
+    }
+
+    fn read(&self, index: u32, lease: Lease) -> Result<Part, ReadError> {
+        self.fetch(index, lease)
+    }
+
+    fn reread(&self, index: u32, lease: Lease) -> Option<Result<Part, ReadError>> {
+        Some(self.fetch(index, lease))
     }
 }
 

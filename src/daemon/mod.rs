@@ -461,6 +461,12 @@ impl Daemon {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        for (name, src) in &s.config.sources {
+            warn!(
+                "[sources.{name}] ({}) gives the store settings of `ferry push {}KEY`; this daemon ships the spool only and does not watch buckets yet",
+                src.url, src.url
+            );
+        }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     }
 

@@ -1,7 +1,8 @@
 //! Where bytes come from: an image file opened once, and everything ferry
-//! does to notice that it changed while it was being shipped.
+//! does to notice that it changed while it was being shipped; or an object
+//! in a bucket, pinned by its ETag and read by ranges (`object.rs`).
 //!
-//! Promises:
+//! Promises (for a file; `object.rs` says what holds for an object):
 //! - a [`Source`] is a regular, non-empty file opened without following a
 //!   symlink, known by device, inode, size, modification time and change time;
 //! - [`Source::check`] says, in words, whether the file changed since it was
@@ -39,6 +40,10 @@
 //! `signal-hook` crate's self-pipe iterator), not by the async runtime, so it
 //! works the same in the daemon, in `ferry push` and in tests, and SIGIO can
 //! never terminate the process (its default action) once a lease exists.
+
+mod object;
+
+pub use object::{Chunks, Object, RangeError, Remote, Stored};
 
 use crate::error::Class;
 use std::fs::File;
@@ -137,7 +142,8 @@ pub struct Change(pub String);
 /// whether a lease is held.
 #[derive(Debug)]
 struct Watch {
-    file: Arc<File>,
+    /// The file a lease is held on; none for an object.
+    file: Option<Arc<File>>,
     path: PathBuf,
     change: Mutex<Option<Change>>,
     leased: std::sync::atomic::AtomicBool,
@@ -173,13 +179,24 @@ fn special_kind(ft: &std::fs::FileType) -> Option<&'static str> {
     }
 }
 
-/// An open source file.
+/// Where a source's bytes are.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    /// A file, opened once.
+    File(Arc<File>),
+    /// An object in a bucket, pinned by its ETag.
+    Object(Arc<Object>),
+}
+
+/// An open source: a file, or an object.
 #[derive(Debug, Clone)]
 pub struct Source {
+    /// The file's path; for an object, its URL.
     pub path: PathBuf,
     pub name: String,
-    pub file: Arc<File>,
+    pub origin: Origin,
     pub size_bytes: u64,
+    /// A file's identity; for an object only its size is known.
     pub identity: Identity,
     watch: Arc<Watch>,
 }
@@ -252,7 +269,7 @@ impl Source {
             .to_string();
         let file = Arc::new(file);
         let watch = Arc::new(Watch {
-            file: file.clone(),
+            file: Some(file.clone()),
             path: path.to_path_buf(),
             change: Mutex::new(None),
             leased: std::sync::atomic::AtomicBool::new(false),
@@ -266,11 +283,52 @@ impl Source {
         Ok(Source {
             path: path.to_path_buf(),
             name,
-            file,
+            origin: Origin::File(file),
             size_bytes: identity.size_bytes,
             identity,
             watch,
         })
+    }
+
+    /// An object opened by its store (`store::open_object`): `name` is the
+    /// last segment of its key.
+    pub fn object(name: &str, object: Object) -> Source {
+        let size_bytes = object.size_bytes;
+        Source {
+            path: PathBuf::from(&object.url),
+            name: name.to_string(),
+            watch: Arc::new(Watch {
+                file: None,
+                path: PathBuf::from(&object.url),
+                change: Mutex::new(None),
+                leased: std::sync::atomic::AtomicBool::new(false),
+            }),
+            origin: Origin::Object(Arc::new(object)),
+            size_bytes,
+            identity: Identity {
+                dev: 0,
+                ino: 0,
+                size_bytes,
+                mtime_ns: 0,
+                ctime_ns: 0,
+            },
+        }
+    }
+
+    /// The open file, for a file source.
+    pub fn file(&self) -> Option<&Arc<File>> {
+        match &self.origin {
+            Origin::File(f) => Some(f),
+            Origin::Object(_) => None,
+        }
+    }
+
+    /// The object, for an object source.
+    pub fn remote(&self) -> Option<&Arc<Object>> {
+        match &self.origin {
+            Origin::Object(o) => Some(o),
+            Origin::File(_) => None,
+        }
     }
 
     /// Whether the file is still the one that was opened, unchanged: no lease
@@ -286,7 +344,12 @@ impl Source {
         {
             return Err(c);
         }
-        let now = match self.file.metadata() {
+        // An object is read only by its ETag (a change answers 412 and is
+        // noted): what was read is the version opened.
+        let Origin::File(file) = &self.origin else {
+            return Ok(());
+        };
+        let now = match file.metadata() {
             Ok(m) => Identity::of(&m),
             Err(e) => return Err(self.watch.note(format!("it cannot be examined: {e}"))),
         };
@@ -366,7 +429,10 @@ fn lease(watch: &Arc<Watch>) {
     watch
         .leased
         .store(true, std::sync::atomic::Ordering::Release);
-    let fd = watch.file.as_raw_fd();
+    let Some(file) = &watch.file else {
+        return;
+    };
+    let fd = file.as_raw_fd();
     // SAFETY: fcntl on a descriptor this Watch owns (through its Arc<File>).
     let r = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) };
     if r == 0 {
@@ -403,7 +469,10 @@ fn leases_broken() {
         if !w.leased.load(std::sync::atomic::Ordering::Acquire) {
             continue;
         }
-        let fd = w.file.as_raw_fd();
+        let Some(file) = &w.file else {
+            continue;
+        };
+        let fd = file.as_raw_fd();
         // SAFETY: fcntl on a descriptor kept open by the Arc<File> held here.
         let now = unsafe { libc::fcntl(fd, libc::F_GETLEASE) };
         if now == libc::F_RDLCK {

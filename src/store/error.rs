@@ -80,7 +80,7 @@ impl Unreachable {
 /// A client error as a person reads it: a request that never reached the
 /// server says why in plain words, with the system's own message; an answer
 /// from the server keeps its S3 code and message on one line.
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let Some(u) = Unreachable::of(e) else {
         let mut text = e.to_string();
         // reqwest says only "error sending request for url (...)": its source says why.
@@ -154,6 +154,9 @@ pub enum StoreError {
     },
     #[error("cannot set up destination: {0}")]
     Setup(String),
+    /// A source object that is not there.
+    #[error("{key}: no such object ({what}); check the URL")]
+    Missing { key: String, what: String },
     #[error("{key:?} cannot be an object key: {message}; rename the file")]
     Key { key: String, message: String },
 }
@@ -278,9 +281,22 @@ impl StoreError {
     /// [`StoreError::retryable`]); [`Class::Refuse`] for a file name that
     /// cannot be a key; [`Class::Fatal`] for the rest: refused credentials,
     /// a missing bucket or upload, a request the server will never accept.
+    /// The object asked for is not there.
+    pub fn is_missing(&self) -> bool {
+        match self {
+            StoreError::Missing { .. } => true,
+            StoreError::Remote { source, .. } => {
+                matches!(source, object_store::Error::NotFound { .. })
+            }
+            StoreError::Oci { answer, .. } => answer.status == 404,
+            StoreError::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+            _ => false,
+        }
+    }
+
     pub fn class(&self) -> Class {
         match self {
-            StoreError::Key { .. } => Class::Refuse,
+            StoreError::Key { .. } | StoreError::Missing { .. } => Class::Refuse,
             _ if self.retryable() => Class::Retry,
             _ => Class::Fatal,
         }
@@ -326,7 +342,10 @@ impl StoreError {
             // 409: a commit still running when its retry arrives, or another
             // writer of the object (Oracle's SDKs retry it too).
             StoreError::Oci { answer: a, .. } => a.passing() || a.checksum(),
-            StoreError::Setup(_) | StoreError::Key { .. } | StoreError::Answer { .. } => false,
+            StoreError::Setup(_)
+            | StoreError::Key { .. }
+            | StoreError::Missing { .. }
+            | StoreError::Answer { .. } => false,
         }
     }
 
@@ -386,7 +405,10 @@ impl StoreError {
                 s if s >= 500 => "server_error",
                 _ => "other",
             },
-            StoreError::Setup(_) | StoreError::Key { .. } | StoreError::Answer { .. } => "other",
+            StoreError::Setup(_)
+            | StoreError::Key { .. }
+            | StoreError::Missing { .. }
+            | StoreError::Answer { .. } => "other",
         }
     }
 }

@@ -128,6 +128,111 @@ pub fn resolve(
 }
 
 /// One finished part as the store knows it (an ETag for S3, nothing for files).
+/// An object opened as a source, with its sidecar (the small object named
+/// as it plus the sidecar's suffix), if it has one: its URL and text.
+pub struct OpenedObject {
+    pub source: crate::source::Source,
+    pub sidecar: Option<(String, String)>,
+}
+
+/// Splits an object's URL into its directory's URL and its name.
+pub fn split_object_url(url: &str) -> Result<(String, String), String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("{url}: not a URL"))?;
+    if scheme != "s3" && scheme != "oci" {
+        return Err(format!(
+            "{url}: an object to ship is s3://BUCKET/KEY or oci://BUCKET/KEY; a file is given by its path"
+        ));
+    }
+    match rest.rsplit_once('/') {
+        Some((dir, name)) if !dir.is_empty() && !name.is_empty() => {
+            Ok((format!("{scheme}://{dir}/"), name.to_string()))
+        }
+        _ => Err(format!(
+            "{url}: names a bucket or a prefix, not an object; give the object's whole key"
+        )),
+    }
+}
+
+/// The small object that travels with an image: its name's suffix
+/// (`.meta.json`) and its largest size.
+#[derive(Debug, Clone, Copy)]
+pub struct Beside {
+    pub suffix: &'static str,
+    pub max_bytes: u64,
+}
+
+/// Opens the object at `url` as a source, with the store settings of `cfg`
+/// (endpoint, region, credentials; its own URL is not used), and reads its
+/// sidecar as `beside` says.
+pub async fn open_object(
+    url: &str,
+    cfg: &DestinationConfig,
+    transfer: &TransferConfig,
+    beside: Beside,
+) -> Result<OpenedObject, StoreError> {
+    let (dir, name) = split_object_url(url).map_err(StoreError::Setup)?;
+    let cfg = DestinationConfig {
+        url: dir.clone(),
+        import: None,
+        ..cfg.clone()
+    };
+    let parsed = DestinationUrl::parse(&dir).map_err(|e| StoreError::Setup(e.to_string()))?;
+    let hint = transfer.part_size.as_u64();
+    let parallel = cfg.parallel_parts.unwrap_or(transfer.parallel_parts);
+    let (object, sidecar) = match parsed {
+        DestinationUrl::S3 { bucket, prefix } => {
+            let (b, _) = s3::S3Backend::new("source", &bucket, prefix, &cfg, transfer, hint)?;
+            let o = b.open_source(url, &name, parallel).await?;
+            (o, sidecar_of(&b, &dir, &name, beside).await?)
+        }
+        DestinationUrl::Oci { bucket, prefix } => {
+            let (b, _) = oci::OciBackend::new("source", &bucket, prefix, &cfg, transfer, hint)?;
+            let b = std::sync::Arc::new(b);
+            let o = b.clone().open_source(url, &name, parallel).await?;
+            (o, sidecar_of(&*b, &dir, &name, beside).await?)
+        }
+        _ => {
+            return Err(StoreError::Setup(format!(
+                "{url}: only s3:// and oci:// objects can be shipped from a bucket"
+            )));
+        }
+    };
+    Ok(OpenedObject {
+        source: crate::source::Source::object(&name, object),
+        sidecar,
+    })
+}
+
+/// The sidecar beside object `name` (its URL under `dir`, and its text), if
+/// there is one.
+async fn sidecar_of(
+    backend: &dyn Backend,
+    dir: &str,
+    name: &str,
+    beside: Beside,
+) -> Result<Option<(String, String)>, StoreError> {
+    let side = format!("{name}{}", beside.suffix);
+    match backend.get_small(&side).await {
+        Ok(b) if b.len() as u64 > beside.max_bytes => Err(StoreError::Answer {
+            op: "read",
+            key: backend.key(&side),
+            message: format!(
+                "the sidecar has {} bytes, more than a sidecar's {}",
+                b.len(),
+                beside.max_bytes
+            ),
+        }),
+        Ok(b) => Ok(Some((
+            format!("{dir}{side}"),
+            String::from_utf8_lossy(&b).into_owned(),
+        ))),
+        Err(e) if e.is_missing() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PartReceipt {
     pub index: u32,

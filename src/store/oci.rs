@@ -284,6 +284,120 @@ impl OciBackend {
     }
 }
 
+impl OciBackend {
+    /// The object `name` as a source: its size, ETag and stored CRC32C from
+    /// a HEAD, then its ranges by GETs with `if-match`.
+    pub(super) async fn open_source(
+        self: std::sync::Arc<Self>,
+        url: &str,
+        name: &str,
+        parallel_reads: usize,
+    ) -> Result<crate::source::Object, StoreError> {
+        let (key, r) = match self.object_request("open", name, Method::HEAD, &[]).await {
+            Err(e) if e.is_missing() => {
+                return Err(StoreError::Missing {
+                    key: self.key_of(name),
+                    what: "HEAD answered 404".into(),
+                });
+            }
+            other => other?,
+        };
+        let answer = |message: &str| StoreError::Answer {
+            op: "open",
+            key: key.clone(),
+            message: message.into(),
+        };
+        let size: u64 = header(&r, "content-length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| answer("the answer has no Content-Length"))?;
+        let etag = header(&r, "etag").ok_or_else(|| answer("the answer has no ETag"))?;
+        // OCI keeps a CRC32C only when the uploader asked for one.
+        let stored = match header(&r, "opc-content-crc32c") {
+            Some(v) => crc_from_b64(&v)
+                .map(crate::source::Stored::Crc32c)
+                .ok_or_else(|| answer("its opc-content-crc32c is not a CRC32C"))?,
+            None => crate::source::Stored::Unknown,
+        };
+        if size == 0 {
+            return Err(answer("the object is empty; there is nothing to ship"));
+        }
+        Ok(crate::source::Object::new(
+            url.to_string(),
+            etag,
+            size,
+            stored,
+            parallel_reads,
+            std::sync::Arc::new(OciRanges {
+                backend: self,
+                name: name.to_string(),
+            }),
+        ))
+    }
+}
+
+/// An OCI object's ranges, by GETs with `if-match`.
+struct OciRanges {
+    backend: std::sync::Arc<OciBackend>,
+    name: String,
+}
+
+impl std::fmt::Debug for OciRanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OciRanges")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::source::Remote for OciRanges {
+    async fn range(
+        &self,
+        offset: u64,
+        len: u64,
+        etag: &str,
+    ) -> Result<crate::source::Chunks, crate::source::RangeError> {
+        use crate::source::RangeError;
+        let headers = [
+            ("range", format!("bytes={offset}-{}", offset + len - 1)),
+            ("if-match", etag.to_string()),
+        ];
+        let r = match self
+            .backend
+            .object_request("read", &self.name, Method::GET, &headers)
+            .await
+        {
+            Ok((_, r)) => r,
+            Err(StoreError::Oci { answer, .. }) if answer.status == 412 => {
+                return Err(RangeError::Changed(format!(
+                    "OCI answered 412 {} to a read by its ETag: it was replaced",
+                    answer.code
+                )));
+            }
+            Err(e) if e.is_missing() => {
+                return Err(RangeError::Changed(
+                    "OCI answered 404: it was deleted".into(),
+                ));
+            }
+            Err(e) => return Err(RangeError::Failed(e.to_string())),
+        };
+        if r.status() != StatusCode::PARTIAL_CONTENT && r.status() != StatusCode::OK {
+            return Err(RangeError::Failed(format!(
+                "a range request was answered {}",
+                r.status()
+            )));
+        }
+        if r.status() == StatusCode::OK && offset != 0 {
+            return Err(RangeError::Failed(
+                "a range request was answered with the whole object".into(),
+            ));
+        }
+        Ok(r.bytes_stream()
+            .map(|c| c.map_err(|e| RangeError::Failed(e.to_string())))
+            .boxed())
+    }
+}
+
 /// A JSON answer read whole as `T` (`what` says what it should have been).
 async fn json<T: serde::de::DeserializeOwned>(
     op: &'static str,

@@ -18,6 +18,14 @@ use crate::chunk::Part;
 use crate::config::{DestinationConfig, PayloadChecksum, TransferConfig};
 
 pub(super) struct S3Backend {
+    /// The client itself, for presigned requests (a source's HEAD with
+    /// checksum mode on, which object_store does not send).
+    s3: Arc<AmazonS3>,
+    /// Connect timeout, for those requests.
+    connect_timeout: Duration,
+    /// The region, which signs them, and the bucket they name.
+    region: String,
+    bucket: String,
     store: Arc<dyn ObjectStore>,
     multipart: Arc<dyn MultipartStore>,
     prefix: String,
@@ -44,6 +52,10 @@ impl S3Backend {
         let s3 = build_s3(&target, checksum, cfg, transfer, part_bytes_hint)?;
         Ok((
             S3Backend {
+                s3: s3.clone(),
+                connect_timeout: Duration::from_secs(transfer.connect_timeout_secs),
+                region: target.region.clone(),
+                bucket: target.bucket.clone(),
                 store: s3.clone(),
                 multipart: s3,
                 prefix,
@@ -75,6 +87,159 @@ impl S3Backend {
             op,
             key: key.clone(),
             source,
+        }
+    }
+}
+
+impl S3Backend {
+    /// The object `name` as a source: its size, ETag and stored checksum from
+    /// a HEAD with checksum mode on (signed by object_store's SigV4 signer
+    /// and sent here: object_store sends no such HEAD), then its ranges by
+    /// object_store's GET with `If-Match`.
+    pub(super) async fn open_source(
+        &self,
+        url: &str,
+        name: &str,
+        parallel_reads: usize,
+    ) -> Result<crate::source::Object, StoreError> {
+        let path = self.obj_path(name)?;
+        let key = self.key(name);
+        let http = |source| StoreError::Http {
+            op: "open",
+            key: key.clone(),
+            source,
+        };
+        let setup = |e: String| StoreError::Setup(format!("signing a HEAD of {key}: {e}"));
+        let credential = self
+            .s3
+            .credentials()
+            .get_credential()
+            .await
+            .map_err(self.remote("open", name))?;
+        let target = format!(
+            "{}/{}/{}",
+            self.endpoint.trim_end_matches('/'),
+            self.bucket,
+            url_escape(&key)
+        );
+        let mut request = http::Request::builder()
+            .method(http::Method::HEAD)
+            .uri(&target)
+            .header("x-amz-checksum-mode", "ENABLED")
+            .body(object_store::client::HttpRequestBody::empty())
+            .map_err(|e| setup(e.to_string()))?;
+        object_store::aws::AwsAuthorizer::new(&credential, "s3", &self.region)
+            .try_authorize(&mut request, None)
+            .map_err(|e| setup(e.to_string()))?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(http)?;
+        let mut head = client.head(&target);
+        for (k, v) in request.headers() {
+            head = head.header(k.as_str(), v.as_bytes());
+        }
+        let r = head.send().await.map_err(http)?;
+        let answer = |message: String| StoreError::Answer {
+            op: "open",
+            key: key.clone(),
+            message,
+        };
+        match r.status().as_u16() {
+            200 => {}
+            404 => {
+                return Err(StoreError::Missing {
+                    key: key.clone(),
+                    what: "HEAD answered 404 Not Found".into(),
+                });
+            }
+            403 => {
+                return Err(answer(
+                    "HEAD answered 403 Forbidden: check the credentials and that they may read the bucket".into(),
+                ));
+            }
+            s => return Err(answer(format!("HEAD answered {s}"))),
+        }
+        let h = |n: &str| {
+            r.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let size: u64 = h("content-length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| answer("HEAD answered no Content-Length".into()))?;
+        let etag = h("etag").ok_or_else(|| answer("HEAD answered no ETag".into()))?;
+        // A composite checksum ("...-N", or type COMPOSITE) is of the parts'
+        // checksums, not of the bytes: it cannot check ferry's reads.
+        let composite =
+            h("x-amz-checksum-type").is_some_and(|t| t.eq_ignore_ascii_case("COMPOSITE"));
+        let stored = match h("x-amz-checksum-crc32c") {
+            Some(v) if !composite && !v.contains('-') => crc_from_b64(&v)
+                .map(crate::source::Stored::Crc32c)
+                .ok_or_else(|| answer(format!("x-amz-checksum-crc32c {v:?} is not a CRC32C")))?,
+            _ => crate::source::Stored::Unknown,
+        };
+        if size == 0 {
+            return Err(answer(
+                "the object is empty; there is nothing to ship".into(),
+            ));
+        }
+        Ok(crate::source::Object::new(
+            url.to_string(),
+            etag,
+            size,
+            stored,
+            parallel_reads,
+            Arc::new(S3Ranges {
+                store: self.store.clone(),
+                path,
+            }),
+        ))
+    }
+}
+
+/// A CRC32C in base64 of its big-endian bytes.
+fn crc_from_b64(v: &str) -> Option<u32> {
+    let b = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, v).ok()?;
+    Some(u32::from_be_bytes(b.try_into().ok()?))
+}
+
+/// An S3 object's ranges, by object_store's GET with `If-Match`.
+#[derive(Debug)]
+struct S3Ranges {
+    store: Arc<dyn ObjectStore>,
+    path: ObjPath,
+}
+
+#[async_trait::async_trait]
+impl crate::source::Remote for S3Ranges {
+    async fn range(
+        &self,
+        offset: u64,
+        len: u64,
+        etag: &str,
+    ) -> Result<crate::source::Chunks, crate::source::RangeError> {
+        use crate::source::RangeError;
+        let opts = object_store::GetOptions {
+            range: Some(object_store::GetRange::Bounded(offset..offset + len)),
+            if_match: Some(etag.to_string()),
+            ..Default::default()
+        };
+        match self.store.get_opts(&self.path, opts).await {
+            Ok(r) => Ok(r
+                .into_stream()
+                .map(|c| c.map_err(|e| RangeError::Failed(super::error::describe(&e))))
+                .boxed()),
+            Err(object_store::Error::Precondition { .. }) => Err(RangeError::Changed(
+                "the store answered 412 Precondition Failed to a read by its ETag: it was replaced"
+                    .into(),
+            )),
+            Err(object_store::Error::NotFound { .. }) => Err(RangeError::Changed(
+                "the store answered 404 Not Found: it was deleted".into(),
+            )),
+            Err(e) => Err(RangeError::Failed(super::error::describe(&e))),
         }
     }
 }

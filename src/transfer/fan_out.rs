@@ -31,7 +31,10 @@ impl Feed {
     }
 }
 
-/// Reads each part once, in order, and hands it to every destination that wants it.
+/// Reads each part once and hands it to every destination that wants it, in
+/// order. A reader that can read several parts at once (an object, by
+/// ranged GETs) has up to [`chunk::Reader::parallel_reads`] in flight, each
+/// holding its memory from the budget.
 pub(super) async fn fan_out(
     reader: Arc<dyn chunk::Reader>,
     budget: Budget,
@@ -42,43 +45,59 @@ pub(super) async fn fan_out(
     cancel: Shutdown,
 ) {
     let plan = *reader.plan();
-    for index in 0..plan.count {
-        if cancel.is_requested() {
+    let parallel = reader.parallel_reads().max(1);
+    let mut reads = futures::stream::FuturesOrdered::new();
+    let mut next = 0u32;
+    loop {
+        if cancel.is_requested() || feeds.iter().all(|f| !f.live()) {
             return;
         }
-        let len = plan.len(index);
-        let wanted: Vec<usize> = feeds
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| f.live() && !f.skip.contains(&index))
-            .map(|(i, _)| i)
-            .collect();
-        if feeds.iter().all(|f| !f.live()) {
-            return;
+        // Start reads while memory is free right now, up to `parallel`.
+        while reads.len() < parallel && next < plan.count {
+            let wanted = wanted(&feeds, next);
+            if wanted.is_empty() {
+                next += 1;
+                continue;
+            }
+            let Some(lease) = chunk::try_lease(&*reader, &budget, next) else {
+                break;
+            };
+            reads.push_back(read(reader.clone(), next, lease, wanted));
+            next += 1;
         }
-        if wanted.is_empty() {
+        if reads.is_empty() {
+            if next >= plan.count {
+                return;
+            }
+            // Nothing in flight and no memory free: wait for it, detaching a
+            // destination that holds the others back.
+            let wanted = wanted(&feeds, next);
+            if wanted.is_empty() {
+                next += 1;
+                continue;
+            }
+            observer.memory_wait(true);
+            let lease = loop {
+                detach_laggard(&mut feeds, lag_limit);
+                if let Ok(l) =
+                    tokio::time::timeout(LAG_CHECK, chunk::lease(&*reader, &budget, next)).await
+                {
+                    break l;
+                }
+                if cancel.is_requested() {
+                    observer.memory_wait(false);
+                    return;
+                }
+            };
+            observer.memory_wait(false);
+            reads.push_back(read(reader.clone(), next, lease, wanted));
+            next += 1;
             continue;
         }
-        let mut waited = false;
-        let lease = loop {
-            if let Some(l) = chunk::try_lease(&*reader, &budget, index) {
-                break l;
-            }
-            if !waited {
-                observer.memory_wait(true);
-                waited = true;
-            }
-            detach_laggard(&mut feeds, lag_limit);
-            if let Ok(l) =
-                tokio::time::timeout(LAG_CHECK, chunk::lease(&*reader, &budget, index)).await
-            {
-                break l;
-            }
+        let Some((read, wanted)) = futures::StreamExt::next(&mut reads).await else {
+            continue;
         };
-        if waited {
-            observer.memory_wait(false);
-        }
-        let part = match chunk::read_leased(reader.clone(), index, lease).await {
+        let part = match read {
             Ok(p) => p,
             Err(e) => {
                 if let Ok(mut slot) = read_error.lock() {
@@ -87,6 +106,7 @@ pub(super) async fn fan_out(
                 return;
             }
         };
+        let len = part.len();
         observer.read_bytes(len);
         for i in wanted {
             let f = &mut feeds[i];
@@ -97,6 +117,26 @@ pub(super) async fn fan_out(
             }
         }
     }
+}
+
+/// The destinations that want part `index`: live, and without it already.
+fn wanted(feeds: &[Feed], index: u32) -> Vec<usize> {
+    feeds
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.live() && !f.skip.contains(&index))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// One part read into memory already leased, with the destinations it is for.
+async fn read(
+    reader: Arc<dyn chunk::Reader>,
+    index: u32,
+    lease: chunk::Lease,
+    wanted: Vec<usize>,
+) -> (Result<Part, chunk::ReadError>, Vec<usize>) {
+    (chunk::read_leased(reader, index, lease).await, wanted)
 }
 
 /// Parts one destination may have on the wire at once when several share the

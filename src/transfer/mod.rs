@@ -31,7 +31,10 @@ mod retry;
 mod verify;
 mod worker;
 
-pub use prepare::{PrepareError, check_import, destinations, inspect_source, plan_for};
+pub use prepare::{
+    PrepareError, SIDECAR_BESIDE, check_import, destinations, inspect_object, inspect_source,
+    object_report, plan_for,
+};
 pub use retry::{Halt, RetryPolicy, retry};
 
 use std::collections::{HashMap, HashSet};
@@ -85,6 +88,15 @@ pub enum TransferError {
         crate::manifest::crc_hex(*expected_crc32c)
     )]
     ServerMismatch { crc32c: u32, expected_crc32c: u32 },
+    /// What was read from a bucket does not combine to the CRC32C its store
+    /// keeps, after every part was read again.
+    #[error(
+        "the source's bytes as read combine to CRC32C {}, its store keeps {}, even after reading every part again {} times",
+        crate::manifest::crc_hex(*crc32c),
+        crate::manifest::crc_hex(*expected_crc32c),
+        verify::REPAIR_ROUNDS
+    )]
+    SourceMismatch { crc32c: u32, expected_crc32c: u32 },
     #[error("stopped before finishing")]
     Cancelled,
     /// The source changed: nothing read from it may be completed anywhere.
@@ -124,6 +136,8 @@ pub struct Job {
 /// What to do about an image that changed while ferry had it.
 /// What to do when a completed object is not the file's.
 pub const MISMATCH_ADVICE: &str = "The object now at the key of the destination named is not the file's (no manifest was written beside it, so nothing reports it verified): delete it, look for what changes bytes on the way (a proxy, a faulty NIC or memory on this host), then move the file from failed/ back into the spool.";
+/// What to do when an object source does not match its store's checksum.
+pub const SOURCE_MISMATCH_ADVICE: &str = "Nothing was completed. Read the source object with another tool and compare its CRC32C with the one its store keeps; if they differ the object is damaged at the source (export it again), else look for what changes bytes on the way (a proxy, a faulty NIC or memory on this host).";
 pub const CHANGED_ADVICE: &str = "Make sure the producer has finished writing before the file appears in the spool (write X.partial, then rename it to X) and that nothing writes to it afterwards; then put it back. Nothing was completed from the changed bytes.";
 
 /// What to do about destinations that did not verify.
@@ -142,7 +156,8 @@ impl TransferError {
             TransferError::Read(_)
             | TransferError::Verify(_)
             | TransferError::Mismatch { .. }
-            | TransferError::ServerMismatch { .. } => Class::Fatal,
+            | TransferError::ServerMismatch { .. }
+            | TransferError::SourceMismatch { .. } => Class::Fatal,
         }
     }
 
@@ -156,6 +171,7 @@ impl TransferError {
             TransferError::Mismatch { .. } | TransferError::ServerMismatch { .. } => {
                 MISMATCH_ADVICE
             }
+            TransferError::SourceMismatch { .. } => SOURCE_MISMATCH_ADVICE,
             _ => DESTINATION_ADVICE,
         }
     }

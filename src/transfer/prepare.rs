@@ -16,6 +16,9 @@ use crate::store::Destination;
 pub enum PrepareError {
     #[error(transparent)]
     Source(#[from] crate::source::SourceError),
+    /// An object to ship from a bucket that could not be opened.
+    #[error("{0}")]
+    Open(crate::store::StoreError),
     #[error("{0}")]
     Destination(String),
     /// `--part-size` (or the config's) that no store or the budget can take.
@@ -58,6 +61,7 @@ impl PrepareError {
             | PrepareError::Refused(_)
             | PrepareError::Unattested(_)
             | PrepareError::NotImportable(_) => Class::Refuse,
+            PrepareError::Open(e) => e.class(),
             PrepareError::Destination(_)
             | PrepareError::PartSize(_)
             | PrepareError::Budget { .. } => Class::Fatal,
@@ -82,6 +86,9 @@ impl PrepareError {
             PrepareError::Refused(_) => {
                 "Fix or convert the image as the reasons say, then put it back in the spool."
             }
+            PrepareError::Open(_) => {
+                "Check the object's URL, that it exists, and the store settings of the [sources.NAME] table that holds it (endpoint, credentials)."
+            }
             PrepareError::Inspect(_) => {
                 "Put the image back in the spool as a regular, readable file with a valid sidecar."
             }
@@ -105,9 +112,9 @@ impl PrepareError {
     }
 }
 
-/// Inspects an open source, through the descriptor the upload reads, with
-/// its sidecar (`X.meta.json` beside it, if present); a refusal is an error
-/// unless the policy or `force` says ship anyway.
+/// Inspects an open file source, through the descriptor the upload reads,
+/// with its sidecar (`X.meta.json` beside it, if present); a refusal is an
+/// error unless the policy or `force` says ship anyway.
 pub fn inspect_source(
     source: &Source,
     sidecar: Option<&std::path::Path>,
@@ -117,7 +124,79 @@ pub fn inspect_source(
 ) -> Result<crate::image::Report, PrepareError> {
     let policy = crate::image::Policy::from_config(&config.policy, daemon);
     let shown = source.path.display().to_string();
-    let report = crate::image::inspect_file(&source.file, &source.name, &shown, sidecar, &policy)?;
+    let file = source.file().ok_or_else(|| {
+        PrepareError::Inspect(crate::image::InspectError::Io {
+            path: shown.clone(),
+            source: std::io::Error::other("not a file"),
+        })
+    })?;
+    let report = crate::image::inspect_file(file, &source.name, &shown, sidecar, &policy)?;
+    judged(report, &policy, config, force)
+}
+
+/// Inspects an object source by ranged reads of the version the upload
+/// reads, with its sidecar's text (`X.meta.json` beside it in the bucket, if
+/// there is one); a refusal is an error unless the policy or `force` says
+/// ship anyway.
+pub async fn inspect_object(
+    source: &Source,
+    sidecar: Option<(String, String)>,
+    config: &crate::config::Config,
+    daemon: bool,
+    force: bool,
+) -> Result<crate::image::Report, PrepareError> {
+    let policy = crate::image::Policy::from_config(&config.policy, daemon);
+    let report = object_report(source, sidecar, &policy).await?;
+    judged(report, &policy, config, force)
+}
+
+/// The inspection report of an object source (`ferry inspect URL`).
+pub async fn object_report(
+    source: &Source,
+    sidecar: Option<(String, String)>,
+    policy: &crate::image::Policy,
+) -> Result<crate::image::Report, PrepareError> {
+    let shown = source.path.display().to_string();
+    let io = |e: std::io::Error| {
+        PrepareError::Inspect(crate::image::InspectError::Io {
+            path: shown.clone(),
+            source: e,
+        })
+    };
+    let object = source
+        .remote()
+        .cloned()
+        .ok_or_else(|| io(std::io::Error::other("not an object")))?;
+    let side = match sidecar {
+        Some((url, text)) => Some(crate::image::Sidecar::parse(&text).map_err(|message| {
+            PrepareError::Inspect(crate::image::InspectError::Sidecar { path: url, message })
+        })?),
+        None => None,
+    };
+    let (name, shown2, p) = (source.name.clone(), shown.clone(), policy.clone());
+    // The parsers read synchronously; each read of an object blocks on a GET.
+    let report = tokio::task::spawn_blocking(move || {
+        let at = ObjectAt::new(&object);
+        crate::image::inspect_at(&at, &name, &shown2, side.as_ref(), &p)
+    })
+    .await
+    .map_err(|e| io(std::io::Error::other(e)))??;
+    Ok(report)
+}
+
+/// How an image's sidecar travels beside it in a bucket (`X.meta.json`).
+pub const SIDECAR_BESIDE: crate::store::Beside = crate::store::Beside {
+    suffix: crate::image::sidecar::SUFFIX,
+    max_bytes: crate::image::sidecar::MAX_BYTES,
+};
+
+/// A refused report is an error unless the policy or `force` says ship anyway.
+fn judged(
+    report: crate::image::Report,
+    policy: &crate::image::Policy,
+    config: &crate::config::Config,
+    force: bool,
+) -> Result<crate::image::Report, PrepareError> {
     if report.verdict == crate::image::Verdict::Refuse {
         if config.policy.refuse && !force {
             let unattested = policy.require_license_attestation && report.license.is_none();
@@ -134,6 +213,77 @@ pub fn inspect_source(
         );
     }
     Ok(report)
+}
+
+/// An object read by position for inspection: whole blocks by ranged GETs,
+/// the last few kept, since the parsers read small pieces, often the same
+/// ones (headers, tables, sector 0).
+struct ObjectAt<'a> {
+    object: &'a crate::source::Object,
+    blocks: std::sync::Mutex<std::collections::VecDeque<(u64, Arc<Vec<u8>>)>>,
+}
+
+/// The size of a block read for inspection, and how many are kept.
+const INSPECT_BLOCK_BYTES: u64 = 256 << 10;
+const INSPECT_BLOCKS_KEPT: usize = 32;
+
+impl<'a> ObjectAt<'a> {
+    fn new(object: &'a crate::source::Object) -> ObjectAt<'a> {
+        ObjectAt {
+            object,
+            blocks: std::sync::Mutex::default(),
+        }
+    }
+
+    fn block(&self, n: u64) -> std::io::Result<Arc<Vec<u8>>> {
+        let mut kept = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, b)) = kept.iter().find(|(k, _)| *k == n) {
+            return Ok(b.clone());
+        }
+        let start = n * INSPECT_BLOCK_BYTES;
+        let len = INSPECT_BLOCK_BYTES.min(self.object.size_bytes.saturating_sub(start));
+        let mut buf = vec![0u8; len as usize];
+        self.object
+            .read_into(start, &mut buf)
+            .map_err(std::io::Error::other)?;
+        let b = Arc::new(buf);
+        if kept.len() >= INSPECT_BLOCKS_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back((n, b.clone()));
+        Ok(b)
+    }
+}
+
+impl crate::image::ReadAt for ObjectAt<'_> {
+    fn size(&self) -> u64 {
+        self.object.size_bytes
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.object.size_bytes)
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "read past the end",
+            ));
+        }
+        let mut done = 0usize;
+        // Bounded: one block per INSPECT_BLOCK_BYTES of buf.
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let block = self.block(at / INSPECT_BLOCK_BYTES)?;
+            let from = (at % INSPECT_BLOCK_BYTES) as usize;
+            let n = (block.len() - from).min(buf.len() - done);
+            if n == 0 {
+                return Err(std::io::Error::other("an empty block"));
+            }
+            buf[done..done + n].copy_from_slice(&block[from..from + n]);
+            done += n;
+        }
+        Ok(())
+    }
 }
 
 /// Refuses, before a byte is sent, an image that a destination among

@@ -15,6 +15,10 @@ use super::TransferError;
 use super::retry::retry;
 use super::worker::Worker;
 
+/// Times every part of an object source is read again when what was read
+/// does not match its store's checksum.
+pub(super) const REPAIR_ROUNDS: u32 = 2;
+
 impl Worker {
     pub(super) async fn finish(
         &self,
@@ -49,6 +53,18 @@ impl Worker {
             self.abort(upload_id).await;
             return Err(e);
         }
+        // Read from a bucket: the parts must be the bytes its store keeps.
+        let repaired = match self.match_stored(upload_id, receipts).await {
+            Ok(r) => r,
+            Err(e) => {
+                let e = self.blamed(e);
+                if !self.keeps_upload(&e) {
+                    self.abort(upload_id).await;
+                }
+                return Err(e);
+            }
+        };
+        let receipts = &repaired[..];
         let halt = self.halt();
         let complete = retry(policy, dn, &*self.observer, &halt, || {
             self.dest.complete(name, upload_id, receipts)
@@ -107,6 +123,65 @@ impl Worker {
         Ok(m)
     }
 
+    /// For an object source whose store keeps the whole object's CRC32C:
+    /// the parts sent must combine to it. Where they do not, a range was
+    /// corrupted on its way from the source (the ETag pins the version, so
+    /// the object did not change): every part is read again, each that
+    /// differs from what was sent is sent again, and the check repeats, at
+    /// most [`REPAIR_ROUNDS`] times. Costs nothing when the parts match.
+    async fn match_stored(
+        &self,
+        upload_id: &str,
+        receipts: &[PartReceipt],
+    ) -> Result<Vec<PartReceipt>, TransferError> {
+        let mut receipts = receipts.to_vec();
+        let Some(object) = self.job.source.remote() else {
+            return Ok(receipts);
+        };
+        let crate::source::Stored::Crc32c(expected) = object.stored else {
+            return Ok(receipts);
+        };
+        let name = &self.job.name;
+        let dn = self.dest.name();
+        let halt = self.halt();
+        let mut got = 0;
+        for round in 0..=REPAIR_ROUNDS {
+            got = chunk::combine(receipts.iter().map(|r| (r.crc32c, r.size_bytes)));
+            if got == expected {
+                return Ok(receipts);
+            }
+            if round == REPAIR_ROUNDS {
+                break;
+            }
+            warn!(
+                destination = dn,
+                "{name}: the parts read from {} combine to CRC32C {}, its store keeps {}: a read was corrupted on its way; reading every part again",
+                object.url,
+                manifest::crc_hex(got),
+                manifest::crc_hex(expected)
+            );
+            for r in receipts.iter_mut() {
+                let part = match chunk::reread(self.reader.clone(), &self.budget, r.index).await {
+                    Some(Ok(p)) => p,
+                    Some(Err(e)) => return Err(TransferError::Read(e.to_string())),
+                    None => break,
+                };
+                if part.crc32c() == r.crc32c {
+                    continue;
+                }
+                self.observer.retried(dn, "checksum");
+                *r = retry(&self.job.retry, dn, &*self.observer, &halt, || {
+                    self.dest.put_part(name, upload_id, &part)
+                })
+                .await?;
+            }
+        }
+        Err(TransferError::SourceMismatch {
+            crc32c: got,
+            expected_crc32c: expected,
+        })
+    }
+
     /// The manifest of the verified object.
     fn manifest(&self, receipts: &[PartReceipt], v: Verified, started: SystemTime) -> Manifest {
         let crc = v.crc32c;
@@ -161,6 +236,15 @@ impl Worker {
                 self.dest.server_check().into()
             },
             source_host: manifest::hostname(),
+            source: self.job.source.remote().map(|o| manifest::SourceEntry {
+                url: o.url.clone(),
+                etag: o.etag.clone(),
+                stored_crc32c: match o.stored {
+                    crate::source::Stored::Crc32c(c) => Some(manifest::crc_hex(c)),
+                    crate::source::Stored::Unknown => None,
+                },
+                checked: o.stored.basis().into(),
+            }),
             started_at: manifest::timestamp(started),
             finished_at: manifest::timestamp(SystemTime::now()),
             import: None,
