@@ -41,8 +41,10 @@
 //! works the same in the daemon, in `ferry push` and in tests, and SIGIO can
 //! never terminate the process (its default action) once a lease exists.
 
+pub mod lease;
 mod object;
 
+pub use lease::{Bucket, BucketError, Listed};
 pub use object::{Chunks, Object, RangeError, Remote, Stored};
 
 use crate::error::Class;

@@ -205,6 +205,34 @@ pub async fn open_object(
     })
 }
 
+/// The bucket (and prefix) at `url` as a source's claims, markers and
+/// listing, with the store settings of `cfg`.
+pub fn open_bucket(
+    url: &str,
+    cfg: &DestinationConfig,
+    transfer: &TransferConfig,
+) -> Result<std::sync::Arc<dyn crate::source::Bucket>, StoreError> {
+    let cfg = DestinationConfig {
+        url: url.to_string(),
+        import: None,
+        ..cfg.clone()
+    };
+    let hint = transfer.part_size.as_u64();
+    match DestinationUrl::parse(url).map_err(|e| StoreError::Setup(e.to_string()))? {
+        DestinationUrl::S3 { bucket, prefix } => {
+            let (b, _) = s3::S3Backend::new("source", &bucket, prefix, &cfg, transfer, hint)?;
+            Ok(std::sync::Arc::new(b.bucket()))
+        }
+        DestinationUrl::Oci { bucket, prefix } => {
+            let (b, _) = oci::OciBackend::new("source", &bucket, prefix, &cfg, transfer, hint)?;
+            Ok(std::sync::Arc::new(oci::OciBucket(std::sync::Arc::new(b))))
+        }
+        _ => Err(StoreError::Setup(format!(
+            "{url}: a bucket source is s3://BUCKET/PREFIX/ or oci://BUCKET/PREFIX/"
+        ))),
+    }
+}
+
 /// The sidecar beside object `name` (its URL under `dir`, and its text), if
 /// there is one.
 async fn sidecar_of(

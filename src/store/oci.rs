@@ -398,6 +398,168 @@ impl crate::source::Remote for OciRanges {
     }
 }
 
+/// A bucket source's claims, markers and listing, through OCI's own API
+/// (`source::Bucket`): conditional PutObject (`if-none-match: *`,
+/// `if-match`), ListObjects.
+pub(super) struct OciBucket(pub(super) std::sync::Arc<OciBackend>);
+
+/// ListObjects pages followed at most (1,000 objects a page).
+const MAX_LIST_PAGES: usize = 1_000;
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListedObjects {
+    objects: Vec<ListedObject>,
+    next_start_with: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct ListedObject {
+    name: String,
+    size: Option<u64>,
+    etag: Option<String>,
+}
+
+impl OciBucket {
+    fn failed(e: StoreError) -> crate::source::BucketError {
+        match &e {
+            StoreError::Oci { answer, .. } if answer.status == 412 => {
+                crate::source::BucketError::Precondition(e.to_string())
+            }
+            _ => crate::source::BucketError::Failed(e.to_string()),
+        }
+    }
+
+    async fn put(
+        &self,
+        name: &str,
+        body: Bytes,
+        condition: Option<(&'static str, String)>,
+    ) -> Result<String, StoreError> {
+        let b = &self.0;
+        let key = b.key_of(name);
+        b.key_ok(&key)?;
+        let path = b.path("o", &key).await?;
+        let mut extra = vec![(
+            "opc-content-crc32c",
+            crate::manifest::crc_base64(crc32c::crc32c(&body)),
+        )];
+        extra.extend(condition);
+        let r = b
+            .send(
+                "write",
+                &key,
+                Method::PUT,
+                path,
+                Payload::Object(body),
+                &extra,
+            )
+            .await?;
+        header(&r, "etag").ok_or_else(|| StoreError::Answer {
+            op: "write",
+            key,
+            message: "the answer has no ETag".into(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::source::Bucket for OciBucket {
+    async fn list(&self) -> Result<Vec<crate::source::Listed>, crate::source::BucketError> {
+        let b = &self.0;
+        let ns = b.ns().await.map_err(Self::failed)?;
+        let base = format!(
+            "/n/{}/b/{}/o?prefix={}&fields=name,size,etag",
+            segment(ns),
+            segment(&b.bucket),
+            segment(&b.prefix)
+        );
+        let mut out = Vec::new();
+        let mut start: Option<String> = None;
+        for _ in 0..MAX_LIST_PAGES {
+            let path = match &start {
+                Some(s) => format!("{base}&start={}", segment(s)),
+                None => base.clone(),
+            };
+            let r = b
+                .send("list", &b.prefix, Method::GET, path, Payload::None, &[])
+                .await
+                .map_err(Self::failed)?;
+            let page: ListedObjects = json("list", &b.prefix, r, "a ListObjects answer")
+                .await
+                .map_err(Self::failed)?;
+            out.extend(page.objects.into_iter().filter_map(|o| {
+                Some(crate::source::Listed {
+                    name: o.name.strip_prefix(&b.prefix)?.to_string(),
+                    size_bytes: o.size.unwrap_or(0),
+                    etag: o.etag,
+                })
+            }));
+            match page.next_start_with {
+                Some(s) => start = Some(s),
+                None => return Ok(out),
+            }
+        }
+        Err(crate::source::BucketError::Failed(format!(
+            "listing {} did not end within {MAX_LIST_PAGES} pages",
+            b.prefix
+        )))
+    }
+
+    async fn read(
+        &self,
+        name: &str,
+    ) -> Result<Option<(Bytes, String)>, crate::source::BucketError> {
+        let r = match self.0.object_request("read", name, Method::GET, &[]).await {
+            Ok((_, r)) => r,
+            Err(e) if e.is_missing() => return Ok(None),
+            Err(e) => return Err(Self::failed(e)),
+        };
+        let etag = header(&r, "etag").unwrap_or_default();
+        let body = r
+            .bytes()
+            .await
+            .map_err(|e| crate::source::BucketError::Failed(e.to_string()))?;
+        Ok(Some((body, etag)))
+    }
+
+    async fn create(&self, name: &str, body: Bytes) -> Result<String, crate::source::BucketError> {
+        self.put(name, body, Some(("if-none-match", "*".into())))
+            .await
+            .map_err(Self::failed)
+    }
+
+    async fn replace(
+        &self,
+        name: &str,
+        body: Bytes,
+        etag: &str,
+    ) -> Result<String, crate::source::BucketError> {
+        self.put(name, body, Some(("if-match", etag.to_string())))
+            .await
+            .map_err(Self::failed)
+    }
+
+    async fn write(&self, name: &str, body: Bytes) -> Result<(), crate::source::BucketError> {
+        self.put(name, body, None)
+            .await
+            .map(drop)
+            .map_err(Self::failed)
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), crate::source::BucketError> {
+        match self
+            .0
+            .object_request("delete", name, Method::DELETE, &[])
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_missing() => Ok(()),
+            Err(e) => Err(Self::failed(e)),
+        }
+    }
+}
+
 /// A JSON answer read whole as `T` (`what` says what it should have been).
 async fn json<T: serde::de::DeserializeOwned>(
     op: &'static str,

@@ -92,6 +92,14 @@ impl S3Backend {
 }
 
 impl S3Backend {
+    /// The bucket and prefix as a source's claims, markers and listing.
+    pub(super) fn bucket(&self) -> S3Bucket {
+        S3Bucket {
+            store: self.store.clone(),
+            prefix: self.prefix.clone(),
+        }
+    }
+
     /// The object `name` as a source: its size, ETag and stored checksum from
     /// a HEAD with checksum mode on (signed by object_store's SigV4 signer
     /// and sent here: object_store sends no such HEAD), then its ranges by
@@ -240,6 +248,125 @@ impl crate::source::Remote for S3Ranges {
                 "the store answered 404 Not Found: it was deleted".into(),
             )),
             Err(e) => Err(RangeError::Failed(super::error::describe(&e))),
+        }
+    }
+}
+
+/// A bucket source's claims, markers and listing, through object_store
+/// (`source::Bucket`): conditional PUTs (`If-None-Match: *`, `If-Match`).
+pub(super) struct S3Bucket {
+    pub(super) store: Arc<dyn ObjectStore>,
+    pub(super) prefix: String,
+}
+
+/// Objects listed at most under one source's prefix.
+const MAX_LISTED: usize = 1_000_000;
+
+impl S3Bucket {
+    fn path(&self, name: &str) -> Result<ObjPath, crate::source::BucketError> {
+        key_path(&format!("{}{name}", self.prefix))
+            .map_err(|e| crate::source::BucketError::Failed(e.to_string()))
+    }
+}
+
+fn failed(e: object_store::Error) -> crate::source::BucketError {
+    match e {
+        object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. } => {
+            crate::source::BucketError::Precondition(super::error::describe(&e))
+        }
+        e => crate::source::BucketError::Failed(super::error::describe(&e)),
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::source::Bucket for S3Bucket {
+    async fn list(&self) -> Result<Vec<crate::source::Listed>, crate::source::BucketError> {
+        let prefix = self.prefix.trim_end_matches('/');
+        let prefix = (!prefix.is_empty())
+            .then(|| key_path(prefix))
+            .transpose()
+            .map_err(|e| crate::source::BucketError::Failed(e.to_string()))?;
+        let mut listing = self.store.list(prefix.as_ref());
+        let mut out = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(failed)?;
+            if out.len() >= MAX_LISTED {
+                return Err(crate::source::BucketError::Failed(format!(
+                    "more than {MAX_LISTED} objects under {}",
+                    self.prefix
+                )));
+            }
+            if let Some(name) = meta.location.as_ref().strip_prefix(&self.prefix) {
+                out.push(crate::source::Listed {
+                    name: name.to_string(),
+                    size_bytes: meta.size,
+                    etag: meta.e_tag,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read(
+        &self,
+        name: &str,
+    ) -> Result<Option<(Bytes, String)>, crate::source::BucketError> {
+        match self.store.get(&self.path(name)?).await {
+            Ok(r) => {
+                let etag = r.meta.e_tag.clone().unwrap_or_default();
+                Ok(Some((r.bytes().await.map_err(failed)?, etag)))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(failed(e)),
+        }
+    }
+
+    async fn create(&self, name: &str, body: Bytes) -> Result<String, crate::source::BucketError> {
+        let opts = object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        let r = self
+            .store
+            .put_opts(&self.path(name)?, PutPayload::from(body), opts)
+            .await
+            .map_err(failed)?;
+        Ok(r.e_tag.unwrap_or_default())
+    }
+
+    async fn replace(
+        &self,
+        name: &str,
+        body: Bytes,
+        etag: &str,
+    ) -> Result<String, crate::source::BucketError> {
+        let opts = object_store::PutOptions {
+            mode: object_store::PutMode::Update(object_store::UpdateVersion {
+                e_tag: Some(etag.to_string()),
+                version: None,
+            }),
+            ..Default::default()
+        };
+        let r = self
+            .store
+            .put_opts(&self.path(name)?, PutPayload::from(body), opts)
+            .await
+            .map_err(failed)?;
+        Ok(r.e_tag.unwrap_or_default())
+    }
+
+    async fn write(&self, name: &str, body: Bytes) -> Result<(), crate::source::BucketError> {
+        self.store
+            .put(&self.path(name)?, PutPayload::from(body))
+            .await
+            .map(drop)
+            .map_err(failed)
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), crate::source::BucketError> {
+        match self.store.delete(&self.path(name)?).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(failed(e)),
         }
     }
 }
