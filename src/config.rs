@@ -76,6 +76,34 @@ pub struct SourceConfig {
     pub namespace: Option<String>,
     pub profile: Option<String>,
     pub config_file: Option<PathBuf>,
+    /// The daemon lists the prefix this often.
+    #[serde(default = "default_poll_secs")]
+    pub poll_secs: u64,
+    /// What becomes of an object once every destination verified it.
+    #[serde(default)]
+    pub on_success: SourceOnSuccess,
+    /// How long a claim holds without renewal (renewed every third of it).
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+}
+
+fn default_poll_secs() -> u64 {
+    30
+}
+
+fn default_lease_secs() -> u64 {
+    300
+}
+
+/// What becomes of a bucket source's object once every destination
+/// verified it (its done marker is written in either case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceOnSuccess {
+    #[default]
+    Keep,
+    /// Delete it and its sidecar.
+    Delete,
 }
 
 impl SourceConfig {
@@ -589,6 +617,15 @@ impl Config {
             if !valid_destination_name(name) {
                 return Err(invalid(format!(
                     "source name {name:?} must be 1..=64 characters of a-z, 0-9, '-' and '_'"
+                )));
+            }
+            if s.poll_secs == 0 {
+                return Err(invalid(format!("sources.{name}.poll_secs must be above 0")));
+            }
+            if s.lease_secs < 3 {
+                return Err(invalid(format!(
+                    "sources.{name}.lease_secs = {} is too short: use at least 3 (it is renewed every third of it), and well over the longest stall a host may have",
+                    s.lease_secs
                 )));
             }
             if let Some(0) = s.parallel_reads {

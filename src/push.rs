@@ -134,7 +134,7 @@ pub async fn push(
             {
                 let i = Importer::new(d.name(), cfg, table, &config.transfer)
                     .map_err(|e| PrepareError::Destination(e.to_string()))?;
-                importers.push((d.clone(), i));
+                importers.push((d.clone(), Arc::new(i)));
             }
         }
     }

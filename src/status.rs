@@ -90,6 +90,8 @@ pub struct Status {
     pub state_problem: Mutex<Option<String>>,
     /// Set while the spool's own directories cannot be made again.
     pub spool_problem: Mutex<Option<String>>,
+    /// Bucket sources that cannot be listed, by name.
+    pub source_problems: Mutex<BTreeMap<String, String>>,
     pub retrying: Mutex<Vec<Retrying>>,
     /// The last imports that ended, newest last.
     pub imports: Mutex<VecDeque<ImportEnded>>,
@@ -107,6 +109,7 @@ impl Status {
             health: Mutex::new(BTreeMap::new()),
             state_problem: Mutex::new(None),
             spool_problem: Mutex::new(None),
+            source_problems: Mutex::new(BTreeMap::new()),
             retrying: Mutex::new(vec![]),
             imports: Mutex::new(VecDeque::new()),
         })
@@ -196,6 +199,30 @@ impl Status {
     }
 
     /// Problems that make the daemon not ready; empty when ready.
+    /// A bucket source's problem (it cannot be listed), or `None` once it
+    /// lists again; logged when it starts and ends, shown on `/readyz`
+    /// while it lasts.
+    pub fn set_source_problem(&self, source: &str, problem: Option<String>) {
+        let Ok(mut p) = self.source_problems.lock() else {
+            return;
+        };
+        match problem {
+            Some(why) => {
+                // Once when it starts: the words may differ at each poll
+                // (a timing in them) while the problem is the same.
+                if !p.contains_key(source) {
+                    tracing::error!("{why}");
+                }
+                p.insert(source.to_string(), why);
+            }
+            None => {
+                if p.remove(source).is_some() {
+                    tracing::info!("source {source} lists again");
+                }
+            }
+        }
+    }
+
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         if let Some(dir) = &self.spool_dir
@@ -209,6 +236,9 @@ impl Status {
             {
                 p.push(s.clone());
             }
+        }
+        if let Ok(s) = self.source_problems.lock() {
+            p.extend(s.values().cloned());
         }
         if let Ok(h) = self.health.lock() {
             for (name, d) in h.iter().filter(|(_, d)| !d.ready) {

@@ -23,6 +23,7 @@
 //! wakes on inotify hints, on a 1 s tick while a file is settling, and on a full
 //! rescan every `rescan_secs`.
 
+mod buckets;
 mod job;
 mod recovery;
 mod retries;
@@ -268,6 +269,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let (mut d, mut hints) = Daemon::start(config_path, cancel.clone()).await?;
     d.resume_active().await;
+    d.sources = buckets::watch_all(&d.ctx());
     d.announce();
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
@@ -340,6 +342,8 @@ struct Daemon {
     /// Jobs whose uploads ended, waiting for their imports (they hold no
     /// job slot).
     waits: JoinSet<JobEnd>,
+    /// One watcher per bucket source, with its jobs.
+    sources: JoinSet<()>,
     retries: Retries,
     state_ok: bool,
 }
@@ -415,6 +419,7 @@ impl Daemon {
             hint_tx,
             watcher,
             jobs: JoinSet::new(),
+            sources: JoinSet::new(),
             waits: JoinSet::new(),
             retries: Retries::default(),
             state_ok: true,
@@ -461,12 +466,6 @@ impl Daemon {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        for (name, src) in &s.config.sources {
-            warn!(
-                "[sources.{name}] ({}) gives the store settings of `ferry push {}KEY`; this daemon ships the spool only and does not watch buckets yet",
-                src.url, src.url
-            );
-        }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     }
 
@@ -650,6 +649,10 @@ impl Daemon {
         })
         .await;
         self.waits.abort_all();
+        // Bucket jobs stop at the request too; their leases are released.
+        let rest = until.saturating_duration_since(Instant::now());
+        left += crate::shutdown::drain(&mut self.sources, rest, |_| {}).await;
+        self.sources.abort_all();
         if left > 0 {
             warn!(
                 "shutdown timeout reached; {left} job(s) stop where they are and resume at the next start"

@@ -191,7 +191,7 @@ async fn interrupted(importer: &Importer, rec: &ImportRecord) -> String {
 /// After `ferry push`: imports each verified object whose destination has an
 /// importer, all at once, with progress lines; the ends by destination.
 pub async fn after_push(
-    importers: &[(Arc<Destination>, Importer)],
+    importers: &[(Arc<Destination>, Arc<Importer>)],
     verified: &[(String, Manifest)],
     every: Duration,
     cancel: &Shutdown,
