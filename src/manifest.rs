@@ -61,9 +61,14 @@ pub struct SourceEntry {
     /// combine to; absent when the store keeps none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored_crc32c: Option<String>,
+    /// The MD5 in the object's single-part ETag, which the bytes shipped
+    /// give, where the store keeps no CRC32C.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_md5: Option<String>,
     /// `crc32c-stored` (the bytes shipped were checked against the store's
-    /// CRC32C) or `none` (the store keeps no checksum ferry can check them
-    /// with: only the ETag pinned the version).
+    /// CRC32C), `md5-etag` (against the MD5 its single-part ETag is), or
+    /// `none` (the store keeps no checksum ferry can check them with: only
+    /// the ETag pinned the version).
     pub checked: String,
 }
 

@@ -162,7 +162,12 @@ pub async fn push(
         source: source.clone(),
         first_reads: Arc::new(FirstReads::new(plan.count)),
         plan,
-        reader: config.transfer.reader,
+        // An object is read by GETs: never the mmap reader's checks.
+        reader: if source.remote().is_some() {
+            crate::config::ReaderKind::Pread
+        } else {
+            config.transfer.reader
+        },
         verify: opts.verify.unwrap_or(config.transfer.verify),
         retry: RetryPolicy::from_config(&config.transfer),
         image: Some(report),

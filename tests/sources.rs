@@ -251,3 +251,45 @@ fn an_oci_object_ships_checked_against_the_crc32c_oci_keeps() {
     let errors = error_lines(&out).join("\n");
     assert!(errors.contains("no such object"), "{errors}");
 }
+
+/// An S3 object whose store keeps no CRC32C (a plain single PUT): its ETag
+/// is its MD5, which the parts read must give. A bit flipped on the way is
+/// caught by it and the part read and sent again.
+#[test]
+fn an_object_without_a_crc32c_is_checked_against_the_md5_of_its_etag() {
+    let Some(s3) = s3() else { return };
+    let dir = tmpdir();
+    let prefix = unique_prefix("src-md5");
+    boot_qcow2(dir.path(), "disk.qcow2", 24 << 20);
+    let image = dir.path().join("disk.qcow2");
+    let src_bucket = &s3.buckets[2];
+    let key = format!("{prefix}/disk.qcow2");
+    let etag = block_on(async {
+        use object_store::ObjectStoreExt;
+        let store = s3.store(src_bucket);
+        store
+            .put(&obj_path(&key), std::fs::read(&image).unwrap().into())
+            .await
+            .unwrap();
+        store.head(&obj_path(&key)).await.unwrap().e_tag.unwrap()
+    });
+    let relay = Relay::start(&s3);
+    relay.set(r#"{"flip_bit_in_gets": 1, "flip_min_bytes": 4194304}"#);
+    let out_a = dir.path().join("a");
+    let tables = format!("[destinations.a]\nurl = \"file://{}/\"\n", out_a.display());
+    let cfg = config(dir.path(), &relay.endpoint(), src_bucket, &prefix, &tables);
+    let url = format!("s3://{src_bucket}/{key}");
+    let out = run(ferry().args(["push", "-c", &cfg, &url]));
+    assert_eq!(relay.injected("flipget"), 1, "{}", relay.log());
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("do not give the MD5 its store keeps"),
+        "{stderr}"
+    );
+    assert!(same_bytes(&image, &out_a.join("disk.qcow2")));
+    let m = manifest(&out_a.join("disk.qcow2.manifest.json"));
+    assert_eq!(m["source"]["checked"], "md5-etag");
+    assert_eq!(m["source"]["stored_md5"], etag.trim_matches('"'));
+    assert!(m["source"].get("stored_crc32c").is_none());
+}

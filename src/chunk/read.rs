@@ -55,6 +55,9 @@ pub trait Reader: Send + Sync {
     fn reread(&self, _index: u32, _lease: Lease) -> Option<Result<Part, ReadError>> {
         None
     }
+    /// Part `index` as the fan-out hands it on, in order (an object source
+    /// whose store's checksum is an MD5 hashes it).
+    fn delivered(&self, _part: &Part) {}
 }
 
 /// Waits for the memory of part `index`: an idle pooled buffer, or new budget.
@@ -415,6 +418,11 @@ impl Reader for ObjectReader {
 
     fn reread(&self, index: u32, lease: Lease) -> Option<Result<Part, ReadError>> {
         Some(self.fetch(index, lease))
+    }
+
+    fn delivered(&self, part: &Part) {
+        self.object
+            .digest_part(part.index(), part.bytes(), part.crc32c());
     }
 }
 

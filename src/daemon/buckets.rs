@@ -31,6 +31,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use super::job::{JobCtx, report};
+use super::retries::JOB_ATTEMPTS;
 use crate::config::SourceConfig;
 use crate::error::Class;
 use crate::events::{JobMetrics, Observer, Observers};
@@ -72,7 +73,10 @@ async fn watch(ctx: JobCtx, name: String, src: SourceConfig, slots: Arc<Semaphor
     let lease_for = Duration::from_secs(src.lease_secs);
     let host = holder();
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let mut jobs = JoinSet::new();
+    let mut jobs: JoinSet<(String, Option<String>)> = JoinSet::new();
+    // Objects whose last attempt here failed for a passing reason: how many
+    // attempts they had, and when the next may start.
+    let mut retrying: HashMap<String, (u32, Instant)> = HashMap::new();
     info!(
         "watching source {name} ({}) every {}s, leases of {}s held as {host}",
         src.url, src.poll_secs, src.lease_secs
@@ -97,9 +101,14 @@ async fn watch(ctx: JobCtx, name: String, src: SourceConfig, slots: Arc<Semaphor
                     if ctx.cancel.is_requested() {
                         break;
                     }
-                    if running.lock().is_ok_and(|r| r.contains(&object.name)) {
+                    if running.lock().is_ok_and(|r| r.contains(&object.name))
+                        || retrying
+                            .get(&object.name)
+                            .is_some_and(|(_, at)| *at > Instant::now())
+                    {
                         continue;
                     }
+                    let attempt = retrying.get(&object.name).map_or(1, |(n, _)| n + 1);
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
                         break;
                     };
@@ -127,6 +136,7 @@ async fn watch(ctx: JobCtx, name: String, src: SourceConfig, slots: Arc<Semaphor
                                 lease,
                                 slot,
                                 running.clone(),
+                                attempt,
                             ));
                         }
                         Ok(Claim::Held(h)) => tracing::debug!(
@@ -146,12 +156,32 @@ async fn watch(ctx: JobCtx, name: String, src: SourceConfig, slots: Arc<Semaphor
             _ = ctx.cancel.requested() => break,
             _ = tokio::time::sleep(poll) => {}
             // A job ended: its slot may take the next object now.
-            Some(_) = jobs.join_next() => {}
+            Some(ended) = jobs.join_next() => {
+                if let Ok((name, again)) = ended {
+                    match again {
+                        Some(_) => {
+                            let n = retrying.get(&name).map_or(1, |(n, _)| n + 1);
+                            let pause = (JOB_RETRY_PAUSE * n).min(JOB_RETRY_MAX_PAUSE);
+                            retrying.insert(name, (n, Instant::now() + pause));
+                        }
+                        None => {
+                            retrying.remove(&name);
+                        }
+                    }
+                }
+            }
         }
     }
     // Bounded by the jobs' own stop: they see the same request.
     while jobs.join_next().await.is_some() {}
 }
+
+/// The pause before an object that failed for a passing reason is tried
+/// again here (after the N-th failure: N times this, at most the maximum),
+/// as for the spool's jobs; after `JOB_ATTEMPTS` attempts it is marked
+/// failed. Another host may try it meanwhile.
+const JOB_RETRY_PAUSE: Duration = Duration::from_secs(15);
+const JOB_RETRY_MAX_PAUSE: Duration = Duration::from_secs(300);
 
 /// How a bucket job ended.
 enum Ended {
@@ -174,7 +204,8 @@ async fn run(
     lease: Lease,
     slot: OwnedSemaphorePermit,
     running: Arc<Mutex<HashSet<String>>>,
-) {
+    attempt: u32,
+) -> (String, Option<String>) {
     let name = lease.name.clone();
     let url = format!("{}{name}", src.url);
     let started = Instant::now();
@@ -188,7 +219,23 @@ async fn run(
         ctx.cancel.clone(),
         lost.clone(),
     ));
-    let ended = ship(&ctx, &src, &url, &name, &cancel).await;
+    let ended = match ship(&ctx, &src, &url, &name, &cancel).await {
+        Ended::Retry(why) if attempt >= JOB_ATTEMPTS => {
+            let r = report(
+                &name.clone().into(),
+                &format!("{why}; given up after {attempt} attempts"),
+                vec![],
+                transfer::DESTINATION_ADVICE,
+            );
+            let body = Bytes::from(serde_json::to_vec_pretty(&r).unwrap_or_default());
+            Ended::Failed(r.reason, body)
+        }
+        ended => ended,
+    };
+    let again = match &ended {
+        Ended::Retry(why) => Some(why.clone()),
+        _ => None,
+    };
     keeper.abort();
     let _ = keeper.await;
     let lease = Arc::into_inner(lease).map(tokio::sync::Mutex::into_inner);
@@ -217,7 +264,9 @@ async fn run(
                 lease::mark_failed(&*bucket, &name, body.clone()).await
             }
             Ended::Retry(why) => {
-                warn!("{url}: {why}; the next poll tries it again");
+                warn!(
+                    "{url}: {why}; attempt {attempt} of {JOB_ATTEMPTS}, tried again after a pause (by this or another host)"
+                );
                 Ok(())
             }
             Ended::Stopped => Ok(()),
@@ -237,6 +286,7 @@ async fn run(
         r.remove(&name);
     }
     drop(slot);
+    (name, again)
 }
 
 /// The object and its sidecar, deleted once every destination verified it
@@ -293,14 +343,25 @@ async fn ship(
     let settings = &ctx.settings;
     let config = &settings.config;
     let failed = |e: PrepareError| {
-        let class = e.class();
-        let advice = e.advice();
+        // Reaching or reading the object may fail for passing reasons (a
+        // network, a store's 5xx): only its own faults are for good.
+        let passing = match &e {
+            PrepareError::Open(s) => s.class() != Class::Refuse,
+            PrepareError::Inspect(crate::image::InspectError::Io { .. }) => true,
+            e => e.class() == Class::Retry,
+        };
         let reason = e.to_string();
         ctx.status.record_error(name, "refused", &reason);
-        if class == Class::Retry {
+        if passing {
             return Ended::Retry(reason);
         }
-        let mut r = report(&name.into(), &reason, vec![], advice);
+        let advice = format!(
+            "{} Then delete {}{}{name} so that it is shipped again.",
+            e.advice(),
+            src.url,
+            lease::FAILED
+        );
+        let mut r = report(&name.into(), &reason, vec![], &advice);
         r.outcome = "refused";
         r.inspection = e.into_report();
         let body = Bytes::from(serde_json::to_vec_pretty(&r).unwrap_or_default());
@@ -348,7 +409,8 @@ async fn ship(
         source,
         first_reads: Arc::new(crate::chunk::FirstReads::new(plan.count)),
         plan,
-        reader: config.transfer.reader,
+        // Never the mmap reader's checks: an object is read by GETs.
+        reader: crate::config::ReaderKind::Pread,
         verify: config.transfer.verify,
         retry: RetryPolicy::from_config(&config.transfer),
         image: Some(image),
@@ -385,7 +447,9 @@ async fn ship(
     let mut passing = true;
     for o in &outcomes {
         if let Err(e) = &o.result {
-            passing &= e.class() == Class::Retry;
+            // A read of the source that failed after its retries is a
+            // network's doing, not the object's.
+            passing &= e.class() == Class::Retry || matches!(e, transfer::TransferError::Read(_));
             errors.push(DestinationError {
                 destination: o.destination.clone(),
                 url: o.url.clone(),
@@ -422,7 +486,12 @@ async fn ship(
     if passing {
         return Ended::Retry(format!("{reason}, each for a reason that may pass"));
     }
-    let r = report(&name.into(), &reason, errors, transfer::DESTINATION_ADVICE);
+    let advice = format!(
+        "Check the named destinations (reachable, credentials, bucket exists), then delete {}{}{name} so that it is shipped again.",
+        src.url,
+        lease::FAILED
+    );
+    let r = report(&name.into(), &reason, errors, &advice);
     let body = Bytes::from(serde_json::to_vec_pretty(&r).unwrap_or_default());
     Ended::Failed(reason, body)
 }

@@ -85,14 +85,19 @@ pub struct Holder {
     pub expires_unix: u64,
     /// The same, for people.
     pub expires_at: String,
+    /// This claim's own mark: a renewal whose answer was lost is known as
+    /// this ferry's by it.
+    #[serde(default)]
+    pub token: String,
 }
 
 impl Holder {
-    fn new(host: &str, lease: Duration, now: SystemTime) -> Holder {
+    fn new(host: &str, token: &str, lease: Duration, now: SystemTime) -> Holder {
         let at = now + lease;
         Holder {
             host: host.to_string(),
             pid: std::process::id(),
+            token: token.to_string(),
             expires_unix: unix(at),
             expires_at: chrono::DateTime::<chrono::Utc>::from(at)
                 .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -155,9 +160,18 @@ pub async fn claim(
         return Ok(claim);
     };
     for marker in [DONE, FAILED] {
-        if bucket.read(&format!("{marker}{name}")).await?.is_some() {
-            lease.clone().release(bucket).await?;
-            return Ok(Claim::Ended);
+        match bucket.read(&format!("{marker}{name}")).await {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                lease.clone().release(bucket).await?;
+                return Ok(Claim::Ended);
+            }
+            // Not known whether it ended: the lease goes back, and the next
+            // poll asks again.
+            Err(e) => {
+                let _ = lease.clone().release(bucket).await;
+                return Err(e);
+            }
         }
     }
     Ok(claim)
@@ -171,7 +185,8 @@ async fn claim_lease(
     now: SystemTime,
 ) -> Result<Claim, BucketError> {
     let key = format!("{LEASES}{name}");
-    let holder = Holder::new(host, lease, now);
+    let token = format!("{:016x}", rand::random::<u64>());
+    let holder = Holder::new(host, &token, lease, now);
     match bucket.create(&key, holder.body()).await {
         Ok(etag) => {
             return Ok(Claim::Taken {
@@ -203,6 +218,7 @@ async fn claim_lease(
             pid: 0,
             expires_unix: 0,
             expires_at: "-".into(),
+            token: String::new(),
         },
     };
     if !current.expired(now) {
@@ -234,9 +250,23 @@ impl Lease {
     /// error [`BucketError::Precondition`] means another ferry took it over,
     /// and the job must stop.
     pub async fn renew(&mut self, bucket: &dyn Bucket, now: SystemTime) -> Result<(), BucketError> {
-        let holder = Holder::new(&self.holder.host, self.lease, now);
+        let holder = Holder::new(&self.holder.host, &self.holder.token, self.lease, now);
         let key = format!("{LEASES}{}", self.name);
-        self.etag = bucket.replace(&key, holder.body(), &self.etag).await?;
+        self.etag = match bucket.replace(&key, holder.body(), &self.etag).await {
+            Ok(etag) => etag,
+            // A renewal the store applied but whose answer was lost moved
+            // the ETag: the lease still carries this claim's token.
+            Err(BucketError::Precondition(why)) => match bucket.read(&key).await? {
+                Some((text, etag))
+                    if serde_json::from_slice::<Holder>(&text)
+                        .is_ok_and(|h| h.token == self.holder.token) =>
+                {
+                    bucket.replace(&key, holder.body(), &etag).await?
+                }
+                _ => return Err(BucketError::Precondition(why)),
+            },
+            Err(e) => return Err(e),
+        };
         self.holder = holder;
         Ok(())
     }
@@ -247,9 +277,20 @@ impl Lease {
         (self.lease / 3).max(Duration::from_secs(1))
     }
 
-    /// Gives the lease up (the job ended, its marker written).
+    /// Gives the lease up (the job ended, its marker written), only if it
+    /// still carries this claim's token: a lease another ferry took over
+    /// while this one could not renew is left to it.
     pub async fn release(self, bucket: &dyn Bucket) -> Result<(), BucketError> {
-        bucket.delete(&format!("{LEASES}{}", self.name)).await
+        let key = format!("{LEASES}{}", self.name);
+        match bucket.read(&key).await? {
+            Some((text, _))
+                if serde_json::from_slice::<Holder>(&text)
+                    .is_ok_and(|h| h.token == self.holder.token) =>
+            {
+                bucket.delete(&key).await
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -337,7 +378,7 @@ mod tests {
     #[test]
     fn a_lease_expires_by_the_judges_clock() {
         let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let h = Holder::new("h1", Duration::from_secs(30), now);
+        let h = Holder::new("h1", "t", Duration::from_secs(30), now);
         assert!(!h.expired(now + Duration::from_secs(29)));
         assert!(h.expired(now + Duration::from_secs(30)));
         assert_eq!(h.expires_at, "1970-01-12T13:47:10Z");

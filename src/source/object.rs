@@ -52,9 +52,12 @@ pub enum Stored {
     /// OCI's `opc-content-crc32c`, or S3's full-object
     /// `x-amz-checksum-crc32c` (asked for with checksum mode on).
     Crc32c(u32),
+    /// An S3 object uploaded in one PUT without SSE-KMS or SSE-C, whose
+    /// store keeps no CRC32C: its ETag is the MD5 of its bytes.
+    Md5([u8; 16]),
     /// The store keeps no checksum ferry can check the whole object with
-    /// (an S3 object uploaded without one, or with a per-part composite):
-    /// shipped with that said in the manifest.
+    /// (a multipart upload without a full-object checksum, an encrypted
+    /// object): shipped with that said in the manifest.
     Unknown,
 }
 
@@ -63,13 +66,15 @@ impl Stored {
     pub fn basis(&self) -> &'static str {
         match self {
             Stored::Crc32c(_) => "crc32c-stored",
+            Stored::Md5(_) => "md5-etag",
             Stored::Unknown => "none",
         }
     }
 }
 
-/// Tries of one range before its read fails.
-const RANGE_TRIES: u32 = 4;
+/// Tries of one range before its read fails: 0.5 + 1 + 2 + 4 + 8 s apart,
+/// enough for a store's throttling or a restart.
+const RANGE_TRIES: u32 = 6;
 
 /// An object opened as a source.
 #[derive(Debug)]
@@ -83,6 +88,28 @@ pub struct Object {
     pub parallel_reads: usize,
     remote: Arc<dyn Remote>,
     runtime: tokio::runtime::Handle,
+    /// For [`Stored::Md5`]: the MD5 of the parts the fan-out read, in order.
+    digest: std::sync::Mutex<InOrder>,
+}
+
+/// An MD5 over parts handed over in index order, with each part's CRC32C
+/// (what a destination sent must be these bytes).
+#[derive(Default)]
+struct InOrder {
+    md5: md5::Md5,
+    crcs: Vec<u32>,
+    /// A part came out of order (a resumed destination skipped some): the
+    /// digest cannot be made, and the parts are read again to check them.
+    broken: bool,
+}
+
+impl std::fmt::Debug for InOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InOrder")
+            .field("parts", &self.crcs.len())
+            .field("broken", &self.broken)
+            .finish()
+    }
 }
 
 impl Object {
@@ -103,7 +130,39 @@ impl Object {
             parallel_reads: parallel_reads.max(1),
             remote,
             runtime: tokio::runtime::Handle::current(),
+            digest: std::sync::Mutex::default(),
         }
+    }
+
+    /// Part `index` (its bytes and CRC32C) as the fan-out hands it on, in
+    /// order: hashed where the store's checksum is an MD5.
+    pub fn digest_part(&self, index: u32, bytes: &[u8], crc32c: u32) {
+        if !matches!(self.stored, Stored::Md5(_)) {
+            return;
+        }
+        let Ok(mut d) = self.digest.lock() else {
+            return;
+        };
+        if d.broken || (index as usize) < d.crcs.len() {
+            return;
+        }
+        if index as usize != d.crcs.len() {
+            d.broken = true;
+            return;
+        }
+        md5::Digest::update(&mut d.md5, bytes);
+        d.crcs.push(crc32c);
+    }
+
+    /// The MD5 of the `count` parts the fan-out handed on and each one's
+    /// CRC32C, once all were, in order.
+    pub fn digested(&self, count: u32) -> Option<([u8; 16], Vec<u32>)> {
+        let d = self.digest.lock().ok()?;
+        if d.broken || d.crcs.len() != count as usize {
+            return None;
+        }
+        let md5: [u8; 16] = md5::Digest::finalize(d.md5.clone()).into();
+        Some((md5, d.crcs.clone()))
     }
 
     /// Fills `buf` with the object's bytes from `offset` and returns their
@@ -115,10 +174,11 @@ impl Object {
 
     async fn read_async(&self, offset: u64, buf: &mut [u8]) -> Result<u32, RangeError> {
         let mut last = None;
-        // Bounded: RANGE_TRIES tries, at most 0.25 + 0.5 + 1 s apart.
+        // Bounded: RANGE_TRIES tries. The pause blocks this (blocking)
+        // thread, not a timer of the runtime, which may be shutting down.
         for attempt in 0..RANGE_TRIES {
             if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(250 << (attempt - 1))).await;
+                std::thread::sleep(Duration::from_millis(500 << (attempt - 1)));
             }
             match self.try_read(offset, buf).await {
                 Ok(crc) => return Ok(crc),

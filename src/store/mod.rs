@@ -242,6 +242,22 @@ async fn sidecar_of(
     beside: Beside,
 ) -> Result<Option<(String, String)>, StoreError> {
     let side = format!("{name}{}", beside.suffix);
+    // Its size first: a sidecar is read whole, and must be small.
+    match backend.head(&side).await {
+        Ok(info) if info.size_bytes > beside.max_bytes => {
+            return Err(StoreError::Answer {
+                op: "read",
+                key: backend.key(&side),
+                message: format!(
+                    "the sidecar has {} bytes, more than a sidecar's {}",
+                    info.size_bytes, beside.max_bytes
+                ),
+            });
+        }
+        Ok(_) => {}
+        Err(e) if e.is_missing() => return Ok(None),
+        Err(e) => return Err(e),
+    }
     match backend.get_small(&side).await {
         Ok(b) if b.len() as u64 > beside.max_bytes => Err(StoreError::Answer {
             op: "read",

@@ -183,11 +183,18 @@ impl S3Backend {
         // checksums, not of the bytes: it cannot check ferry's reads.
         let composite =
             h("x-amz-checksum-type").is_some_and(|t| t.eq_ignore_ascii_case("COMPOSITE"));
+        // Else a single PUT's ETag is the MD5 of its bytes, unless the
+        // object is encrypted with KMS or a customer key.
+        let encrypted = h("x-amz-server-side-encryption").is_some_and(|v| v != "AES256")
+            || h("x-amz-server-side-encryption-customer-algorithm").is_some();
         let stored = match h("x-amz-checksum-crc32c") {
             Some(v) if !composite && !v.contains('-') => crc_from_b64(&v)
                 .map(crate::source::Stored::Crc32c)
                 .ok_or_else(|| answer(format!("x-amz-checksum-crc32c {v:?} is not a CRC32C")))?,
-            _ => crate::source::Stored::Unknown,
+            _ => match md5_of_etag(&etag) {
+                Some(m) if !encrypted => crate::source::Stored::Md5(m),
+                _ => crate::source::Stored::Unknown,
+            },
         };
         if size == 0 {
             return Err(answer(
@@ -206,6 +213,20 @@ impl S3Backend {
             }),
         ))
     }
+}
+
+/// The MD5 a single-part ETag is (32 hex digits, quoted); `None` for a
+/// multipart ETag (`...-N`) or anything else.
+fn md5_of_etag(etag: &str) -> Option<[u8; 16]> {
+    let hex = etag.trim_matches('"');
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// A CRC32C in base64 of its big-endian bytes.

@@ -94,7 +94,11 @@ pub(super) async fn fan_out(
             next += 1;
             continue;
         }
-        let Some((read, wanted)) = futures::StreamExt::next(&mut reads).await else {
+        let next_read = tokio::select! {
+            r = futures::StreamExt::next(&mut reads) => r,
+            _ = cancel.requested() => return,
+        };
+        let Some((read, wanted)) = next_read else {
             continue;
         };
         let part = match read {
@@ -107,6 +111,7 @@ pub(super) async fn fan_out(
             }
         };
         let len = part.len();
+        reader.delivered(&part);
         observer.read_bytes(len);
         for i in wanted {
             let f = &mut feeds[i];

@@ -88,15 +88,17 @@ pub enum TransferError {
         crate::manifest::crc_hex(*expected_crc32c)
     )]
     ServerMismatch { crc32c: u32, expected_crc32c: u32 },
-    /// What was read from a bucket does not combine to the CRC32C its store
-    /// keeps, after every part was read again.
+    /// What was read from a bucket does not give the checksum its store
+    /// keeps (`what`: CRC32C or MD5), after every part was read again.
     #[error(
-        "the source's bytes as read combine to CRC32C {}, its store keeps {}, even after reading every part again {} times",
-        crate::manifest::crc_hex(*crc32c),
-        crate::manifest::crc_hex(*expected_crc32c),
+        "the source's bytes as read give {what} {got}, its store keeps {expected}, even after reading every part again {} times",
         verify::REPAIR_ROUNDS
     )]
-    SourceMismatch { crc32c: u32, expected_crc32c: u32 },
+    SourceMismatch {
+        what: &'static str,
+        got: String,
+        expected: String,
+    },
     #[error("stopped before finishing")]
     Cancelled,
     /// The source changed: nothing read from it may be completed anywhere.

@@ -138,8 +138,12 @@ impl Worker {
         let Some(object) = self.job.source.remote() else {
             return Ok(receipts);
         };
-        let crate::source::Stored::Crc32c(expected) = object.stored else {
-            return Ok(receipts);
+        let expected = match object.stored {
+            crate::source::Stored::Crc32c(c) => c,
+            crate::source::Stored::Md5(md5) => {
+                return self.match_md5(upload_id, receipts, object, md5).await;
+            }
+            crate::source::Stored::Unknown => return Ok(receipts),
         };
         let name = &self.job.name;
         let dn = self.dest.name();
@@ -161,6 +165,9 @@ impl Worker {
                 manifest::crc_hex(expected)
             );
             for r in receipts.iter_mut() {
+                if self.cancel.is_requested() {
+                    return Err(TransferError::Cancelled);
+                }
                 let part = match chunk::reread(self.reader.clone(), &self.budget, r.index).await {
                     Some(Ok(p)) => p,
                     Some(Err(e)) => return Err(TransferError::Read(e.to_string())),
@@ -177,8 +184,79 @@ impl Worker {
             }
         }
         Err(TransferError::SourceMismatch {
-            crc32c: got,
-            expected_crc32c: expected,
+            what: "CRC32C",
+            got: manifest::crc_hex(got),
+            expected: manifest::crc_hex(expected),
+        })
+    }
+
+    /// As [`Worker::match_stored`], for a source whose store's checksum is
+    /// the MD5 in its ETag: the fan-out's reads, hashed in order, must give
+    /// it, and every part this destination sent must be one of those reads
+    /// (by CRC32C). Otherwise every part is read again in order, hashed,
+    /// each that differs from what was sent is sent again, and the MD5 is
+    /// checked again.
+    async fn match_md5(
+        &self,
+        upload_id: &str,
+        mut receipts: Vec<PartReceipt>,
+        object: &crate::source::Object,
+        expected: [u8; 16],
+    ) -> Result<Vec<PartReceipt>, TransferError> {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        if let Some((md5, crcs)) = object.digested(self.job.plan.count)
+            && md5 == expected
+            && receipts
+                .iter()
+                .all(|r| crcs.get(r.index as usize) == Some(&r.crc32c))
+        {
+            return Ok(receipts);
+        }
+        let name = &self.job.name;
+        let dn = self.dest.name();
+        let halt = self.halt();
+        receipts.sort_by_key(|r| r.index);
+        let mut got = [0u8; 16];
+        for _ in 0..REPAIR_ROUNDS {
+            warn!(
+                destination = dn,
+                "{name}: the parts read from {} do not give the MD5 its store keeps ({}), or were not all hashed: reading every part again",
+                object.url,
+                hex(&expected)
+            );
+            let mut md5 = <md5::Md5 as md5::Digest>::new();
+            for r in receipts.iter_mut() {
+                if self.cancel.is_requested() {
+                    return Err(TransferError::Cancelled);
+                }
+                let part = match chunk::reread(self.reader.clone(), &self.budget, r.index).await {
+                    Some(Ok(p)) => p,
+                    Some(Err(e)) => return Err(TransferError::Read(e.to_string())),
+                    None => {
+                        return Err(TransferError::Read(
+                            "the source cannot be read again".into(),
+                        ));
+                    }
+                };
+                md5::Digest::update(&mut md5, part.bytes());
+                if part.crc32c() == r.crc32c {
+                    continue;
+                }
+                self.observer.retried(dn, "checksum");
+                *r = retry(&self.job.retry, dn, &*self.observer, &halt, || {
+                    self.dest.put_part(name, upload_id, &part)
+                })
+                .await?;
+            }
+            got = md5::Digest::finalize(md5).into();
+            if got == expected {
+                return Ok(receipts);
+            }
+        }
+        Err(TransferError::SourceMismatch {
+            what: "MD5",
+            got: hex(&got),
+            expected: hex(&expected),
         })
     }
 
@@ -241,7 +319,13 @@ impl Worker {
                 etag: o.etag.clone(),
                 stored_crc32c: match o.stored {
                     crate::source::Stored::Crc32c(c) => Some(manifest::crc_hex(c)),
-                    crate::source::Stored::Unknown => None,
+                    _ => None,
+                },
+                stored_md5: match o.stored {
+                    crate::source::Stored::Md5(m) => {
+                        Some(m.iter().map(|x| format!("{x:02x}")).collect())
+                    }
+                    _ => None,
                 },
                 checked: o.stored.basis().into(),
             }),
