@@ -258,3 +258,61 @@ fn a_refused_image_in_a_bucket_gets_a_failed_marker_and_stays_there() {
     );
     assert!(!body.contains("source exports"), "{body}");
 }
+
+/// A daemon killed while its import waits for OCI. The daemon that takes
+/// the object over finds it verified at the destination (its manifest
+/// names this version of the object, and the image being imported), sends
+/// nothing again, and waits for that image: one image, not two.
+#[test]
+fn a_taken_over_import_waits_for_the_same_image() {
+    let Some(s3) = s3() else { return };
+    let double = OciDouble::start_with(|c| c["import_secs"] = serde_json::json!(15));
+    let src = &s3.buckets[2];
+    let prefix = unique_prefix("import-takeover");
+    let dir = tmpdir();
+    boot_qcow2(dir.path(), "web.qcow2", 12 << 20);
+    let image = dir.path().join("web.qcow2");
+    let side = write(
+        &dir.path().join("web.qcow2.meta.json"),
+        r#"{"os": "Oracle Linux", "os_version": "9", "launch_mode": "PARAVIRTUALIZED"}"#,
+    );
+    put(&s3, src, &format!("{prefix}/in/web.qcow2"), &image);
+    put(&s3, src, &format!("{prefix}/in/web.qcow2.meta.json"), &side);
+    let url = format!("oci://images/{prefix}/");
+    let tables = double.importing_table("ashburn", &url, "us-ashburn-1", "");
+    let source = source_table(&s3.endpoint, src, &format!("{prefix}/in"));
+    let a = Host::new(&source, 4, &tables);
+    let b = Host::new(&source, 4, &tables);
+    let mut da = a.daemon("a.log");
+    let dest = ferry::store::Destination::new(
+        "check",
+        &double.destination_config(&url),
+        &ferry::config::TransferConfig::default(),
+        5 << 20,
+    )
+    .unwrap();
+    // The image exists and the manifest at the destination names it.
+    let importing = wait_until(Duration::from_secs(60), || {
+        block_on(dest.get_small("web.qcow2.manifest.json"))
+            .is_ok_and(|m| String::from_utf8_lossy(&m).contains("\"importing\""))
+    });
+    assert!(importing, "the first daemon's import began");
+    da.signal(libc::SIGKILL);
+    da.wait_exit(Duration::from_secs(10));
+    assert_eq!(double.images_created(), 1);
+    let db = b.daemon("b.log");
+    assert!(
+        wait_until(Duration::from_secs(90), || {
+            markers(&s3, src, &format!("{prefix}/in"), "done").len() == 1
+        }),
+        "the second daemon finished it"
+    );
+    assert_eq!(double.images_created(), 1, "one image, not two");
+    let log = db.log_text();
+    assert!(log.contains("not sent again"), "{log}");
+    assert!(log.contains("being imported already"), "{log}");
+    let m: serde_json::Value =
+        serde_json::from_slice(&block_on(dest.get_small("web.qcow2.manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["import"]["outcome"], "available", "{m}");
+}

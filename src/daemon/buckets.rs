@@ -14,12 +14,15 @@
 //! marked. At its end the object gets `.ferry/done/NAME` (its manifests)
 //! or `.ferry/failed/NAME` (the error report), and the lease is released.
 //!
-//! Design choice: a bucket job keeps no journal. A daemon that dies leaves
-//! its lease to expire; then any daemon (this one after a restart too)
-//! takes the object over and ships it from the start: the object is still
-//! in its bucket, and reading it again costs the store nothing it would not
-//! cost to resume. The uploads the dead job left open are the stores'
-//! to expire (a lifecycle rule on incomplete multipart uploads).
+//! Design choice: a bucket job keeps no journal on its host, since any host
+//! may take it over: the manifests beside the verified objects are its
+//! record. A daemon that dies leaves its lease to expire; the daemon that
+//! takes the object over skips every destination whose manifest names this
+//! version of the object, waits for an image its manifest says is being
+//! imported rather than make another, and ships to the rest from the
+//! start (the object is still in its bucket). The uploads the dead job left
+//! open are the stores' to expire (a lifecycle rule on incomplete multipart
+//! uploads).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -331,6 +334,45 @@ async fn keep(
     }
 }
 
+/// The destinations whose manifest of `name` says they verified this very
+/// object (its URL and ETag, its size) and whose object is still that size
+/// (and CRC32C, where the store keeps one), with those manifests.
+async fn earlier_verified(
+    dests: &[Arc<Destination>],
+    source: &crate::source::Source,
+    url: &str,
+    name: &str,
+) -> Vec<(String, crate::manifest::Manifest)> {
+    let Some(object) = source.remote() else {
+        return vec![];
+    };
+    let mname = format!("{name}{}", crate::manifest::MANIFEST_SUFFIX);
+    let mut found = Vec::new();
+    for d in dests {
+        let Ok(bytes) = d.get_small(&mname).await else {
+            continue;
+        };
+        let Ok(m) = serde_json::from_slice::<crate::manifest::Manifest>(&bytes) else {
+            continue;
+        };
+        let same = m
+            .source
+            .as_ref()
+            .is_some_and(|s| s.url == url && s.etag == object.etag)
+            && m.file_size_bytes == source.size_bytes;
+        let there = same
+            && d.head(name).await.is_ok_and(|h| {
+                h.size_bytes == m.file_size_bytes
+                    && h.crc32c
+                        .is_none_or(|c| crate::manifest::crc_hex(c) == m.crc32c)
+            });
+        if there {
+            found.push((d.name().to_string(), m));
+        }
+    }
+    found
+}
+
 /// Ships the object at `url`: opened, inspected with the daemon's policy,
 /// sent to every destination, imported where a destination says so.
 async fn ship(
@@ -397,7 +439,25 @@ async fn ship(
         Ok(p) => p,
         Err(e) => return failed(e),
     };
+    // Destinations that verified this very version in an earlier attempt
+    // (a job taken over from a ferry that stopped): not sent again, and
+    // their imports continue from their manifests.
+    let earlier = earlier_verified(&dests, &source, url, name).await;
+    let upload: Vec<Arc<Destination>> = dests
+        .iter()
+        .filter(|d| !earlier.iter().any(|(n, _)| n == d.name()))
+        .cloned()
+        .collect();
     let progress = Progress::new(name, plan.file_bytes, &names);
+    for (d, _) in &earlier {
+        info!(
+            "{url}: verified at {d} by an earlier attempt (its manifest names this version): not sent again"
+        );
+        if let Some(dp) = progress.get(d) {
+            dp.add(plan.file_bytes);
+            dp.set_phase(crate::progress::Phase::Done);
+        }
+    }
     ctx.board.insert(name, progress.clone());
     let observer: Arc<dyn Observer> = Arc::new(Observers(vec![
         Arc::new(ProgressLog::new(progress.clone())),
@@ -416,19 +476,24 @@ async fn ship(
         image: Some(image),
         resumable: false,
     });
-    let outcomes = transfer::run(
-        job,
-        dests.clone(),
-        settings.budget.clone(),
-        progress,
-        HashMap::new(),
-        observer,
-        cancel.clone(),
-    )
-    .await;
+    let outcomes = if upload.is_empty() {
+        vec![]
+    } else {
+        transfer::run(
+            job,
+            upload,
+            settings.budget.clone(),
+            progress,
+            HashMap::new(),
+            observer,
+            cancel.clone(),
+        )
+        .await
+    };
     let verified: Vec<(String, crate::manifest::Manifest)> = outcomes
         .iter()
         .filter_map(|o| Some((o.destination.clone(), o.result.as_ref().ok()?.clone())))
+        .chain(earlier)
         .collect();
     let importers: Vec<(Arc<Destination>, Arc<crate::import::Importer>)> = dests
         .iter()

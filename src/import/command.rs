@@ -14,11 +14,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{Config, DestinationConfig, DestinationUrl, ImportConfig, ImportSource};
 use crate::journal::ImportRecord;
-use crate::manifest::{self, Manifest};
+use crate::manifest::{self, ImportEntry, Manifest};
 use crate::shutdown::Shutdown;
 use crate::store::Destination;
 
 use super::{ImportError, ImportOutcome, ImportView, Importer, Watch, import_object};
+use tracing::info;
 
 /// What `ferry import` was asked, beyond the config.
 #[derive(Debug, Clone, Default)]
@@ -114,18 +115,14 @@ pub async fn run_command(config: &Config, args: ImportArgs, cancel: Shutdown) ->
     let mut rec = importer.record(&m, &salt);
     // An import under way (the daemon's, or an interrupted `ferry import`):
     // wait for its image rather than make another.
-    if let Some(running) = m.import.as_ref().filter(|i| i.outcome == "importing")
-        && let Some(id) = &running.image_id
-        && !args.again
+    if !args.again
+        && let Some(running) = continue_running(&mut rec, &m)
     {
         eprintln!(
-            "ferry: {file_name} is being imported already, as image {id} (begun {}): waiting for it; --again makes another",
+            "ferry: {file_name} is being imported already, as image {} (begun {}): waiting for it; --again makes another",
+            running.image_id.as_deref().unwrap_or("-"),
             running.started_at
         );
-        rec.image_id = Some(id.clone());
-        rec.started_at = running.started_at.clone();
-        rec.work_request_id = running.work_request_id.clone();
-        rec.state = Some(running.state.clone());
     }
     let watch = Lines {
         who: name.clone(),
@@ -190,6 +187,24 @@ async fn interrupted(importer: &Importer, rec: &ImportRecord) -> String {
 
 /// After `ferry push`: imports each verified object whose destination has an
 /// importer, all at once, with progress lines; the ends by destination.
+/// Where the manifest says its object is being imported (an image made,
+/// not yet ended), `rec` continues that import: its wait is for the same
+/// image. Returns the import found.
+fn continue_running<'a>(rec: &mut ImportRecord, m: &'a Manifest) -> Option<&'a ImportEntry> {
+    let running = m.import.as_ref().filter(|i| i.outcome == "importing")?;
+    let id = running.image_id.as_ref()?;
+    rec.image_id = Some(id.clone());
+    rec.started_at = running.started_at.clone();
+    rec.work_request_id = running.work_request_id.clone();
+    rec.state = Some(running.state.clone());
+    Some(running)
+}
+
+/// Imports each verified object where its destination says so, and waits
+/// for the images. A manifest that names an import already made (a bucket
+/// job taken over from a ferry that stopped) continues it: an image being
+/// imported is waited for, not made again, and one AVAILABLE is not
+/// imported again.
 pub async fn after_push(
     importers: &[(Arc<Destination>, Arc<Importer>)],
     verified: &[(String, Manifest)],
@@ -206,7 +221,24 @@ pub async fn after_push(
                 last: Mutex::new(None),
                 image: Mutex::new(None),
             };
+            if m.import.as_ref().is_some_and(|i| i.outcome == "available") {
+                return (
+                    dest.name().to_string(),
+                    ImportOutcome {
+                        manifest: Some(m),
+                        result: Ok(()),
+                    },
+                );
+            }
             let mut rec = importer.record(&m, "");
+            if let Some(running) = continue_running(&mut rec, &m) {
+                info!(
+                    destination = dest.name(),
+                    "{} is being imported already, as image {}: waiting for it",
+                    m.file_name,
+                    running.image_id.as_deref().unwrap_or("-")
+                );
+            }
             let outcome = import_object(dest, importer, m, &mut rec, &watch, cancel).await;
             if let Err(ImportError::Cancelled) = &outcome.result {
                 eprintln!(
