@@ -85,6 +85,13 @@ pub struct SourceConfig {
     /// How long a claim holds without renewal (renewed every third of it).
     #[serde(default = "default_lease_secs")]
     pub lease_secs: u64,
+    /// An object (or its sidecar) written less than this long ago waits.
+    #[serde(default = "default_source_settle_secs")]
+    pub settle_secs: u64,
+}
+
+fn default_source_settle_secs() -> u64 {
+    30
 }
 
 fn default_poll_secs() -> u64 {

@@ -32,7 +32,7 @@ impl Host {
                 "spool_dir = \"{r}/spool\"\nstate_dir = \"{r}/state\"\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n\
                  [daemon]\nmax_jobs = 2\n[policy]\nrequire_license_attestation = false\n\
                  [transfer]\npart_size = \"5MiB\"\nmemory_limit = \"64MiB\"\nretry_base_ms = 50\n\
-                 {source}\npoll_secs = 1\nlease_secs = {lease_secs}\n{tables}",
+                 {source}\npoll_secs = 1\nsettle_secs = 0\nlease_secs = {lease_secs}\n{tables}",
                 r = root.display()
             ),
         );
@@ -221,7 +221,7 @@ fn a_refused_image_in_a_bucket_gets_a_failed_marker_and_stays_there() {
     );
     // A second source whose bucket does not exist: /readyz names it.
     let gone = format!(
-        "[sources.gone]\nurl = \"s3://ferry-no-such-bucket/x/\"\nendpoint = \"{}\"\n{creds}\npoll_secs = 1\n",
+        "[sources.gone]\nurl = \"s3://ferry-no-such-bucket/x/\"\nendpoint = \"{}\"\n{creds}\npoll_secs = 1\nsettle_secs = 0\n",
         s3.endpoint
     );
     let host = Host::new(

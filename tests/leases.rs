@@ -101,10 +101,16 @@ fn claims_hold(bucket: Arc<dyn Bucket>) {
             .await
             .unwrap();
         let listing = b.list().await.unwrap();
-        let jobs: Vec<String> = lease::jobs(&listing, ".meta.json", ".manifest.json")
-            .into_iter()
-            .map(|l| l.name)
-            .collect();
+        let jobs: Vec<String> = lease::jobs(
+            &listing,
+            ".meta.json",
+            ".manifest.json",
+            Duration::ZERO,
+            SystemTime::now(),
+        )
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
         assert_eq!(jobs, ["c.qcow2"], "listing: {listing:?}");
     })
 }

@@ -99,6 +99,8 @@ async fn watch(ctx: JobCtx, name: String, src: SourceConfig, slots: Arc<Semaphor
                     &listing,
                     crate::image::sidecar::SUFFIX,
                     crate::manifest::MANIFEST_SUFFIX,
+                    Duration::from_secs(src.settle_secs),
+                    SystemTime::now(),
                 );
                 for object in wanted {
                     if ctx.cancel.is_requested() {

@@ -57,6 +57,9 @@ pub struct Listed {
     pub name: String,
     pub size_bytes: u64,
     pub etag: Option<String>,
+    /// When it was last written, by the store's clock (seconds since the
+    /// Unix epoch), where the listing says.
+    pub modified_unix: Option<u64>,
 }
 
 /// The store operations claims need, on keys under the source's prefix.
@@ -314,9 +317,27 @@ pub async fn mark_failed(
 }
 
 /// The objects of a listing that are jobs: not ferry's own, not partial
-/// (`.partial`, `.tmp`), not a sidecar or a manifest, and without a done or
-/// failed marker. In the listing's order.
-pub fn jobs(listing: &[Listed], sidecar_suffix: &str, manifest_suffix: &str) -> Vec<Listed> {
+/// (`.partial`, `.tmp`), not a sidecar or a manifest, without a done or
+/// failed marker, and settled: neither it nor its sidecar written less than
+/// `settle` before `now` (an object store has no rename, so a producer's
+/// image and its sidecar arrive one after the other). In the listing's
+/// order.
+pub fn jobs(
+    listing: &[Listed],
+    sidecar_suffix: &str,
+    manifest_suffix: &str,
+    settle: Duration,
+    now: SystemTime,
+) -> Vec<Listed> {
+    let fresh = |l: &Listed| {
+        l.modified_unix
+            .is_some_and(|m| m.saturating_add(settle.as_secs()) > unix(now))
+    };
+    let unsettled: std::collections::HashSet<&str> = listing
+        .iter()
+        .filter(|l| fresh(l))
+        .map(|l| l.name.strip_suffix(sidecar_suffix).unwrap_or(&l.name))
+        .collect();
     let ended: std::collections::HashSet<&str> = listing
         .iter()
         .filter_map(|l| {
@@ -336,6 +357,7 @@ pub fn jobs(listing: &[Listed], sidecar_suffix: &str, manifest_suffix: &str) -> 
                 && !l.name.ends_with('/')
                 && l.size_bytes > 0
                 && !ended.contains(l.name.as_str())
+                && !unsettled.contains(l.name.as_str())
         })
         .cloned()
         .collect()
@@ -350,7 +372,33 @@ mod tests {
             name: name.into(),
             size_bytes: 1,
             etag: None,
+            modified_unix: Some(1_000),
         }
+    }
+
+    #[test]
+    fn an_image_or_its_sidecar_written_within_the_settle_time_waits() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_030);
+        let mut side = l("b.qcow2.meta.json");
+        side.modified_unix = Some(1_020);
+        let mut c = l("c.qcow2");
+        c.modified_unix = Some(1_025);
+        let listing = [l("a.qcow2"), l("b.qcow2"), side, c];
+        let names = |settle| -> Vec<String> {
+            jobs(
+                &listing,
+                ".meta.json",
+                ".manifest.json",
+                Duration::from_secs(settle),
+                now,
+            )
+            .into_iter()
+            .map(|l| l.name)
+            .collect()
+        };
+        assert_eq!(names(20), ["a.qcow2"]);
+        assert_eq!(names(10), ["a.qcow2", "b.qcow2"]);
+        assert_eq!(names(0), ["a.qcow2", "b.qcow2", "c.qcow2"]);
     }
 
     #[test]
@@ -368,10 +416,16 @@ mod tests {
             l(".ferry/leases/f.qcow2"),
             l("f.qcow2"),
         ];
-        let names: Vec<String> = jobs(&listing, ".meta.json", ".manifest.json")
-            .into_iter()
-            .map(|l| l.name)
-            .collect();
+        let names: Vec<String> = jobs(
+            &listing,
+            ".meta.json",
+            ".manifest.json",
+            Duration::ZERO,
+            SystemTime::now(),
+        )
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
         assert_eq!(names, ["a.qcow2", "f.qcow2"]);
     }
 

@@ -418,6 +418,8 @@ struct ListedObject {
     name: String,
     size: Option<u64>,
     etag: Option<String>,
+    #[serde(rename = "timeCreated")]
+    time_created: Option<String>,
 }
 
 impl OciBucket {
@@ -469,7 +471,7 @@ impl crate::source::Bucket for OciBucket {
         let b = &self.0;
         let ns = b.ns().await.map_err(Self::failed)?;
         let base = format!(
-            "/n/{}/b/{}/o?prefix={}&fields=name,size,etag",
+            "/n/{}/b/{}/o?prefix={}&fields=name,size,etag,timeCreated",
             segment(ns),
             segment(&b.bucket),
             segment(&b.prefix)
@@ -493,6 +495,11 @@ impl crate::source::Bucket for OciBucket {
                     name: o.name.strip_prefix(&b.prefix)?.to_string(),
                     size_bytes: o.size.unwrap_or(0),
                     etag: o.etag,
+                    modified_unix: o
+                        .time_created
+                        .as_deref()
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                        .and_then(|t| u64::try_from(t.timestamp()).ok()),
                 })
             }));
             match page.next_start_with {

@@ -322,6 +322,7 @@ impl crate::source::Bucket for S3Bucket {
                     name: name.to_string(),
                     size_bytes: meta.size,
                     etag: meta.e_tag,
+                    modified_unix: u64::try_from(meta.last_modified.timestamp()).ok(),
                 });
             }
         }
