@@ -141,6 +141,11 @@ pub fn crc_hex(crc: u32) -> String {
     format!("{crc:08x}")
 }
 
+/// An MD5 as 32 lowercase hex digits (the form of an S3 ETag).
+pub fn md5_hex(md5: &[u8; 16]) -> String {
+    md5.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub fn crc_base64(crc: u32) -> String {
     base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
 }

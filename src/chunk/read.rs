@@ -175,6 +175,17 @@ struct PoolInner {
 
 type Pool = Arc<PoolInner>;
 
+impl PoolInner {
+    /// An idle buffer with the budget it holds, if there is one.
+    fn take(&self) -> Option<Lease> {
+        let (buf, permit) = self.idle.lock().ok()?.pop()?;
+        Some(Lease {
+            permit,
+            buf: Some(buf),
+        })
+    }
+}
+
 /// `pread` into buffers that are reused once every destination is done with them.
 pub struct PreadReader {
     source: Source,
@@ -235,11 +246,7 @@ impl Reader for PreadReader {
     }
 
     fn pooled(&self) -> Option<Lease> {
-        let (buf, permit) = self.pool.idle.lock().ok()?.pop()?;
-        Some(Lease {
-            permit,
-            buf: Some(buf),
-        })
+        self.pool.take()
     }
 
     fn read(&self, index: u32, lease: Lease) -> Result<Part, ReadError> {
@@ -401,11 +408,7 @@ impl Reader for ObjectReader {
     }
 
     fn pooled(&self) -> Option<Lease> {
-        let (buf, permit) = self.pool.idle.lock().ok()?.pop()?;
-        Some(Lease {
-            permit,
-            buf: Some(buf),
-        })
+        self.pool.take()
     }
 
     fn parallel_reads(&self) -> usize {

@@ -237,7 +237,7 @@ pub(crate) fn le64(b: &[u8], o: usize) -> u64 {
 }
 
 /// `len` bytes at `offset` lie inside `size`, or an end-of-file error.
-fn within(offset: u64, len: usize, size: u64) -> std::io::Result<()> {
+pub fn within(offset: u64, len: usize, size: u64) -> std::io::Result<()> {
     match offset.checked_add(len as u64) {
         Some(end) if end <= size => Ok(()),
         _ => Err(eof()),

@@ -284,6 +284,25 @@ pub(super) struct S3Bucket {
 const MAX_LISTED: usize = 1_000_000;
 
 impl S3Bucket {
+    /// A PUT in `mode` (`If-None-Match: *`, `If-Match`); the new ETag.
+    async fn put(
+        &self,
+        name: &str,
+        body: Bytes,
+        mode: object_store::PutMode,
+    ) -> Result<String, crate::source::BucketError> {
+        let opts = object_store::PutOptions {
+            mode,
+            ..Default::default()
+        };
+        let r = self
+            .store
+            .put_opts(&self.path(name)?, PutPayload::from(body), opts)
+            .await
+            .map_err(failed)?;
+        Ok(r.e_tag.unwrap_or_default())
+    }
+
     fn path(&self, name: &str) -> Result<ObjPath, crate::source::BucketError> {
         key_path(&format!("{}{name}", self.prefix))
             .map_err(|e| crate::source::BucketError::Failed(e.to_string()))
@@ -344,16 +363,7 @@ impl crate::source::Bucket for S3Bucket {
     }
 
     async fn create(&self, name: &str, body: Bytes) -> Result<String, crate::source::BucketError> {
-        let opts = object_store::PutOptions {
-            mode: object_store::PutMode::Create,
-            ..Default::default()
-        };
-        let r = self
-            .store
-            .put_opts(&self.path(name)?, PutPayload::from(body), opts)
-            .await
-            .map_err(failed)?;
-        Ok(r.e_tag.unwrap_or_default())
+        self.put(name, body, object_store::PutMode::Create).await
     }
 
     async fn replace(
@@ -362,19 +372,12 @@ impl crate::source::Bucket for S3Bucket {
         body: Bytes,
         etag: &str,
     ) -> Result<String, crate::source::BucketError> {
-        let opts = object_store::PutOptions {
-            mode: object_store::PutMode::Update(object_store::UpdateVersion {
-                e_tag: Some(etag.to_string()),
-                version: None,
-            }),
-            ..Default::default()
+        let version = object_store::UpdateVersion {
+            e_tag: Some(etag.to_string()),
+            version: None,
         };
-        let r = self
-            .store
-            .put_opts(&self.path(name)?, PutPayload::from(body), opts)
+        self.put(name, body, object_store::PutMode::Update(version))
             .await
-            .map_err(failed)?;
-        Ok(r.e_tag.unwrap_or_default())
     }
 
     async fn write(&self, name: &str, body: Bytes) -> Result<(), crate::source::BucketError> {

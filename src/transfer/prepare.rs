@@ -260,15 +260,7 @@ impl crate::image::ReadAt for ObjectAt<'_> {
         self.object.size_bytes
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|end| end > self.object.size_bytes)
-        {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "read past the end",
-            ));
-        }
+        crate::image::within(offset, buf.len(), self.object.size_bytes)?;
         let mut done = 0usize;
         // Bounded: one block per INSPECT_BLOCK_BYTES of buf.
         while done < buf.len() {

@@ -147,7 +147,6 @@ impl Worker {
         };
         let name = &self.job.name;
         let dn = self.dest.name();
-        let halt = self.halt();
         let mut got = 0;
         for round in 0..=REPAIR_ROUNDS {
             got = chunk::combine(receipts.iter().map(|r| (r.crc32c, r.size_bytes)));
@@ -164,24 +163,8 @@ impl Worker {
                 manifest::crc_hex(got),
                 manifest::crc_hex(expected)
             );
-            for r in receipts.iter_mut() {
-                if self.cancel.is_requested() {
-                    return Err(TransferError::Cancelled);
-                }
-                let part = match chunk::reread(self.reader.clone(), &self.budget, r.index).await {
-                    Some(Ok(p)) => p,
-                    Some(Err(e)) => return Err(TransferError::Read(e.to_string())),
-                    None => break,
-                };
-                if part.crc32c() == r.crc32c {
-                    continue;
-                }
-                self.observer.retried(dn, "checksum");
-                *r = retry(&self.job.retry, dn, &*self.observer, &halt, || {
-                    self.dest.put_part(name, upload_id, &part)
-                })
+            self.resend_differing(upload_id, &mut receipts, |_| {})
                 .await?;
-            }
         }
         Err(TransferError::SourceMismatch {
             what: "CRC32C",
@@ -203,7 +186,6 @@ impl Worker {
         object: &crate::source::Object,
         expected: [u8; 16],
     ) -> Result<Vec<PartReceipt>, TransferError> {
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
         if let Some((md5, crcs)) = object.digested(self.job.plan.count)
             && md5 == expected
             && receipts
@@ -214,7 +196,6 @@ impl Worker {
         }
         let name = &self.job.name;
         let dn = self.dest.name();
-        let halt = self.halt();
         receipts.sort_by_key(|r| r.index);
         let mut got = [0u8; 16];
         for _ in 0..REPAIR_ROUNDS {
@@ -222,32 +203,13 @@ impl Worker {
                 destination = dn,
                 "{name}: the parts read from {} do not give the MD5 its store keeps ({}), or were not all hashed: reading every part again",
                 object.url,
-                hex(&expected)
+                manifest::md5_hex(&expected)
             );
             let mut md5 = <md5::Md5 as md5::Digest>::new();
-            for r in receipts.iter_mut() {
-                if self.cancel.is_requested() {
-                    return Err(TransferError::Cancelled);
-                }
-                let part = match chunk::reread(self.reader.clone(), &self.budget, r.index).await {
-                    Some(Ok(p)) => p,
-                    Some(Err(e)) => return Err(TransferError::Read(e.to_string())),
-                    None => {
-                        return Err(TransferError::Read(
-                            "the source cannot be read again".into(),
-                        ));
-                    }
-                };
-                md5::Digest::update(&mut md5, part.bytes());
-                if part.crc32c() == r.crc32c {
-                    continue;
-                }
-                self.observer.retried(dn, "checksum");
-                *r = retry(&self.job.retry, dn, &*self.observer, &halt, || {
-                    self.dest.put_part(name, upload_id, &part)
-                })
-                .await?;
-            }
+            self.resend_differing(upload_id, &mut receipts, |part| {
+                md5::Digest::update(&mut md5, part.bytes())
+            })
+            .await?;
             got = md5::Digest::finalize(md5).into();
             if got == expected {
                 return Ok(receipts);
@@ -255,9 +217,47 @@ impl Worker {
         }
         Err(TransferError::SourceMismatch {
             what: "MD5",
-            got: hex(&got),
-            expected: hex(&expected),
+            got: manifest::md5_hex(&got),
+            expected: manifest::md5_hex(&expected),
         })
+    }
+
+    /// One repair pass: every part in `receipts` (in their order) read
+    /// again from the source and shown to `each`; those whose CRC32C differs
+    /// from what was sent are sent again, their receipts replaced.
+    async fn resend_differing(
+        &self,
+        upload_id: &str,
+        receipts: &mut [PartReceipt],
+        mut each: impl FnMut(&chunk::Part),
+    ) -> Result<(), TransferError> {
+        let name = &self.job.name;
+        let dn = self.dest.name();
+        let halt = self.halt();
+        for r in receipts.iter_mut() {
+            if self.cancel.is_requested() {
+                return Err(TransferError::Cancelled);
+            }
+            let part = match chunk::reread(self.reader.clone(), &self.budget, r.index).await {
+                Some(Ok(p)) => p,
+                Some(Err(e)) => return Err(TransferError::Read(e.to_string())),
+                None => {
+                    return Err(TransferError::Read(
+                        "the source cannot be read again".into(),
+                    ));
+                }
+            };
+            each(&part);
+            if part.crc32c() == r.crc32c {
+                continue;
+            }
+            self.observer.retried(dn, "checksum");
+            *r = retry(&self.job.retry, dn, &*self.observer, &halt, || {
+                self.dest.put_part(name, upload_id, &part)
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// The manifest of the verified object.
@@ -322,9 +322,7 @@ impl Worker {
                     _ => None,
                 },
                 stored_md5: match o.stored {
-                    crate::source::Stored::Md5(m) => {
-                        Some(m.iter().map(|x| format!("{x:02x}")).collect())
-                    }
+                    crate::source::Stored::Md5(m) => Some(manifest::md5_hex(&m)),
                     _ => None,
                 },
                 checked: o.stored.basis().into(),
