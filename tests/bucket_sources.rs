@@ -224,8 +224,12 @@ fn a_refused_image_in_a_bucket_gets_a_failed_marker_and_stays_there() {
         "[sources.gone]\nurl = \"s3://ferry-no-such-bucket/x/\"\nendpoint = \"{}\"\n{creds}\npoll_secs = 1\nsettle_secs = 0\n",
         s3.endpoint
     );
+    // The source is listed through a relay that logs each request, so the
+    // test can wait for polls rather than for time.
+    let lister = common::Relay::start(&s3);
+    lister.set(r#"{"log_requests": true}"#);
     let host = Host::new(
-        &source_table(&s3.endpoint, src, &format!("{prefix}/in")),
+        &source_table(&lister.endpoint(), src, &format!("{prefix}/in")),
         30,
         &format!(
             "{gone}{}",
@@ -245,8 +249,21 @@ fn a_refused_image_in_a_bucket_gets_a_failed_marker_and_stays_there() {
     let reason = report["reason"].as_str().unwrap();
     assert!(reason.contains("VHD"), "{reason}");
     assert!(report["what_to_do"].as_str().is_some());
-    // Five more polls: it is not claimed again, and nothing was uploaded.
-    std::thread::sleep(Duration::from_secs(5));
+    // Five more polls after the marker: it is not claimed again, and
+    // nothing was uploaded.
+    lister.clear_log();
+    let polls = || {
+        lister
+            .log()
+            .lines()
+            .filter(|l| l.contains("list-type=2"))
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || polls() >= 5),
+        "the source was listed again: {}",
+        lister.log()
+    );
     assert_eq!(d.log_text().matches("claimed s3://").count(), 1);
     assert!(s3.keys(dst, &prefix).is_empty());
     assert!(markers(&s3, src, &format!("{prefix}/in"), "leases").is_empty());
