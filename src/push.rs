@@ -108,7 +108,7 @@ pub async fn push(
                 false,
                 opts.force,
             )?;
-            (source, report)
+            (transfer::shipped(source, &report), report)
         }
     };
     let part_size = opts

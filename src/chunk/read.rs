@@ -156,6 +156,12 @@ pub fn reader(
             pool: Arc::default(),
         });
     }
+    // A member of an archive starts anywhere: mappings start at a page.
+    let kind = if source.start_bytes == 0 {
+        kind
+    } else {
+        crate::config::ReaderKind::Pread
+    };
     match (kind, source.file().cloned()) {
         (crate::config::ReaderKind::Mmap, Some(file)) => Arc::new(MmapReader {
             source,
@@ -267,8 +273,9 @@ fn pread_part(
     let file = source
         .file()
         .ok_or_else(|| std::io::Error::other("not a file source"))?;
+    let start = source.start_bytes;
     fill_part(plan, pool, index, lease, |buf, offset| {
-        file.read_exact_at(buf, offset)?;
+        file.read_exact_at(buf, start + offset)?;
         Ok(crc32c::crc32c(buf))
     })
 }

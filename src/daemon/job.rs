@@ -130,6 +130,7 @@ pub(super) async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
     };
     let Prepared {
         name,
+        claimed: _,
         source,
         image,
         plan,
@@ -546,7 +547,11 @@ impl Watch for JournalWatch {
 
 /// A claimed file, open, inspected and planned.
 struct Prepared {
+    /// The object's name: the file's, or what it ships as (an OVA's disk,
+    /// a conversion).
     name: String,
+    /// The claimed file's name in `active/`, which names its journal record.
+    claimed: String,
     source: Source,
     image: crate::image::Report,
     plan: PartPlan,
@@ -573,6 +578,7 @@ fn prepare(settings: &Settings, claimed: &Claimed) -> Result<Prepared, Box<Error
         .map_err(refuse)?;
     let names: Vec<&str> = settings.destinations.iter().map(|d| d.name()).collect();
     transfer::check_import(&image, config, &names).map_err(refuse)?;
+    let source = transfer::shipped(source, &image);
     let plan = transfer::plan_for(
         &source,
         &settings.destinations,
@@ -582,6 +588,7 @@ fn prepare(settings: &Settings, claimed: &Claimed) -> Result<Prepared, Box<Error
     .map_err(refuse)?;
     Ok(Prepared {
         name: source.name.clone(),
+        claimed: claimed.name.to_string_lossy().into_owned(),
         source,
         image,
         plan,
@@ -613,7 +620,7 @@ async fn start(
     let mut start = Start {
         record: JobRecord {
             format_version: crate::journal::FORMAT_VERSION,
-            name: name.clone(),
+            name: p.claimed.clone(),
             dev: identity.dev,
             ino: identity.ino,
             size_bytes: identity.size_bytes,
@@ -643,7 +650,7 @@ async fn start(
         first_reads: Arc::new(FirstReads::new(p.plan.count)),
         verified: vec![],
     };
-    let Some(prev) = ctx.journal.load(name) else {
+    let Some(prev) = ctx.journal.load(&p.claimed) else {
         return Ok(start);
     };
     match continuation(&prev, &p.source, p.plan.part_bytes, &start.first_reads) {
@@ -668,7 +675,7 @@ async fn start(
             abort_record(&gone, &ctx.settings).await;
         }
         Continuation::Changed(why) => {
-            abort_and_forget(ctx, name, &prev).await;
+            abort_and_forget(ctx, &p.claimed, &prev).await;
             return Err(why);
         }
     }

@@ -19,6 +19,7 @@
 mod boot;
 mod oci;
 mod others;
+mod ova;
 mod qcow2;
 pub mod sidecar;
 mod vmdk;
@@ -32,6 +33,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+pub use ova::{Member, OvfHints};
 pub use sidecar::{License, Sidecar};
 
 const GIB: u64 = 1 << 30;
@@ -126,7 +128,13 @@ pub struct Report {
     pub launch_mode_basis: String,
     pub os: Option<String>,
     pub os_version: Option<String>,
+    /// Where `os` comes from: `oci-metadata`, `attested`, `ovf` or `none`.
+    pub os_basis: String,
     pub license: Option<License>,
+    /// For an archive shipped as one of its members (an OVA's disk): that
+    /// member, whose bytes are the object.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub member: Option<Member>,
 }
 
 impl Report {
@@ -148,7 +156,9 @@ impl Report {
             launch_mode_basis: "none".into(),
             os: None,
             os_version: None,
+            os_basis: "none".into(),
             license: None,
+            member: None,
         }
     }
 
@@ -454,8 +464,8 @@ pub fn inspect_at(
         source,
     };
     let mut report = Report::new(name, whole.size());
-    let mut oci_meta = None;
-    detect_and_check(whole, &mut report, policy, &mut oci_meta).map_err(io)?;
+    let mut hints = Hints::default();
+    detect_and_check(whole, &mut report, policy, &mut hints).map_err(io)?;
 
     if let Some(v) = report.virtual_size {
         if v > policy.max_virtual_size_bytes {
@@ -472,7 +482,7 @@ pub fn inspect_at(
         }
     }
 
-    decide_launch(&mut report, side, oci_meta.as_ref());
+    decide_launch(&mut report, side, &hints);
     if policy.require_license_attestation && report.license.is_none() {
         report.refuse(format!(
             "no licence attestation: OCI requires every imported image to comply with its OS and software licences. Write {name}.meta.json beside the image with: {}",
@@ -482,14 +492,38 @@ pub fn inspect_at(
     Ok(report)
 }
 
+/// What a container says of the guest: an `.oci`'s `image_metadata.json`,
+/// an OVA's descriptor.
+#[derive(Debug, Default)]
+struct Hints {
+    oci_meta: Option<serde_json::Value>,
+    ovf: Option<OvfHints>,
+}
+
 fn detect_and_check(
     r: &dyn ReadAt,
     report: &mut Report,
     policy: &Policy,
-    oci_meta: &mut Option<serde_json::Value>,
+    hints: &mut Hints,
 ) -> std::io::Result<()> {
     let size = r.size();
     let head = r.read_vec(0, size.min(4096) as usize)?;
+    if oci::is_tar(&head) {
+        return oci::check_tar(r, report, policy, hints);
+    }
+    if head.starts_with(&[0x1f, 0x8b]) {
+        return oci::check_gzip(r, report, policy, hints);
+    }
+    detect_one(r, &head, report, policy)
+}
+
+/// Checks an image that is not an archive, by its first bytes (`head`).
+fn detect_one(
+    r: &dyn ReadAt,
+    head: &[u8],
+    report: &mut Report,
+    policy: &Policy,
+) -> std::io::Result<()> {
     if head.starts_with(b"QFI\xfb") {
         return qcow2::check(r, report, policy);
     }
@@ -499,22 +533,12 @@ fn detect_and_check(
     {
         return vmdk::check(r, report);
     }
-    if oci::is_tar(&head) {
-        return oci::check_tar(r, report, policy, oci_meta);
-    }
-    if head.starts_with(&[0x1f, 0x8b]) {
-        return oci::check_gzip(r, report, policy, oci_meta);
-    }
-    others::check(r, &head, report)
+    others::check(r, head, report)
 }
 
 /// Launch mode and firmware, each with the basis it rests on. Never a guess.
-fn decide_launch(
-    report: &mut Report,
-    side: Option<&Sidecar>,
-    oci_meta: Option<&serde_json::Value>,
-) {
-    if let Some(m) = oci_meta {
+fn decide_launch(report: &mut Report, side: Option<&Sidecar>, hints: &Hints) {
+    if let Some(m) = &hints.oci_meta {
         let ext = &m["externalLaunchOptions"];
         let caps: Option<serde_json::Value> = m["imageCapabilityData"]
             .as_str()
@@ -537,6 +561,9 @@ fn decide_launch(
         }
         report.os = m["operatingSystem"].as_str().map(str::to_string);
         report.os_version = m["operatingSystemVersion"].as_str().map(str::to_string);
+        if report.os.is_some() {
+            report.os_basis = "oci-metadata".into();
+        }
     }
     if let Some(s) = side {
         if report.launch_mode_basis == "none"
@@ -551,11 +578,26 @@ fn decide_launch(
             report.firmware = fw.clone();
             report.firmware_basis = "attested".into();
         }
-        if report.os.is_none() {
+        if report.os.is_none() && s.os.is_some() {
             report.os = s.os.clone();
             report.os_version = s.os_version.clone();
+            report.os_basis = "attested".into();
         }
         report.license = s.license.clone();
+    }
+    // An OVA's descriptor: below a person's word, above the boot sector.
+    if let Some(o) = &hints.ovf {
+        if report.firmware_basis == "none"
+            && let Some(fw) = &o.firmware
+        {
+            report.firmware = fw.clone();
+            report.firmware_basis = "ovf".into();
+        }
+        if report.os.is_none() && o.os.is_some() {
+            report.os = o.os.clone();
+            report.os_version = o.os_version.clone();
+            report.os_basis = "ovf".into();
+        }
     }
     // The boot sector gives a firmware hint, and checks what was attested.
     if let Some(b) = report.boot.clone() {

@@ -5,7 +5,7 @@
 
 use std::io::Read;
 
-use super::{GzMember, Policy, Range, ReadAt, Report, STREAM_BUFFER_BYTES, qcow2};
+use super::{GzMember, Hints, Policy, Range, ReadAt, Report, STREAM_BUFFER_BYTES, ova, qcow2};
 
 const METADATA: &str = "image_metadata.json";
 const MAX_METADATA_BYTES: u64 = 1 << 20;
@@ -63,7 +63,7 @@ fn judge(
     inner: &dyn ReadAt,
     rep: &mut Report,
     policy: &Policy,
-    oci_meta: &mut Option<serde_json::Value>,
+    hints: &mut Hints,
     container: &str,
 ) -> std::io::Result<()> {
     rep.format = "oci".into();
@@ -72,15 +72,11 @@ fn judge(
     let names = found.names.join(", ");
     match found.metadata {
         None => {
-            let ova = found
-                .names
-                .iter()
-                .any(|n| n.to_ascii_lowercase().ends_with(".ovf"));
-            if ova {
+            if ova::is_ova(&found.names) {
                 rep.format = "ova".into();
-                rep.format_name = "OVA".into();
+                rep.format_name = "OVA (gzip-compressed)".into();
                 rep.refuse(format!(
-                    "an OVA archive ({names}), which OCI cannot import; extract its VMDK (tar xf) and ship that"
+                    "a gzip-compressed OVA ({names}); decompress it (gunzip), then ship the .ova"
                 ));
             } else {
                 rep.format = "tar".into();
@@ -94,7 +90,7 @@ fn judge(
         Some(Err(e)) => rep.refuse(format!(
             "the .oci image's {METADATA} is not valid JSON: {e}"
         )),
-        Some(Ok(v)) => *oci_meta = Some(v),
+        Some(Ok(v)) => hints.oci_meta = Some(v),
     }
     let Some((name, _, _)) = found.qcow2 else {
         rep.refuse(format!(
@@ -127,7 +123,7 @@ pub(super) fn check_tar(
     r: &dyn ReadAt,
     rep: &mut Report,
     policy: &Policy,
-    oci_meta: &mut Option<serde_json::Value>,
+    hints: &mut Hints,
 ) -> std::io::Result<()> {
     // Seekable: members are skipped, not read (an object source is read by
     // ranged GETs, and the QCOW2 member is most of the file).
@@ -144,6 +140,9 @@ pub(super) fn check_tar(
             return Ok(());
         }
     };
+    if found.metadata.is_none() && ova::is_ova(&found.names) {
+        return ova::check(r, rep, policy, &mut hints.ovf);
+    }
     let (start, len) = found.qcow2.as_ref().map(|q| (q.1, q.2)).unwrap_or((0, 0));
     if start.saturating_add(len) > r.size() {
         rep.format = "oci".into();
@@ -151,14 +150,14 @@ pub(super) fn check_tar(
         return Ok(());
     }
     let inner = Range::new(r, start, len);
-    judge(found, &inner, rep, policy, oci_meta, "oci-tar")
+    judge(found, &inner, rep, policy, hints, "oci-tar")
 }
 
 pub(super) fn check_gzip(
     r: &dyn ReadAt,
     rep: &mut Report,
     policy: &Policy,
-    oci_meta: &mut Option<serde_json::Value>,
+    hints: &mut Hints,
 ) -> std::io::Result<()> {
     let stream = || {
         flate2::read::GzDecoder::new(std::io::BufReader::with_capacity(
@@ -187,7 +186,7 @@ pub(super) fn check_gzip(
     };
     let (start, len) = found.qcow2.as_ref().map(|q| (q.1, q.2)).unwrap_or((0, 0));
     let inner = GzMember::new(r, start, len);
-    judge(found, &inner, rep, policy, oci_meta, "oci-tar-gz")
+    judge(found, &inner, rep, policy, hints, "oci-tar-gz")
 }
 
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> usize {

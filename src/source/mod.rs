@@ -197,7 +197,10 @@ pub struct Source {
     pub path: PathBuf,
     pub name: String,
     pub origin: Origin,
+    /// The bytes shipped: for a member of an archive (an OVA's disk), its
+    /// length, from `start_bytes` in the file; otherwise the whole file.
     pub size_bytes: u64,
+    pub start_bytes: u64,
     /// A file's identity; for an object only its size is known.
     pub identity: Identity,
     watch: Arc<Watch>,
@@ -287,6 +290,7 @@ impl Source {
             name,
             origin: Origin::File(file),
             size_bytes: identity.size_bytes,
+            start_bytes: 0,
             identity,
             watch,
         })
@@ -307,6 +311,7 @@ impl Source {
             }),
             origin: Origin::Object(Arc::new(object)),
             size_bytes,
+            start_bytes: 0,
             identity: Identity {
                 dev: 0,
                 ino: 0,
@@ -315,6 +320,16 @@ impl Source {
                 ctime_ns: 0,
             },
         }
+    }
+
+    /// The same file, shipping only `len` bytes from `start` (a member of
+    /// an archive) under the object name `name`. Every check of the file
+    /// still covers the whole of it.
+    pub fn window(mut self, name: &str, start: u64, len: u64) -> Source {
+        self.name = name.to_string();
+        self.start_bytes = start;
+        self.size_bytes = len;
+        self
     }
 
     /// The open file, for a file source.

@@ -33,7 +33,7 @@ mod worker;
 
 pub use prepare::{
     PrepareError, SIDECAR_BESIDE, check_import, destinations, inspect_object, inspect_source,
-    object_report, plan_for,
+    object_report, plan_for, shipped,
 };
 pub use retry::{Halt, RetryPolicy, retry};
 

@@ -146,7 +146,14 @@ pub async fn inspect_object(
     force: bool,
 ) -> Result<crate::image::Report, PrepareError> {
     let policy = crate::image::Policy::from_config(&config.policy, daemon);
-    let report = object_report(source, sidecar, &policy).await?;
+    let mut report = object_report(source, sidecar, &policy).await?;
+    if let Some(m) = report.member.take() {
+        // Its store's checksum is of the whole archive, not of the member.
+        report.refuse(format!(
+            "an archive in a bucket is not shipped as its member {}: copy the object to a host and ship it from there, or export the disk itself",
+            m.name
+        ));
+    }
     judged(report, &policy, config, force)
 }
 
@@ -182,6 +189,15 @@ pub async fn object_report(
     .await
     .map_err(|e| io(std::io::Error::other(e)))??;
     Ok(report)
+}
+
+/// The bytes an inspection says to ship: an archive's member (an OVA's
+/// disk, under its object name), or the whole source.
+pub fn shipped(source: Source, report: &crate::image::Report) -> Source {
+    match &report.member {
+        Some(m) => source.window(&m.object_name, m.offset_bytes, m.size_bytes),
+        None => source,
+    }
 }
 
 /// How an image's sidecar travels beside it in a bucket (`X.meta.json`).
