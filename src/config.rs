@@ -191,6 +191,8 @@ pub struct DaemonConfig {
     pub on_success: OnSuccess,
     /// After SIGTERM/SIGINT, in-flight parts may finish for this long.
     pub shutdown_timeout_secs: u64,
+    /// Conversions (`policy.convert`) run at once, at most.
+    pub max_conversions: usize,
 }
 
 impl Default for DaemonConfig {
@@ -201,6 +203,7 @@ impl Default for DaemonConfig {
             max_jobs: 2,
             on_success: OnSuccess::Move,
             shutdown_timeout_secs: 30,
+            max_conversions: 1,
         }
     }
 }
@@ -231,6 +234,9 @@ pub struct PolicyConfig {
     pub allow_extended_l2: bool,
     /// Unset: on for the daemon, off for `ferry push`.
     pub require_license_attestation: Option<bool>,
+    /// Convert what OCI cannot import (raw, VHD, VHDX, VDI, QED, an OVA's
+    /// disk) into QCOW2 with qemu-img, and ship the QCOW2.
+    pub convert: bool,
 }
 
 impl Default for PolicyConfig {
@@ -240,6 +246,7 @@ impl Default for PolicyConfig {
             max_virtual_size: ByteSize::gib(400),
             allow_extended_l2: false,
             require_license_attestation: None,
+            convert: false,
         }
     }
 }
@@ -585,6 +592,12 @@ impl Config {
             return Err(invalid(format!(
                 "daemon.max_jobs = {} is out of range: use 1..=64",
                 d.max_jobs
+            )));
+        }
+        if d.max_conversions == 0 || d.max_conversions > 16 {
+            return Err(invalid(format!(
+                "daemon.max_conversions = {} is out of range: use 1..=16",
+                d.max_conversions
             )));
         }
         if d.rescan_secs == 0 {

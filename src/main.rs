@@ -144,6 +144,13 @@ EXAMPLES:\n  ferry push disk.qcow2\n  ferry push disk.qcow2 --to phoenix --to s3
         /// e.g. 127.0.0.1:9465.
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Convert an image OCI cannot import (raw, VHD, VHDX, VDI, QED, an OVA's disk)
+        /// into QCOW2 with qemu-img first, check the QCOW2 with qemu-img compare, and ship
+        /// it as STEM.qcow2, as policy.convert = true does. The QCOW2 is written under
+        /// state_dir/convert/ (free space for the disk's virtual size is checked first)
+        /// and removed when the push ends.
+        #[arg(long)]
+        convert: bool,
     },
     /// Say what an image is and whether OCI can import it, without sending anything.
     #[command(
@@ -347,6 +354,7 @@ async fn run(cli: Cli) -> u8 {
             force,
             no_import,
             metrics_addr,
+            convert,
         } => {
             let config = match load_config(config.as_deref()) {
                 Ok(c) => c,
@@ -358,6 +366,7 @@ async fn run(cli: Cli) -> u8 {
                 verify,
                 force,
                 no_import,
+                convert,
             };
             let status = match metrics_addr {
                 Some(addr) => match push::serve_status(addr).await {
@@ -475,8 +484,19 @@ async fn inspect(
             return EXIT_FAILED;
         }
     };
+    let convertible = match push::object_url(image) {
+        None => ferry::image::convert::Input::of(&report, image, &policy),
+        Some(_) => None,
+    };
     if json {
-        match serde_json::to_string_pretty(&report) {
+        let mut v = serde_json::to_value(&report).unwrap_or_default();
+        if let Some(i) = &convertible {
+            v["with_convert"] = serde_json::json!({
+                "converted_from": i.format,
+                "object_name": i.object_name,
+            });
+        }
+        match serde_json::to_string_pretty(&v) {
             Ok(s) => println!("{s}"),
             Err(e) => {
                 eprintln!("ferry: {e}");
@@ -485,6 +505,12 @@ async fn inspect(
         }
     } else {
         print!("{}", ferry::image::describe(&report));
+        if let Some(i) = &convertible {
+            println!(
+                "with convert = true (or ferry push --convert): converted to QCOW2 by qemu-img, compared with qemu-img compare, inspected again, and shipped as {}",
+                i.object_name
+            );
+        }
     }
     match report.verdict {
         ferry::image::Verdict::Accept => EXIT_OK,

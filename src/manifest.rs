@@ -19,7 +19,9 @@ pub const MANIFEST_SUFFIX: &str = ".manifest.json";
 /// 3: `server_verified`.
 /// 4: `import`, once an import of the object as a custom image ended.
 /// 5: `source`, for an image shipped from a bucket.
-pub const FORMAT_VERSION: u32 = 5;
+/// 6: `conversion`, for a QCOW2 ferry converted the image into; `image.member`
+/// and `image.os_basis`.
+pub const FORMAT_VERSION: u32 = 6;
 
 /// `server_verified` when the store answered the whole object's CRC32C and
 /// it was the file's.

@@ -40,6 +40,8 @@ pub const BUILD_INFO: &str = "ferry_build_info";
 pub const LAST_SUCCESS: &str = "ferry_last_success_timestamp_seconds";
 pub const IMPORTS: &str = "ferry_imports_total";
 pub const IMPORT_DURATION: &str = "ferry_import_duration_seconds";
+pub const CONVERSIONS: &str = "ferry_conversions_total";
+pub const CONVERSION_DURATION: &str = "ferry_conversion_duration_seconds";
 
 /// Every `reason` of [`PART_RETRIES`]: each destination's series exist at 0
 /// from the start, so `increase()` sees the first retry after a restart.
@@ -56,6 +58,10 @@ pub const RETRY_REASONS: &[&str] = &[
 ];
 /// Every `outcome` of [`JOBS`].
 pub const JOB_OUTCOMES: &[&str] = &["done", "refused", "failed"];
+/// Every `outcome` of [`CONVERSIONS`]: a QCOW2 that compared identical
+/// (`converted`), or not: too little space, qemu-img failed (or the
+/// original changed), or the comparison found a difference.
+pub const CONVERSION_OUTCOMES: &[&str] = &["converted", "no_space", "failed", "differs"];
 /// Every `outcome` of [`IMPORTS`]: AVAILABLE (`ok`), or not (`failed`:
 /// DISABLED, DELETED, a timeout, or a request OCI refused for good).
 pub const IMPORT_OUTCOMES: &[&str] = &["ok", "failed"];
@@ -95,6 +101,8 @@ pub struct Metrics {
     last_success: IntGaugeVec,
     imports: IntCounterVec,
     import_duration: HistogramVec,
+    conversions: IntCounterVec,
+    conversion_duration: Histogram,
     /// Destinations given to [`Metrics::add_destination`].
     known: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
@@ -181,6 +189,14 @@ impl Metrics {
             &["destination"],
         ));
         must(registry.register(Box::new(import_duration.clone())));
+        let conversion_duration = must(Histogram::with_opts(
+            HistogramOpts::new(
+                CONVERSION_DURATION,
+                "Time a conversion to QCOW2 took, its comparison included, whatever its outcome.",
+            )
+            .buckets(JOB_BUCKETS.to_vec()),
+        ));
+        must(registry.register(Box::new(conversion_duration.clone())));
         let metrics = Arc::new(Metrics {
             read_bytes: counter(READ_BYTES, "Bytes read from source images."),
             uploaded_bytes: counter_vec(
@@ -238,13 +254,28 @@ impl Metrics {
                 &["destination", "outcome"],
             ),
             import_duration,
+            conversions: counter_vec(
+                CONVERSIONS,
+                "Conversions to QCOW2 (policy.convert) ended, by outcome (converted, no_space, failed, differs).",
+                &["outcome"],
+            ),
+            conversion_duration,
             known: Default::default(),
             registry,
         });
         for outcome in JOB_OUTCOMES {
             metrics.jobs.with_label_values(&[outcome]);
         }
+        for outcome in CONVERSION_OUTCOMES {
+            metrics.conversions.with_label_values(&[outcome]);
+        }
         metrics
+    }
+
+    /// A conversion ended with `outcome` (one of [`CONVERSION_OUTCOMES`]).
+    pub fn conversion_ended(&self, outcome: &str, took: Duration) {
+        self.conversions.with_label_values(&[outcome]).inc();
+        self.conversion_duration.observe(took.as_secs_f64());
     }
 
     /// Makes every series of `destination` exist, at 0 (or the last success
@@ -359,6 +390,8 @@ mod tests {
             OBJECTS_VERIFIED,
             JOBS,
             JOB_DURATION,
+            CONVERSIONS,
+            CONVERSION_DURATION,
             SPOOL_WAITING_IMAGES,
             SPOOL_WAITING_BYTES,
             JOBS_IN_FLIGHT,

@@ -88,6 +88,9 @@ pub struct Progress {
     pub destinations: Vec<Arc<DestinationProgress>>,
     /// The next part's read waits for part-buffer memory.
     memory_wait: std::sync::atomic::AtomicBool,
+    /// Before the upload: a conversion's step (`converting`, `comparing`,
+    /// or `waiting` for a conversion slot) and its percentage.
+    conversion: Mutex<Option<(&'static str, f64)>>,
 }
 
 impl Progress {
@@ -108,7 +111,20 @@ impl Progress {
                 })
                 .collect(),
             memory_wait: Default::default(),
+            conversion: Mutex::new(None),
         })
+    }
+
+    /// Where the conversion before the upload stands.
+    pub fn set_conversion(&self, step: &'static str, percent: f64) {
+        if let Ok(mut c) = self.conversion.lock() {
+            *c = Some((step, percent));
+        }
+    }
+
+    /// The conversion's step and percentage, while there is one.
+    pub fn conversion(&self) -> Option<(&'static str, f64)> {
+        self.conversion.lock().ok().and_then(|c| *c)
     }
 
     /// Whether the job's next read waits for part-buffer memory now.

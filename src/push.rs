@@ -24,7 +24,7 @@ use crate::source::Source;
 use crate::status::Status;
 use crate::transfer::{
     self, Job, Outcome, PrepareError, RetryPolicy, TransferError, check_import, destinations,
-    inspect_object, inspect_source, plan_for,
+    inspect_object, plan_for,
 };
 
 /// What `ferry push` was asked for, beyond the config.
@@ -39,6 +39,9 @@ pub struct PushOptions {
     /// Do not import verified objects, whatever the destinations' import
     /// tables say.
     pub no_import: bool,
+    /// Convert an image OCI cannot import into QCOW2 first, as
+    /// `policy.convert = true` does.
+    pub convert: bool,
 }
 
 /// What a push did: each destination's upload, and the imports that
@@ -84,6 +87,7 @@ pub async fn push(
     cancel: Shutdown,
 ) -> Result<Pushed, PrepareError> {
     let started = std::time::Instant::now();
+    let mut cleanup = RemoveOnDrop(None);
     let (source, report) = match object_url(path) {
         Some(url) => {
             let opened = crate::store::open_object(
@@ -101,14 +105,22 @@ pub async fn push(
         None => {
             let source = Source::open(path)?;
             let sidecar = crate::image::sidecar::path_of(path);
-            let report = inspect_source(
-                &source,
-                sidecar.exists().then_some(sidecar.as_path()),
-                config,
-                false,
-                opts.force,
-            )?;
-            (transfer::shipped(source, &report), report)
+            let sidecar = sidecar.exists().then_some(sidecar.as_path());
+            if opts.convert || config.policy.convert {
+                let out = config.state_dir.join("convert").join(format!(
+                    "{}.{}.qcow2",
+                    source.name,
+                    std::process::id()
+                ));
+                // A push resumes nothing: its conversion goes when it ends.
+                cleanup.0 = Some(out.clone());
+                convert_and_inspect(config, source, sidecar, &opts, &status, &out).await?
+            } else {
+                crate::transfer::inspect_or_convert(
+                    source, sidecar, config, false, opts.force, None,
+                )
+                .await?
+            }
         }
     };
     let part_size = opts
@@ -201,6 +213,63 @@ pub async fn push(
             .job_ended(if ok { "done" } else { "failed" }, started.elapsed());
     }
     Ok(Pushed { outcomes, imports })
+}
+
+/// Inspects a file for a push with `--convert`, converting it into `out`
+/// when OCI cannot import it as it is; progress goes to the log every 10%.
+async fn convert_and_inspect(
+    config: &crate::config::Config,
+    source: Source,
+    sidecar: Option<&std::path::Path>,
+    opts: &PushOptions,
+    status: &Option<Arc<Status>>,
+    out: &std::path::Path,
+) -> Result<(Source, crate::image::Report), PrepareError> {
+    let converter = crate::image::convert::Converter::find()?;
+    let shown = std::sync::Mutex::new((crate::image::convert::Step::Waiting, -1i64));
+    let name = source.name.clone();
+    let progress = |step: crate::image::convert::Step, percent: f64| {
+        let tenth = (percent / 10.0).floor() as i64;
+        let mut last = shown.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != (step, tenth) && step != crate::image::convert::Step::Waiting {
+            *last = (step, tenth);
+            info!("{name}: {} {:.0}%", step.as_str(), tenth * 10);
+        }
+    };
+    let ended = |outcome: &'static str, took: Duration| {
+        if let Some(st) = status {
+            st.metrics.conversion_ended(outcome, took);
+        }
+    };
+    let converting = crate::transfer::Converting {
+        converter: &converter,
+        out: out.to_path_buf(),
+        permits: None,
+        progress: &progress,
+        ended: &ended,
+    };
+    crate::transfer::inspect_or_convert(
+        source,
+        sidecar,
+        config,
+        false,
+        opts.force,
+        Some(&converting),
+    )
+    .await
+}
+
+/// Removes a push's conversion (and its record) when the push ends.
+struct RemoveOnDrop(Option<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(out) = self.0.take() {
+            let _ = std::fs::remove_file(crate::transfer::conversion_record_of(&out));
+            let _ = std::fs::remove_file(crate::image::convert::partial_of(&out));
+            let _ = std::fs::remove_file(&out);
+        }
+    }
 }
 
 /// The URL of an object to ship from a bucket (`s3://...`, `oci://...`),

@@ -273,9 +273,15 @@ impl Status {
             .iter()
             .map(|p| {
                 let secs = p.started.elapsed().as_secs_f64().max(1e-3);
+                let conversion = p.conversion();
                 serde_json::json!({
                     "file": p.file_name,
                     "running_secs": secs.round(),
+                    "phase": if conversion.is_some() { "converting" } else { "shipping" },
+                    "conversion": conversion.map(|(step, percent)| serde_json::json!({
+                        "step": step,
+                        "percent": (percent * 100.0).round() / 100.0,
+                    })),
                     "waiting_for": p.waiting_for_memory().then_some(
                         "memory: every part buffer that transfer.memory_limit allows is in use"
                     ),

@@ -152,7 +152,7 @@ fn a_qcow2_becomes_an_available_image_in_two_regions() {
         assert_eq!(i["state"], "AVAILABLE", "{m}");
         assert_eq!(i["outcome"], "available");
         assert_eq!(i["source"], "par");
-        assert_eq!(m["manifest_version"], 5);
+        assert_eq!(m["manifest_version"], 6);
         let id = i["image_id"].as_str().unwrap();
         assert!(id.starts_with("ocid1.image."), "{id}");
         assert_eq!(on_status.get(name).map(String::as_str), Some(id));

@@ -108,7 +108,7 @@ fn one_gib_to_oci_s3_and_a_directory_at_once() {
     let m: serde_json::Value =
         serde_json::from_slice(&oci_object(&double, url, "disk-1g.qcow2.manifest.json")).unwrap();
     eprintln!("{}", serde_json::to_string_pretty(&m).unwrap());
-    assert_eq!(m["manifest_version"], 5);
+    assert_eq!(m["manifest_version"], 6);
     assert_eq!(m["crc32c"], format!("{crc:08x}"));
     assert_eq!(m["part_count"], 16);
     assert_eq!(m["server_verified"], "crc32c-whole-object");

@@ -104,7 +104,7 @@ pub(super) fn report(
 pub(super) async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
     let started = Instant::now();
     let settings = &ctx.settings;
-    let prepared = match prepare(settings, &claimed) {
+    let prepared = match prepare(&ctx, &claimed).await {
         Ok(p) => p,
         Err(r) => {
             // Refused for good: what an earlier attempt of this job left open
@@ -557,9 +557,11 @@ struct Prepared {
     plan: PartPlan,
 }
 
-/// Opens, inspects and plans the claimed file. An error is a refusal of the
-/// file, with the report that says why and what to do.
-fn prepare(settings: &Settings, claimed: &Claimed) -> Result<Prepared, Box<ErrorReport>> {
+/// Opens, inspects (converting it where `policy.convert` says so) and
+/// plans the claimed file. An error is a refusal of the file, with the
+/// report that says why and what to do.
+async fn prepare(ctx: &JobCtx, claimed: &Claimed) -> Result<Prepared, Box<ErrorReport>> {
+    let settings = &ctx.settings;
     let refuse = |e: PrepareError| {
         let reason = match &e {
             PrepareError::Refused(i)
@@ -574,11 +576,55 @@ fn prepare(settings: &Settings, claimed: &Claimed) -> Result<Prepared, Box<Error
     let source =
         Source::open_claimed(&claimed.path, claimed.file_id).map_err(|e| refuse(e.into()))?;
     let config = &settings.config;
-    let image = transfer::inspect_source(&source, claimed.sidecar.as_deref(), config, true, false)
-        .map_err(refuse)?;
     let names: Vec<&str> = settings.destinations.iter().map(|d| d.name()).collect();
+    let claimed_name = claimed.name.to_string_lossy().into_owned();
+    // On the board while it converts, under the claimed file's name.
+    let shown = Progress::new(&claimed_name, 0, &names);
+    let (source, image) = match &settings.converter {
+        Some(converter) => {
+            let on_board = std::sync::Once::new();
+            let progress = |step: crate::image::convert::Step, percent: f64| {
+                on_board.call_once(|| ctx.board.insert(&claimed_name, shown.clone()));
+                shown.set_conversion(step.as_str(), percent);
+            };
+            let ended = |outcome: &'static str, took: Duration| {
+                ctx.metrics.conversion_ended(outcome, took);
+            };
+            let converting = transfer::Converting {
+                converter,
+                out: crate::spool::conversion_of(&config.spool_dir, &claimed.name),
+                permits: Some(&settings.conversions),
+                progress: &progress,
+                ended: &ended,
+            };
+            let r = transfer::inspect_or_convert(
+                source,
+                claimed.sidecar.as_deref(),
+                config,
+                true,
+                false,
+                Some(&converting),
+            )
+            .await;
+            if on_board.is_completed() {
+                ctx.board.remove(&claimed_name);
+            }
+            r
+        }
+        None => {
+            transfer::inspect_or_convert(
+                source,
+                claimed.sidecar.as_deref(),
+                config,
+                true,
+                false,
+                None,
+            )
+            .await
+        }
+    }
+    .map_err(refuse)?;
     transfer::check_import(&image, config, &names).map_err(refuse)?;
-    let source = transfer::shipped(source, &image);
     let plan = transfer::plan_for(
         &source,
         &settings.destinations,
@@ -588,7 +634,7 @@ fn prepare(settings: &Settings, claimed: &Claimed) -> Result<Prepared, Box<Error
     .map_err(refuse)?;
     Ok(Prepared {
         name: source.name.clone(),
-        claimed: claimed.name.to_string_lossy().into_owned(),
+        claimed: claimed_name,
         source,
         image,
         plan,
@@ -653,7 +699,14 @@ async fn start(
     let Some(prev) = ctx.journal.load(&p.claimed) else {
         return Ok(start);
     };
-    match continuation(&prev, &p.source, p.plan.part_bytes, &start.first_reads) {
+    let mut next = continuation(&prev, &p.source, p.plan.part_bytes, &start.first_reads);
+    if let (Continuation::Changed(why), Some(_)) = (&next, &p.image.conversion) {
+        // The QCOW2 was made again (the original is checked unchanged
+        // before a conversion is reused): nothing sent from the earlier
+        // one can be continued, and nothing of the original changed.
+        next = Continuation::StartOver(format!("it was converted again ({why})"), false);
+    }
+    match next {
         Continuation::Resume => {
             let taken = resume(&prev, name, dests, &mut start);
             // Uploads no configured destination continues cannot finish.

@@ -75,6 +75,8 @@ pub enum DaemonError {
     Metrics(std::net::SocketAddr, std::io::Error),
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
+    #[error(transparent)]
+    Convert(#[from] crate::image::convert::ConvertError),
 }
 
 impl DaemonError {
@@ -116,6 +118,10 @@ struct Settings {
     /// The importer of each destination with an import table, by its name.
     importers: BTreeMap<String, Arc<Importer>>,
     budget: Budget,
+    /// qemu-img, found at start when `policy.convert` is on.
+    converter: Option<crate::image::convert::Converter>,
+    /// `daemon.max_conversions` permits, shared by every job.
+    conversions: Arc<tokio::sync::Semaphore>,
 }
 
 impl Settings {
@@ -131,11 +137,19 @@ impl Settings {
             }
         }
         let budget = Budget::new(config.transfer.memory_limit.as_u64());
+        let converter = if config.policy.convert {
+            Some(crate::image::convert::Converter::find()?)
+        } else {
+            None
+        };
+        let conversions = Arc::new(tokio::sync::Semaphore::new(config.daemon.max_conversions));
         Ok(Settings {
             config,
             destinations,
             importers,
             budget,
+            converter,
+            conversions,
         })
     }
 }
@@ -173,6 +187,10 @@ fn reload(
         .budget
         .resize(s.config.transfer.memory_limit.as_u64());
     s.budget = current.budget.clone();
+    if new.daemon.max_conversions == old.daemon.max_conversions {
+        // Conversions under way keep counting against the same limit.
+        s.conversions = current.conversions.clone();
+    }
     Ok((s, spool))
 }
 
@@ -442,6 +460,7 @@ impl Daemon {
     /// `active/`.
     async fn resume_active(&mut self) {
         abort_orphans(&self.journal, &self.spool, &self.settings).await;
+        crate::spool::sweep_conversions(self.spool.dir(), &self.spool.active_jobs());
         for name in self.spool.active_jobs() {
             let claimed = self.spool.reclaim(&name);
             info!(
@@ -716,6 +735,10 @@ fn settle_job(
         JobEnd::Interrupted(_) | JobEnd::Retry(..) | JobEnd::Importing(_) => {}
     }
     let word = outcome(&end);
+    if let JobEnd::Done(c, _) | JobEnd::Refused(c, ..) | JobEnd::Failed(c, ..) = &end {
+        // Its job ended for good: the original is kept, the QCOW2 is not.
+        crate::spool::remove_conversion(spool.dir(), &c.name);
+    }
     match end {
         JobEnd::Done(c, _) => {
             crate::failpoint::reached("done");

@@ -17,6 +17,7 @@
 //! compared field by field.
 
 mod boot;
+pub mod convert;
 mod oci;
 mod others;
 mod ova;
@@ -135,6 +136,10 @@ pub struct Report {
     /// member, whose bytes are the object.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub member: Option<Member>,
+    /// For a QCOW2 that ferry made (`policy.convert`): what it was made
+    /// from, and how. The manifest carries it beside `image`.
+    #[serde(skip)]
+    pub conversion: Option<convert::Conversion>,
 }
 
 impl Report {
@@ -159,6 +164,7 @@ impl Report {
             os_basis: "none".into(),
             license: None,
             member: None,
+            conversion: None,
         }
     }
 
@@ -205,6 +211,12 @@ impl Report {
         image.remove("file");
         image.remove("file_size");
         m.insert("image".into(), serde_json::Value::Object(image));
+        if let Some(c) = &self.conversion {
+            m.insert(
+                "conversion".into(),
+                serde_json::to_value(c).unwrap_or_default(),
+            );
+        }
         m
     }
 }

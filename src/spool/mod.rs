@@ -66,6 +66,57 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
     }
 }
 
+/// Where the QCOW2 that a claimed file `name` of the spool `dir` is
+/// converted into lives (`policy.convert`): `.ferry/convert/NAME.qcow2`,
+/// with its `.partial` and `.conversion.json` beside it.
+pub fn conversion_of(dir: &Path, name: &OsStr) -> PathBuf {
+    let mut file = name.to_os_string();
+    file.push(".qcow2");
+    dir.join(".ferry").join("convert").join(file)
+}
+
+/// Removes what a conversion left of claimed files that are no longer in
+/// `active/` (their jobs ended, or ended while ferry was down).
+pub fn sweep_conversions(dir: &Path, active: &[OsString]) {
+    let convert = dir.join(".ferry").join("convert");
+    let Ok(entries) = std::fs::read_dir(&convert) else {
+        return;
+    };
+    // Bounded: one pass over the directory.
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let live = active.iter().any(|a| {
+            let mut stem = a.clone();
+            stem.push(".qcow2");
+            name.as_bytes().starts_with(stem.as_bytes())
+        });
+        if !live {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Removes the conversion of the claimed file `name`, once its job ended
+/// for good.
+pub fn remove_conversion(dir: &Path, name: &OsStr) {
+    let out = conversion_of(dir, name);
+    for suffix in [
+        "",
+        ".partial",
+        ".conversion.json",
+        ".conversion.json.partial",
+    ] {
+        let mut p = out.as_os_str().to_os_string();
+        p.push(suffix);
+        match std::fs::remove_file(&p) {
+            Ok(()) if suffix.is_empty() => {
+                tracing::info!("removed the conversion {}", out.display())
+            }
+            _ => {}
+        }
+    }
+}
+
 /// True for names that are never images (in-progress writes, markers, sidecars).
 pub fn ignored(name: &OsStr) -> bool {
     let b = name.as_bytes();

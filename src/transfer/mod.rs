@@ -32,8 +32,8 @@ mod verify;
 mod worker;
 
 pub use prepare::{
-    PrepareError, SIDECAR_BESIDE, check_import, destinations, inspect_object, inspect_source,
-    object_report, plan_for, shipped,
+    Converting, PrepareError, SIDECAR_BESIDE, check_import, conversion_record_of, destinations,
+    inspect_object, inspect_or_convert, inspect_source, object_report, plan_for, shipped,
 };
 pub use retry::{Halt, RetryPolicy, retry};
 

@@ -8,6 +8,7 @@ use tracing::warn;
 
 use crate::chunk::{self, Budget, PartPlan};
 use crate::error::Class;
+use crate::image::convert::{Conversion, ConvertError, Converter, Input, Step, convert};
 use crate::source::Source;
 use crate::store::Destination;
 
@@ -21,6 +22,9 @@ pub enum PrepareError {
     Open(crate::store::StoreError),
     #[error("{0}")]
     Destination(String),
+    /// A conversion (`policy.convert`) that did not give a checked QCOW2.
+    #[error(transparent)]
+    Convert(#[from] crate::image::convert::ConvertError),
     /// `--part-size` (or the config's) that no store or the budget can take.
     #[error("{0}")]
     PartSize(String),
@@ -62,6 +66,7 @@ impl PrepareError {
             | PrepareError::Unattested(_)
             | PrepareError::NotImportable(_) => Class::Refuse,
             PrepareError::Open(e) => e.class(),
+            PrepareError::Convert(e) => e.class(),
             PrepareError::Destination(_)
             | PrepareError::PartSize(_)
             | PrepareError::Budget { .. } => Class::Fatal,
@@ -86,6 +91,7 @@ impl PrepareError {
             PrepareError::Refused(_) => {
                 "Fix or convert the image as the reasons say, then put it back in the spool."
             }
+            PrepareError::Convert(e) => e.advice(),
             PrepareError::Open(_) => {
                 "Check the object's URL, that it exists, and the store settings of the [sources.NAME] table that holds it (endpoint, credentials)."
             }
@@ -123,6 +129,16 @@ pub fn inspect_source(
     force: bool,
 ) -> Result<crate::image::Report, PrepareError> {
     let policy = crate::image::Policy::from_config(&config.policy, daemon);
+    let report = file_report(source, sidecar, &policy)?;
+    judged(report, &policy, config, force)
+}
+
+/// The inspection report of a file source, not yet judged.
+fn file_report(
+    source: &Source,
+    sidecar: Option<&std::path::Path>,
+    policy: &crate::image::Policy,
+) -> Result<crate::image::Report, PrepareError> {
     let shown = source.path.display().to_string();
     let file = source.file().ok_or_else(|| {
         PrepareError::Inspect(crate::image::InspectError::Io {
@@ -130,8 +146,167 @@ pub fn inspect_source(
             source: std::io::Error::other("not a file"),
         })
     })?;
-    let report = crate::image::inspect_file(file, &source.name, &shown, sidecar, &policy)?;
-    judged(report, &policy, config, force)
+    Ok(crate::image::inspect_file(
+        file,
+        &source.name,
+        &shown,
+        sidecar,
+        policy,
+    )?)
+}
+
+/// How an image OCI cannot import is converted (`policy.convert`): by
+/// which converter, into which file, at most how many at once, and who
+/// hears of its progress and its end.
+pub struct Converting<'a> {
+    pub converter: &'a Converter,
+    /// The QCOW2 to write; `OUT.conversion.json` beside it records what
+    /// it was made from, so that a job resumed after a restart ships the
+    /// same QCOW2 rather than convert again.
+    pub out: std::path::PathBuf,
+    pub permits: Option<&'a tokio::sync::Semaphore>,
+    pub progress: &'a (dyn Fn(Step, f64) + Send + Sync),
+    /// Each conversion run: its outcome (`converted`, or the error's) and
+    /// how long it took.
+    pub ended: &'a (dyn Fn(&'static str, std::time::Duration) + Send + Sync),
+}
+
+/// What `OUT.conversion.json` holds: the conversion, and the original as
+/// it was converted.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ConversionRecord {
+    conversion: Conversion,
+    dev: u64,
+    ino: u64,
+    size_bytes: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+/// The record beside a conversion `out`.
+pub fn conversion_record_of(out: &std::path::Path) -> std::path::PathBuf {
+    let mut p = out.as_os_str().to_owned();
+    p.push(".conversion.json");
+    std::path::PathBuf::from(p)
+}
+
+/// Inspects a file source and, when it is refused as it is and
+/// `converting` says how, converts it: the QCOW2 is opened, inspected
+/// with the same sidecar and judged like any image. Answers the source
+/// to ship (the file, its member, or the QCOW2) and its report.
+pub async fn inspect_or_convert(
+    source: Source,
+    sidecar: Option<&std::path::Path>,
+    config: &crate::config::Config,
+    daemon: bool,
+    force: bool,
+    converting: Option<&Converting<'_>>,
+) -> Result<(Source, crate::image::Report), PrepareError> {
+    let policy = crate::image::Policy::from_config(&config.policy, daemon);
+    let report = file_report(&source, sidecar, &policy)?;
+    let input = converting.and_then(|_| Input::of(&report, &source.path, &policy));
+    let (Some(c), Some(input)) = (converting, input) else {
+        let report = judged(report, &policy, config, force)?;
+        return Ok((shipped(source, &report), report));
+    };
+    let conversion = match reuse(&c.out, &source) {
+        Some(done) => {
+            tracing::info!(
+                "{}: shipping its conversion {}, made and checked before",
+                source.path.display(),
+                c.out.display()
+            );
+            done
+        }
+        None => {
+            (c.progress)(Step::Waiting, 0.0);
+            let _permit = match c.permits {
+                Some(p) => Some(p.acquire().await.map_err(|_| {
+                    PrepareError::Destination("the conversion slots are closed".into())
+                })?),
+                None => None,
+            };
+            let started = std::time::Instant::now();
+            tracing::info!(
+                "{}: converting {} to QCOW2 in {}",
+                source.path.display(),
+                report.format_name,
+                c.out.display()
+            );
+            let _ = std::fs::remove_file(conversion_record_of(&c.out));
+            let mut r = convert(c.converter, &input, &report, &c.out, c.progress).await;
+            if let (Ok(_), Err(change)) = (&r, source.check()) {
+                let _ = std::fs::remove_file(&c.out);
+                r = Err(ConvertError::Changed {
+                    file: report.file.clone(),
+                    why: change.0,
+                });
+            }
+            (c.ended)(
+                r.as_ref().map_or_else(|e| e.outcome(), |_| "converted"),
+                started.elapsed(),
+            );
+            let conversion = r?;
+            tracing::info!(
+                "{}: converted and compared identical in {:.1} s ({} of QCOW2)",
+                source.path.display(),
+                conversion.duration_secs,
+                crate::image::human(conversion.converted_size_bytes)
+            );
+            keep_record(&c.out, &source, &conversion);
+            conversion
+        }
+    };
+    let converted = Source::open(&c.out)?;
+    let size = converted.size_bytes;
+    let converted = converted.window(&input.object_name, 0, size);
+    let mut report2 = file_report(&converted, sidecar, &policy)?;
+    crate::image::convert::keep_hints(&mut report2, &report);
+    report2.conversion = Some(conversion);
+    let report2 = judged(report2, &policy, config, force)?;
+    Ok((converted, report2))
+}
+
+/// An earlier conversion of this very file, still in place.
+fn reuse(out: &std::path::Path, source: &Source) -> Option<Conversion> {
+    let bytes = std::fs::read(conversion_record_of(out)).ok()?;
+    let r: ConversionRecord = serde_json::from_slice(&bytes).ok()?;
+    let id = &source.identity;
+    let same = (r.dev, r.ino, r.size_bytes, r.mtime_ns, r.ctime_ns)
+        == (id.dev, id.ino, id.size_bytes, id.mtime_ns, id.ctime_ns);
+    let size = std::fs::metadata(out).ok()?.len();
+    (same && size == r.conversion.converted_size_bytes).then_some(r.conversion)
+}
+
+/// Writes `OUT.conversion.json` (temp, fsync, rename); a failure only
+/// means a restart converts again.
+fn keep_record(out: &std::path::Path, source: &Source, conversion: &Conversion) {
+    let id = &source.identity;
+    let record = ConversionRecord {
+        conversion: conversion.clone(),
+        dev: id.dev,
+        ino: id.ino,
+        size_bytes: id.size_bytes,
+        mtime_ns: id.mtime_ns,
+        ctime_ns: id.ctime_ns,
+    };
+    let path = conversion_record_of(out);
+    let tmp = crate::image::convert::partial_of(&path);
+    let written = serde_json::to_vec_pretty(&record)
+        .map_err(std::io::Error::other)
+        .and_then(|body| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        });
+    if let Err(e) = written {
+        tracing::warn!(
+            "cannot record the conversion in {} ({e}); a restart converts again",
+            path.display()
+        );
+    }
 }
 
 /// Inspects an object source by ranged reads of the version the upload
