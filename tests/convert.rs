@@ -475,3 +475,66 @@ fn a_conversion_that_differs_from_its_original_is_never_shipped() {
     );
     drop(d);
 }
+
+/// A daemon killed in the middle of uploading a conversion ships the same
+/// QCOW2 after its restart: the uploads resume from the journal, nothing is
+/// converted again, and the object is the original's, as qemu-img compares.
+#[test]
+fn a_restart_resumes_the_uploads_of_the_same_conversion() {
+    let Some(s3) = s3() else { return };
+    let prefix = unique_prefix("convert-crash");
+    let site = site(&s3, &prefix, "", "convert = true");
+    let work = tmpdir();
+    let w = work.path();
+    raw_disk(&w.join("crm.raw"), 40);
+    qemu(
+        &["convert", "-f", "raw", "-O", "vdi", "crm.raw", "crm.vdi"],
+        w,
+    );
+    let log = site.root.join("daemon.log");
+    let mut d = Daemon::start_with(&site.config, &log, |c| {
+        c.env("FERRY_CRASH_AT", "part:3");
+    });
+    std::fs::copy(w.join("crm.vdi"), site.spool.join("crm.vdi.partial")).unwrap();
+    std::fs::rename(
+        site.spool.join("crm.vdi.partial"),
+        site.spool.join("crm.vdi"),
+    )
+    .unwrap();
+    let ended = d.wait_exit(Duration::from_secs(60));
+    assert!(
+        ended.is_some_and(|s| !s.success()),
+        "the daemon crashed at the third part: {ended:?}"
+    );
+    assert!(site.active().join("crm.vdi").exists());
+    assert!(site.spool.join(".ferry/convert/crm.vdi.qcow2").exists());
+    drop(d);
+    let before = std::fs::read_to_string(&log).unwrap_or_default().len();
+    let d = Daemon::start(&site.config, &log);
+    assert!(site.wait_done("crm.vdi", Duration::from_secs(120)));
+    let after = &std::fs::read_to_string(&log).unwrap()[before..];
+    assert!(after.contains("made and checked before"), "{after}");
+    assert!(
+        !after.contains("converting vdi"),
+        "converted again: {after}"
+    );
+    assert!(site.metric("ferry_uploads_resumed_total") >= 1, "{after}");
+    assert_eq!(
+        site.metric("ferry_conversions_total{outcome=\"converted\"}"),
+        0,
+        "this daemon converted nothing"
+    );
+    let fetched = w.join("fetched.qcow2");
+    std::fs::write(
+        &fetched,
+        s3_get(&s3.store(&s3.buckets[0]), &format!("{prefix}/crm.qcow2")).unwrap(),
+    )
+    .unwrap();
+    let (code, said) = compare("vdi", &w.join("crm.vdi"), "qcow2", &fetched);
+    assert_eq!(code, 0, "{said}");
+    assert_eq!(
+        list(&site.spool.join(".ferry/convert")),
+        Vec::<String>::new()
+    );
+    drop(d);
+}

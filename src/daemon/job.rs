@@ -104,7 +104,16 @@ pub(super) fn report(
 pub(super) async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
     let started = Instant::now();
     let settings = &ctx.settings;
-    let prepared = match prepare(&ctx, &claimed).await {
+    // A conversion may take minutes: a stop request ends it (qemu-img is
+    // killed with its future) and the job resumes at the next start.
+    let prepared = tokio::select! {
+        p = prepare(&ctx, &claimed) => Some(p),
+        _ = ctx.cancel.requested() => None,
+    };
+    let Some(prepared) = prepared else {
+        return JobEnd::Interrupted(claimed);
+    };
+    let prepared = match prepared {
         Ok(p) => p,
         Err(r) => {
             // Refused for good: what an earlier attempt of this job left open

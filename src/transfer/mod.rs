@@ -33,7 +33,7 @@ mod worker;
 
 pub use prepare::{
     Converting, PrepareError, SIDECAR_BESIDE, check_import, conversion_record_of, destinations,
-    inspect_object, inspect_or_convert, inspect_source, object_report, plan_for, shipped,
+    inspect_object, inspect_or_convert, object_report, plan_for, shipped,
 };
 pub use retry::{Halt, RetryPolicy, retry};
 

@@ -118,21 +118,6 @@ impl PrepareError {
     }
 }
 
-/// Inspects an open file source, through the descriptor the upload reads,
-/// with its sidecar (`X.meta.json` beside it, if present); a refusal is an
-/// error unless the policy or `force` says ship anyway.
-pub fn inspect_source(
-    source: &Source,
-    sidecar: Option<&std::path::Path>,
-    config: &crate::config::Config,
-    daemon: bool,
-    force: bool,
-) -> Result<crate::image::Report, PrepareError> {
-    let policy = crate::image::Policy::from_config(&config.policy, daemon);
-    let report = file_report(source, sidecar, &policy)?;
-    judged(report, &policy, config, force)
-}
-
 /// The inspection report of a file source, not yet judged.
 fn file_report(
     source: &Source,
