@@ -538,3 +538,61 @@ fn a_restart_resumes_the_uploads_of_the_same_conversion() {
     );
     drop(d);
 }
+
+/// Only an image refused for its format alone is converted: a QED whose
+/// backing file (outside anything ferry was given) holds the rest of the
+/// disk is refused, and nothing is converted; the same QED without one
+/// converts, with the virtual size qemu-img gives it.
+#[test]
+fn an_image_with_a_backing_file_is_never_converted() {
+    let dir = tmpdir();
+    let d = dir.path();
+    raw_disk(&d.join("base.raw"), 8);
+    qemu(
+        &["convert", "-f", "raw", "-O", "qed", "base.raw", "base.qed"],
+        d,
+    );
+    let base = d.join("base.qed").display().to_string();
+    qemu(
+        &["create", "-f", "qed", "-b", &base, "-F", "qed", "delta.qed"],
+        d,
+    );
+    let config = write(
+        &d.join("ferry.toml"),
+        &format!(
+            "state_dir = \"{r}/state\"\n[destinations.phoenix]\nurl = \"file://{r}/phoenix/\"\n",
+            r = d.display()
+        ),
+    );
+    let out = run(ferry().arg("inspect").arg("--json").arg(d.join("base.qed")));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["virtual_size"].as_u64(), Some(8 << 20), "{v}");
+    assert_eq!(v["with_convert"]["object_name"], "base.qcow2", "{v}");
+
+    let out = run(ferry()
+        .arg("push")
+        .arg("--convert")
+        .arg("--config")
+        .arg(&config)
+        .arg(d.join("delta.qed")));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("backing file"), "{err}");
+    assert!(list(&d.join("phoenix")).is_empty());
+    assert_eq!(list(&d.join("state/convert")), Vec::<String>::new());
+
+    let out = run(ferry()
+        .arg("push")
+        .arg("--convert")
+        .arg("--config")
+        .arg(&config)
+        .arg(d.join("base.qed")));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let (code, said) = compare(
+        "qed",
+        &d.join("base.qed"),
+        "qcow2",
+        &d.join("phoenix/base.qcow2"),
+    );
+    assert_eq!(code, 0, "{said}");
+}

@@ -112,7 +112,7 @@ impl ConvertError {
         match self {
             ConvertError::Missing { .. } => "Install qemu-img, or set policy.convert = false.",
             ConvertError::NoSpace { .. } => {
-                "Free space in the spool's .ferry/convert/ directory (or give it a larger filesystem), then move the image from failed/ back into the spool; or convert it elsewhere and spool the QCOW2."
+                "Free space in the directory named (the daemon's spool/.ferry/convert/, a push's state_dir/convert/), or put it on a larger filesystem, then ship the image again (the daemon's: move it from failed/ back into the spool); or convert it elsewhere and ship the QCOW2."
             }
             ConvertError::Failed { .. } => {
                 "Check the image with qemu-img info and qemu-img check, as the reason says; repair or export it again, then put it back in the spool."
@@ -124,7 +124,7 @@ impl ConvertError {
                 "Put the image back in the spool once it is written in full (write it under a temporary name, then rename it in)."
             }
             ConvertError::Io { .. } => {
-                "Check the spool's .ferry/convert/ directory: it must be writable by ferry."
+                "Check the directory conversions are written to (the daemon's spool/.ferry/convert/, a push's state_dir/convert/): it must be writable by ferry, with room."
             }
         }
     }
@@ -162,6 +162,9 @@ pub struct Conversion {
     pub compare: String,
     pub converted_size_bytes: u64,
     pub duration_secs: f64,
+    /// Made in this attempt (not the QCOW2 of an earlier one, kept).
+    #[serde(skip)]
+    pub fresh: bool,
 }
 
 /// The converter found on this host.
@@ -217,21 +220,24 @@ fn convertible(format: &str) -> bool {
 
 impl Input {
     /// What to convert for an image refused as it is, when a conversion
-    /// would make it importable: a format OCI does not take, or an OVA's
-    /// disk that is not importable as it is. `None` when converting cannot
-    /// help: another format, a virtual size over the policy's limit, or a
-    /// licence attestation the policy requires and the sidecar lacks.
+    /// would make it importable: refused only for a format OCI does not
+    /// take (alone or as an OVA's disk), never for anything else (a
+    /// differencing, damaged or truncated image; a virtual size over the
+    /// policy's limit; a licence attestation the policy requires and the
+    /// sidecar lacks).
     pub fn of(report: &Report, path: &Path, policy: &Policy) -> Option<Input> {
-        if report.verdict != super::Verdict::Refuse {
+        if report.verdict != super::Verdict::Refuse || !convertible(&report.format) {
             return None;
         }
-        let in_archive = report.member.is_some();
-        let format_ok = convertible(&report.format) || (in_archive && report.format == "vmdk");
+        let only_the_format = report
+            .format_reason
+            .as_ref()
+            .is_some_and(|f| !report.reasons.is_empty() && report.reasons.iter().all(|r| r == f));
         let size_ok = report
             .virtual_size
             .is_some_and(|v| v > 0 && v <= policy.max_virtual_size_bytes);
         let licence_ok = !policy.require_license_attestation || report.license.is_some();
-        if !(format_ok && size_ok && licence_ok) {
+        if !(only_the_format && size_ok && licence_ok) {
             return None;
         }
         let stem = |name: &str| {
@@ -452,17 +458,25 @@ pub async fn convert(
             });
         }
     }
-    let converted_size_bytes = {
-        let f = std::fs::File::open(&partial).map_err(io("cannot open the conversion"))?;
-        f.sync_all().map_err(io("cannot sync the conversion"))?;
-        f.metadata()
-            .map_err(io("cannot examine the conversion"))?
-            .len()
-    };
-    std::fs::rename(&partial, out).map_err(io("cannot rename the conversion"))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    // Durable before it is named: a restart ships a QCOW2 by its name.
+    // A whole disk's writes may wait in the page cache: off the runtime.
+    let (from, to, parent) = (partial.clone(), out.to_path_buf(), dir.to_path_buf());
+    let converted_size_bytes = tokio::task::spawn_blocking(move || {
+        let f = std::fs::File::open(&from)?;
+        f.sync_all()?;
+        let len = f.metadata()?.len();
+        std::fs::rename(&from, &to)?;
+        if let Ok(d) = std::fs::File::open(&parent) {
+            let _ = d.sync_all();
+        }
+        Ok(len)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    .map_err(|e| {
+        let _ = std::fs::remove_file(&partial);
+        io("cannot sync and name the conversion")(e)
+    })?;
     progress(Step::Comparing, 100.0);
     Ok(Conversion {
         original_file: report.file.clone(),
@@ -478,6 +492,7 @@ pub async fn convert(
         compare: "identical".into(),
         converted_size_bytes,
         duration_secs: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        fresh: true,
     })
 }
 

@@ -140,6 +140,11 @@ pub struct Report {
     /// from, and how. The manifest carries it beside `image`.
     #[serde(skip)]
     pub conversion: Option<convert::Conversion>,
+    /// The refusal that names a format OCI cannot import, when a
+    /// conversion would answer it: only an image refused for that reason
+    /// alone is converted (a damaged or differencing one is not).
+    #[serde(skip)]
+    pub(crate) format_reason: Option<String>,
 }
 
 impl Report {
@@ -165,6 +170,7 @@ impl Report {
             license: None,
             member: None,
             conversion: None,
+            format_reason: None,
         }
     }
 
@@ -197,10 +203,12 @@ impl Report {
         if out == self.file {
             out = format!("{stem}-converted.qcow2");
         }
-        self.refuse(format!(
-            "OCI cannot import {name}; convert it first: qemu-img convert{convert_from} -O qcow2 {} {out}",
+        let reason = format!(
+            "OCI cannot import {name}; convert it first: qemu-img convert{convert_from} -O qcow2 {} {out} (or let ferry convert it: policy.convert = true, or ferry push --convert)",
             self.file
-        ));
+        );
+        self.refuse(reason.clone());
+        self.format_reason = Some(reason);
     }
 
     /// The fields the import manifest carries, beside the transfer's own.

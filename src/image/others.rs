@@ -8,7 +8,14 @@ pub(super) fn check(r: &dyn ReadAt, head: &[u8], rep: &mut Report) -> std::io::R
     let size = r.size();
     let at = |o: usize, sig: &[u8]| head.len() >= o + sig.len() && &head[o..o + sig.len()] == sig;
     if at(0, b"conectix") {
-        return vhd(head, rep, "dynamic");
+        vhd(head, rep, "dynamic")?;
+        // A dynamic VHD ends with a copy of its footer: a copy cut short
+        // has none, and its blocks past the end would read as zeros.
+        let whole = size >= 1024 && r.read_vec(size - 512, 512)?.starts_with(b"conectix");
+        if !whole {
+            rep.refuse("truncated: a dynamic VHD ends with a copy of its footer, and this one does not; copy it again in full");
+        }
+        return Ok(());
     }
     if size >= 512 {
         let tail = r.read_vec(size - 512, 512)?;
@@ -19,24 +26,46 @@ pub(super) fn check(r: &dyn ReadAt, head: &[u8], rep: &mut Report) -> std::io::R
     if at(0, b"vhdxfile") {
         rep.format = "vhdx".into();
         rep.format_name = "VHDX".into();
-        rep.virtual_size = vhdx_size(r).ok().flatten();
+        let meta = vhdx_metadata(r).ok().flatten();
+        rep.virtual_size = meta.and_then(|m| m.0);
         rep.cannot_import("VHDX", " -f vhdx");
+        if meta.is_some_and(|m| m.1) {
+            rep.format_name = "VHDX (differencing)".into();
+            rep.refuse(DIFFERENCING);
+        }
         return Ok(());
     }
-    if head.len() >= 0x178 && le32(head, 0x40) == 0xbeda_107f {
+    if head.len() >= 0x1c8 && le32(head, 0x40) == 0xbeda_107f {
         rep.format = "vdi".into();
         rep.format_name = "VDI".into();
         rep.virtual_size = Some(le64(head, 0x170));
         rep.cannot_import("VDI", " -f vdi");
+        // qemu's VdiHeader: image type 4 is a differencing image, and a
+        // differencing image names its parent's UUID.
+        if le32(head, 76) == 4 || head[0x1b8..0x1c8].iter().any(|b| *b != 0) {
+            rep.format_name = "VDI (differencing)".into();
+            rep.refuse(DIFFERENCING);
+        }
+        let data = u64::from(le32(head, 0x158));
+        let allocated = u64::from(le32(head, 0x184)).saturating_mul(u64::from(le32(head, 0x178)));
+        if data.saturating_add(allocated) > size {
+            rep.refuse(format!(
+                "truncated: the VDI's {allocated} bytes of blocks from offset {data} reach past its end ({size} bytes); copy it again in full"
+            ));
+        }
         return Ok(());
     }
     if at(0, b"QED\0") {
         rep.format = "qed".into();
         rep.format_name = "QED".into();
-        if head.len() >= 48 {
-            rep.virtual_size = Some(le64(head, 40));
+        // qemu's QEDHeader: features at 16, image_size at 48.
+        if head.len() >= 64 {
+            rep.virtual_size = Some(le64(head, 48));
         }
         rep.cannot_import("QED", " -f qed");
+        if head.len() >= 64 && le64(head, 16) & QED_F_BACKING_FILE != 0 {
+            rep.refuse("the QED image has a backing file: it holds only the changes to another image; merge it first (qemu-img convert -f qed -O qcow2 reads the chain)");
+        }
         return Ok(());
     }
     let named = [
@@ -80,6 +109,12 @@ pub(super) fn check(r: &dyn ReadAt, head: &[u8], rep: &mut Report) -> std::io::R
     Ok(())
 }
 
+/// The refusal of a differencing (snapshot) image.
+const DIFFERENCING: &str = "a differencing image: it holds only the changes to a parent image, which ferry never reads; merge it into its parent first (or export the whole disk again)";
+
+/// QED's feature bit for a backing file.
+const QED_F_BACKING_FILE: u64 = 1;
+
 fn vhd(footer: &[u8], rep: &mut Report, kind: &str) -> std::io::Result<()> {
     rep.format = "vpc".into();
     let disk_type = be32(footer, 60);
@@ -108,13 +143,19 @@ fn vhd(footer: &[u8], rep: &mut Report, kind: &str) -> std::io::Result<()> {
     rep.virtual_size = Some(size);
     rep.detail("creator", String::from_utf8_lossy(creator).into_owned());
     rep.cannot_import(&format!("VHD ({kind})"), " -f vpc");
+    if disk_type == 4 {
+        rep.refuse(DIFFERENCING);
+    }
     Ok(())
 }
 
-/// Virtual size of a VHDX from its metadata region.
-fn vhdx_size(r: &dyn ReadAt) -> std::io::Result<Option<u64>> {
+/// A VHDX's virtual size and whether it has a parent (a differencing
+/// disk), from its metadata region.
+fn vhdx_metadata(r: &dyn ReadAt) -> std::io::Result<Option<(Option<u64>, bool)>> {
     const METADATA_REGION: [u8; 16] = guid("8B7CA206-4790-4B9A-B8FE-575F050F886E");
     const VIRTUAL_DISK_SIZE: [u8; 16] = guid("2FA54224-CD1B-4876-B211-5DBED83BF4B8");
+    const FILE_PARAMETERS: [u8; 16] = guid("CAA16737-FA36-4D43-B3B6-33F0AA44E76B");
+    const HAS_PARENT: u32 = 2;
     for table in [192 * 1024u64, 256 * 1024] {
         let Ok(t) = r.read_vec(table, 64 * 1024) else {
             continue;
@@ -134,17 +175,20 @@ fn vhdx_size(r: &dyn ReadAt) -> std::io::Result<Option<u64>> {
                 return Ok(None);
             }
             let n = usize::from(u16::from_le_bytes([m[10], m[11]])).min(2047);
+            let (mut size, mut parent) = (None, false);
             for j in 0..n {
                 let me = 32 + j * 32;
                 if me + 32 > m.len() {
                     break;
                 }
+                let item = off.saturating_add(u64::from(le32(&m, me + 16)));
                 if m[me..me + 16] == VIRTUAL_DISK_SIZE {
-                    let item = u64::from(le32(&m, me + 16));
-                    let v = r.read_vec(off + item, 8)?;
-                    return Ok(Some(le64(&v, 0)));
+                    size = Some(le64(&r.read_vec(item, 8)?, 0));
+                } else if m[me..me + 16] == FILE_PARAMETERS {
+                    parent = le32(&r.read_vec(item, 8)?, 4) & HAS_PARENT != 0;
                 }
             }
+            return Ok(Some((size, parent)));
         }
     }
     Ok(None)

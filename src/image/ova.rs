@@ -175,6 +175,9 @@ struct Entry {
     name: String,
     offset: u64,
     size: u64,
+    /// Its bytes are stored whole, in order, from `offset` (a regular
+    /// file; not sparse, a link or a directory).
+    contiguous: bool,
 }
 
 fn base(name: &str) -> &str {
@@ -226,10 +229,16 @@ pub(super) fn check(
                         .map_err(|e| format!("{name}: {e}"))
                 });
             }
+            let kind = entry.header().entry_type();
+            // A PAX sparse file keeps its map in extension keys.
+            let pax_sparse = entry.pax_extensions().ok().flatten().is_some_and(|mut x| {
+                x.any(|e| e.is_ok_and(|e| e.key_bytes().starts_with(b"GNU.sparse")))
+            });
             entries.push(Entry {
                 offset: entry.raw_file_position(),
                 size,
                 name,
+                contiguous: (kind.is_file() || kind.is_contiguous()) && !pax_sparse,
             });
         }
         Ok(())
@@ -247,7 +256,7 @@ pub(super) fn check(
             return Ok(());
         }
         None => {
-            rep.refuse("the OVA holds no OVF descriptor");
+            rep.refuse("the OVA holds no OVF descriptor (NAME.ovf): export the appliance again, or ship its disk image alone");
             return Ok(());
         }
     };
@@ -283,18 +292,18 @@ pub(super) fn check(
     *hints = Some(ovf.hints);
     let (href, compression) = match disks.as_slice() {
         [] => {
-            rep.refuse("the OVA holds no disk");
+            rep.refuse("the OVA holds no disk: export the appliance again with its disk");
             return Ok(());
         }
         [one] => one.clone(),
         many => {
             let names: Vec<&str> = many.iter().map(|(n, _)| n.as_str()).collect();
             rep.refuse(format!(
-                "the OVA holds {} disks ({}); OCI imports one boot disk: ship the boot disk's file alone (tar xf {} {}), and move the data disks as block volumes",
+                "the OVA holds {} disks ({}); OCI imports one boot disk: extract the boot disk (one of them: tar xf {} {}) and ship it alone, and move the data disks as block volumes",
                 names.len(),
                 names.join(", "),
                 rep.file,
-                names[0]
+                names.join(" ")
             ));
             return Ok(());
         }
@@ -308,10 +317,17 @@ pub(super) fn check(
     }
     let Some(member) = entries.iter().find(|e| base(&e.name) == base(&href)) else {
         rep.refuse(format!(
-            "the OVF names the disk {href}, which is not in the archive"
+            "the OVF names the disk {href}, which is not in the archive (an OVA exported in chunks, ovf:chunkSize, holds {href}.000000000 and the rest): export it again without chunks, or join the chunks and ship the disk"
         ));
         return Ok(());
     };
+    if !member.contiguous {
+        rep.refuse(format!(
+            "the OVA's disk {} is not stored as a plain file in the tar (a sparse member, or a link): make the OVA again without --sparse (tar --format=ustar), or extract the disk and ship it",
+            member.name
+        ));
+        return Ok(());
+    }
     if member.offset.saturating_add(member.size) > r.size() {
         rep.refuse(format!(
             "truncated: the OVA's disk {} reaches past the end of the file",
@@ -350,9 +366,15 @@ pub(super) fn check(
     rep.detail("inner", serde_json::Value::Object(inner_rep.details));
     rep.virtual_size = inner_rep.virtual_size;
     rep.boot = inner_rep.boot;
+    // `tar xf` first: the commands in the reasons are for the disk itself.
+    let disk = format!(
+        "the OVA's disk {} (tar xf {} {0} extracts it)",
+        member.name, rep.file
+    );
     for reason in inner_rep.reasons {
-        rep.refuse(format!("the OVA's disk {}: {reason}", member.name));
+        rep.refuse(format!("{disk}: {reason}"));
     }
+    rep.format_reason = inner_rep.format_reason.map(|r| format!("{disk}: {r}"));
     for w in inner_rep.warnings {
         rep.warn(format!("the OVA's disk {}: {w}", member.name));
     }

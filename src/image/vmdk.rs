@@ -118,7 +118,12 @@ pub(super) fn check(r: &dyn ReadAt, rep: &mut Report) -> std::io::Result<()> {
         // A text descriptor: a multi-file VMDK.
         let text = r.read_vec(0, size.min(64 * 1024) as usize)?;
         let d = parse_descriptor(&String::from_utf8_lossy(&text));
-        rep.virtual_size = Some(d.extents.iter().map(|e| e.1).sum::<u64>() * 512);
+        rep.virtual_size = Some(
+            d.extents
+                .iter()
+                .fold(0u64, |a, e| a.saturating_add(e.1))
+                .saturating_mul(512),
+        );
         judge_descriptor(&d, rep, false);
         return Ok(());
     }
