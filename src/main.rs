@@ -391,6 +391,14 @@ async fn run(cli: Cli) -> u8 {
             let pushed = match push::push(&config, &image, opts, every, status, stop.clone()).await
             {
                 Ok(o) => o,
+                Err(ferry::transfer::PrepareError::Stopped) => {
+                    eprintln!("ferry: interrupted before a byte was sent");
+                    return EXIT_INTERRUPTED;
+                }
+                Err(e @ ferry::transfer::PrepareError::Convert(_)) => {
+                    eprintln!("ferry: {e}\nferry: {}", e.advice());
+                    return EXIT_REFUSED;
+                }
                 Err(e) => {
                     eprintln!("ferry: {e}");
                     return EXIT_REFUSED;

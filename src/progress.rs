@@ -155,6 +155,17 @@ impl Board {
             j.insert(name.to_string(), p);
         }
     }
+    /// Puts `p` on the board unless a job of that name is on it already;
+    /// false then.
+    pub fn insert_new(&self, name: &str, p: Arc<Progress>) -> bool {
+        match self.jobs.lock() {
+            Ok(mut j) if !j.contains_key(name) => {
+                j.insert(name.to_string(), p);
+                true
+            }
+            _ => false,
+        }
+    }
     pub fn remove(&self, name: &str) {
         if let Ok(mut j) = self.jobs.lock() {
             j.remove(name);

@@ -114,7 +114,11 @@ pub async fn push(
                 ));
                 // A push resumes nothing: its conversion goes when it ends.
                 cleanup.0 = Some(out.clone());
-                convert_and_inspect(config, source, sidecar, &opts, &status, &out).await?
+                // A stop request ends a conversion (qemu-img dies with it).
+                tokio::select! {
+                    r = convert_and_inspect(config, source, sidecar, &opts, &status, &out) => r?,
+                    _ = cancel.requested() => return Err(PrepareError::Stopped),
+                }
             } else {
                 crate::transfer::inspect_or_convert(
                     source, sidecar, config, false, opts.force, None,
@@ -225,7 +229,8 @@ async fn convert_and_inspect(
     status: &Option<Arc<Status>>,
     out: &std::path::Path,
 ) -> Result<(Source, crate::image::Report), PrepareError> {
-    let converter = crate::image::convert::Converter::find()?;
+    // Needed only for an image that is converted: a QCOW2 ships without it.
+    let converter = crate::image::convert::Converter::find().ok();
     let shown = std::sync::Mutex::new((crate::image::convert::Step::Waiting, -1i64));
     let name = source.name.clone();
     let progress = |step: crate::image::convert::Step, percent: f64| {
@@ -242,7 +247,7 @@ async fn convert_and_inspect(
         }
     };
     let converting = crate::transfer::Converting {
-        converter: &converter,
+        converter: converter.as_ref(),
         out: out.to_path_buf(),
         permits: None,
         progress: &progress,
@@ -265,7 +270,9 @@ struct RemoveOnDrop(Option<std::path::PathBuf>);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         if let Some(out) = self.0.take() {
-            let _ = std::fs::remove_file(crate::transfer::conversion_record_of(&out));
+            let record = crate::transfer::conversion_record_of(&out);
+            let _ = std::fs::remove_file(crate::image::convert::partial_of(&record));
+            let _ = std::fs::remove_file(record);
             let _ = std::fs::remove_file(crate::image::convert::partial_of(&out));
             let _ = std::fs::remove_file(&out);
         }

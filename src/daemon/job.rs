@@ -115,17 +115,31 @@ pub(super) async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
     };
     let prepared = match prepared {
         Ok(p) => p,
-        Err(r) => {
+        Err(NotPrepared::Refused(r)) => {
             // Refused for good: what an earlier attempt of this job left open
             // (it waited for a retry) can never finish.
             forget_earlier(&ctx, &claimed).await;
             return JobEnd::Refused(claimed, r, started);
         }
+        Err(NotPrepared::Retry(why)) => return JobEnd::Retry(claimed, why),
     };
+    // Two files may ship under one name (web.raw converted, and web.qcow2;
+    // app.ova and app.vmdk): one at a time, or both would upload to one key.
+    let held = Progress::new(&prepared.name, prepared.plan.file_bytes, &[]);
+    if !ctx.board.insert_new(&prepared.name, held) {
+        return JobEnd::Retry(
+            claimed,
+            format!(
+                "it ships as {}, and another image shipping under that name is in flight; it is tried again once that one ended",
+                prepared.name
+            ),
+        );
+    }
     let mut dests = settings.destinations.clone();
     let start = match start(&ctx, &prepared, &mut dests).await {
         Ok(s) => s,
         Err(why) => {
+            ctx.board.remove(&prepared.name);
             let r = report(
                 &claimed.name,
                 &format!(
@@ -566,12 +580,25 @@ struct Prepared {
     plan: PartPlan,
 }
 
+/// Why a claimed file was not prepared.
+enum NotPrepared {
+    /// For good: the report says why and what to do.
+    Refused(Box<ErrorReport>),
+    /// For a reason that may pass (a conversion's directory not writable
+    /// now): the file stays in `active/` and is tried again.
+    Retry(String),
+}
+
 /// Opens, inspects (converting it where `policy.convert` says so) and
-/// plans the claimed file. An error is a refusal of the file, with the
-/// report that says why and what to do.
-async fn prepare(ctx: &JobCtx, claimed: &Claimed) -> Result<Prepared, Box<ErrorReport>> {
+/// plans the claimed file.
+async fn prepare(ctx: &JobCtx, claimed: &Claimed) -> Result<Prepared, NotPrepared> {
     let settings = &ctx.settings;
     let refuse = |e: PrepareError| {
+        if let PrepareError::Convert(c) = &e
+            && c.class() == crate::error::Class::Retry
+        {
+            return NotPrepared::Retry(format!("{c}; {}", c.advice()));
+        }
         let reason = match &e {
             PrepareError::Refused(i)
             | PrepareError::Unattested(i)
@@ -580,7 +607,7 @@ async fn prepare(ctx: &JobCtx, claimed: &Claimed) -> Result<Prepared, Box<ErrorR
         };
         let mut r = report(&claimed.name, &reason, vec![], e.advice());
         r.inspection = e.into_report();
-        Box::new(r)
+        NotPrepared::Refused(Box::new(r))
     };
     let source =
         Source::open_claimed(&claimed.path, claimed.file_id).map_err(|e| refuse(e.into()))?;
@@ -600,7 +627,7 @@ async fn prepare(ctx: &JobCtx, claimed: &Claimed) -> Result<Prepared, Box<ErrorR
                 ctx.metrics.conversion_ended(outcome, took);
             };
             let converting = transfer::Converting {
-                converter,
+                converter: Some(converter),
                 out: crate::spool::conversion_of(&config.spool_dir, &claimed.name),
                 permits: Some(&settings.conversions),
                 progress: &progress,
@@ -709,10 +736,12 @@ async fn start(
         return Ok(start);
     };
     let mut next = continuation(&prev, &p.source, p.plan.part_bytes, &start.first_reads);
-    if let (Continuation::Changed(why), Some(_)) = (&next, &p.image.conversion) {
-        // The QCOW2 was made again (the original is checked unchanged
-        // before a conversion is reused): nothing sent from the earlier
-        // one can be continued, and nothing of the original changed.
+    if let (Continuation::Changed(why), Some(c)) = (&next, &p.image.conversion)
+        && c.fresh
+    {
+        // The QCOW2 was made again in this attempt, from an original
+        // unchanged since the earlier one (a changed original is refused
+        // before): nothing sent from the earlier QCOW2 can be continued.
         next = Continuation::StartOver(format!("it was converted again ({why})"), false);
     }
     match next {

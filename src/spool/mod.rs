@@ -86,9 +86,12 @@ pub fn sweep_conversions(dir: &Path, active: &[OsString]) {
     for e in entries.flatten() {
         let name = e.file_name();
         let live = active.iter().any(|a| {
-            let mut stem = a.clone();
-            stem.push(".qcow2");
-            name.as_bytes().starts_with(stem.as_bytes())
+            CONVERSION_SUFFIXES.iter().any(|suffix| {
+                let mut kept = a.clone();
+                kept.push(".qcow2");
+                kept.push(suffix);
+                kept == name
+            })
         });
         if !live {
             let _ = std::fs::remove_file(e.path());
@@ -96,16 +99,20 @@ pub fn sweep_conversions(dir: &Path, active: &[OsString]) {
     }
 }
 
+/// The files of a conversion `OUT`: itself, while it is written, its
+/// record, while that is written.
+const CONVERSION_SUFFIXES: [&str; 4] = [
+    "",
+    ".partial",
+    ".conversion.json",
+    ".conversion.json.partial",
+];
+
 /// Removes the conversion of the claimed file `name`, once its job ended
 /// for good.
 pub fn remove_conversion(dir: &Path, name: &OsStr) {
     let out = conversion_of(dir, name);
-    for suffix in [
-        "",
-        ".partial",
-        ".conversion.json",
-        ".conversion.json.partial",
-    ] {
+    for suffix in CONVERSION_SUFFIXES {
         let mut p = out.as_os_str().to_os_string();
         p.push(suffix);
         match std::fs::remove_file(&p) {

@@ -25,6 +25,9 @@ pub enum PrepareError {
     /// A conversion (`policy.convert`) that did not give a checked QCOW2.
     #[error(transparent)]
     Convert(#[from] crate::image::convert::ConvertError),
+    /// A stop was requested before a byte was sent (during a conversion).
+    #[error("stopped before a byte was sent: a stop was requested")]
+    Stopped,
     /// `--part-size` (or the config's) that no store or the budget can take.
     #[error("{0}")]
     PartSize(String),
@@ -67,6 +70,7 @@ impl PrepareError {
             | PrepareError::NotImportable(_) => Class::Refuse,
             PrepareError::Open(e) => e.class(),
             PrepareError::Convert(e) => e.class(),
+            PrepareError::Stopped => Class::Retry,
             PrepareError::Destination(_)
             | PrepareError::PartSize(_)
             | PrepareError::Budget { .. } => Class::Fatal,
@@ -92,6 +96,7 @@ impl PrepareError {
                 "Fix or convert the image as the reasons say, then put it back in the spool."
             }
             PrepareError::Convert(e) => e.advice(),
+            PrepareError::Stopped => "Run it again: nothing was sent.",
             PrepareError::Open(_) => {
                 "Check the object's URL, that it exists, and the store settings of the [sources.NAME] table that holds it (endpoint, credentials)."
             }
@@ -144,7 +149,9 @@ fn file_report(
 /// which converter, into which file, at most how many at once, and who
 /// hears of its progress and its end.
 pub struct Converting<'a> {
-    pub converter: &'a Converter,
+    /// qemu-img, if it was found; looked for again when an image needs it
+    /// (its absence is then the error).
+    pub converter: Option<&'a Converter>,
     /// The QCOW2 to write; `OUT.conversion.json` beside it records what
     /// it was made from, so that a job resumed after a restart ships the
     /// same QCOW2 rather than convert again.
@@ -166,6 +173,15 @@ struct ConversionRecord {
     size_bytes: u64,
     mtime_ns: i128,
     ctime_ns: i128,
+    /// The QCOW2's own identity: (inode, size, modification and change
+    /// times). One changed since is not shipped.
+    qcow2: (u64, u64, i128, i128),
+}
+
+/// What identifies a file's bytes, for a conversion record.
+fn identity_of(path: &std::path::Path) -> Option<(u64, u64, i128, i128)> {
+    let id = crate::source::Identity::of(&std::fs::metadata(path).ok()?);
+    Some((id.ino, id.size_bytes, id.mtime_ns, id.ctime_ns))
 }
 
 /// The record beside a conversion `out`.
@@ -194,7 +210,7 @@ pub async fn inspect_or_convert(
         let report = judged(report, &policy, config, force)?;
         return Ok((shipped(source, &report), report));
     };
-    let conversion = match reuse(&c.out, &source) {
+    let conversion = match reuse(&c.out, &source, &report.file)? {
         Some(done) => {
             tracing::info!(
                 "{}: shipping its conversion {}, made and checked before",
@@ -218,8 +234,19 @@ pub async fn inspect_or_convert(
                 report.format_name,
                 c.out.display()
             );
+            // Anything left of an earlier attempt goes first: its space
+            // counts for this one.
             let _ = std::fs::remove_file(conversion_record_of(&c.out));
-            let mut r = convert(c.converter, &input, &report, &c.out, c.progress).await;
+            let _ = std::fs::remove_file(&c.out);
+            let found;
+            let converter = match c.converter {
+                Some(k) => k,
+                None => {
+                    found = Converter::find()?;
+                    &found
+                }
+            };
+            let mut r = convert(converter, &input, &report, &c.out, c.progress).await;
             if let (Ok(_), Err(change)) = (&r, source.check()) {
                 let _ = std::fs::remove_file(&c.out);
                 r = Err(ConvertError::Changed {
@@ -252,21 +279,46 @@ pub async fn inspect_or_convert(
     Ok((converted, report2))
 }
 
-/// An earlier conversion of this very file, still in place.
-fn reuse(out: &std::path::Path, source: &Source) -> Option<Conversion> {
-    let bytes = std::fs::read(conversion_record_of(out)).ok()?;
-    let r: ConversionRecord = serde_json::from_slice(&bytes).ok()?;
-    let id = &source.identity;
-    let same = (r.dev, r.ino, r.size_bytes, r.mtime_ns, r.ctime_ns)
-        == (id.dev, id.ino, id.size_bytes, id.mtime_ns, id.ctime_ns);
-    let size = std::fs::metadata(out).ok()?.len();
-    (same && size == r.conversion.converted_size_bytes).then_some(r.conversion)
+/// An earlier attempt's conversion of this very file, still in place and
+/// untouched since; an error if the original changed since it was made
+/// (as any source that changes between two attempts, it is not shipped).
+fn reuse(
+    out: &std::path::Path,
+    source: &Source,
+    file: &str,
+) -> Result<Option<Conversion>, ConvertError> {
+    let Some(r) = std::fs::read(conversion_record_of(out))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<ConversionRecord>(&b).ok())
+    else {
+        return Ok(None);
+    };
+    let then = crate::source::Identity {
+        dev: r.dev,
+        ino: r.ino,
+        size_bytes: r.size_bytes,
+        mtime_ns: r.mtime_ns,
+        ctime_ns: r.ctime_ns,
+    };
+    if let Some(why) = then.difference(&source.identity) {
+        return Err(ConvertError::Changed {
+            file: file.to_string(),
+            why: format!("between two attempts (ferry stopped, or waiting to try again), {why}"),
+        });
+    }
+    Ok(
+        (identity_of(out) == Some(r.qcow2) && r.qcow2.1 == r.conversion.converted_size_bytes)
+            .then_some(r.conversion),
+    )
 }
 
 /// Writes `OUT.conversion.json` (temp, fsync, rename); a failure only
 /// means a restart converts again.
 fn keep_record(out: &std::path::Path, source: &Source, conversion: &Conversion) {
     let id = &source.identity;
+    let Some(qcow2) = identity_of(out) else {
+        return;
+    };
     let record = ConversionRecord {
         conversion: conversion.clone(),
         dev: id.dev,
@@ -274,6 +326,7 @@ fn keep_record(out: &std::path::Path, source: &Source, conversion: &Conversion) 
         size_bytes: id.size_bytes,
         mtime_ns: id.mtime_ns,
         ctime_ns: id.ctime_ns,
+        qcow2,
     };
     let path = conversion_record_of(out);
     let tmp = crate::image::convert::partial_of(&path);
