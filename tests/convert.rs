@@ -596,3 +596,106 @@ fn an_image_with_a_backing_file_is_never_converted() {
     );
     assert_eq!(code, 0, "{said}");
 }
+
+/// With conversion on and no qemu-img, the daemon does not start, and says
+/// how to install it.
+#[test]
+fn the_daemon_does_not_start_without_qemu_img_when_conversion_is_on() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let config = write(
+        &d.join("ferry.toml"),
+        &format!(
+            "spool_dir = \"{r}/spool\"\nstate_dir = \"{r}/state\"\nmetrics_addr = \"127.0.0.1:0\"\n\
+             [policy]\nconvert = true\n[destinations.phoenix]\nurl = \"file://{r}/phoenix/\"\n",
+            r = d.display()
+        ),
+    );
+    let empty = d.join("bin");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut daemon = Daemon::start_with(&config, &d.join("daemon.log"), |c| {
+        c.env("PATH", &empty);
+    });
+    let ended = daemon.wait_exit(Duration::from_secs(20));
+    assert!(ended.is_some_and(|s| !s.success()), "{ended:?}");
+    let log = daemon.log_text();
+    assert!(log.contains("qemu-img cannot be run"), "{log}");
+    assert!(log.contains("apt install qemu-utils"), "{log}");
+}
+
+/// Two files that ship under one name never upload at once: `web.raw`
+/// (converted to `web.qcow2`) waits while `web.qcow2` uploads through a
+/// slow link, then ships over it; the object and its manifest are then both
+/// the conversion's.
+#[test]
+fn two_files_shipping_under_one_name_upload_one_after_the_other() {
+    let Some(s3) = s3() else { return };
+    let prefix = unique_prefix("convert-same-name");
+    let relay = Relay::start(&s3);
+    relay.set(r#"{"part_bytes_per_sec": 1000000}"#);
+    let site = Site::with_daemon(
+        "",
+        &format!(
+            "[transfer]\npart_size = \"5MiB\"\nmemory_limit = \"64MiB\"\n{}",
+            s3_dest("frankfurt", &s3.buckets[0], &prefix, &relay.endpoint(), "")
+        ),
+    );
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    write(
+        &site.config,
+        &text.replace("refuse = false\n", "refuse = true\nconvert = true\n"),
+    );
+    let work = tmpdir();
+    let w = work.path();
+    boot_qcow2(w, "web.qcow2", 12 << 20);
+    raw_disk(&w.join("web.raw"), 8);
+    let d = site.daemon();
+    std::fs::copy(w.join("web.qcow2"), site.spool.join("web.qcow2.partial")).unwrap();
+    std::fs::rename(
+        site.spool.join("web.qcow2.partial"),
+        site.spool.join("web.qcow2"),
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || relay.slow_bytes() > 0),
+        "web.qcow2 is uploading"
+    );
+    std::fs::copy(w.join("web.raw"), site.spool.join("web.raw.partial")).unwrap();
+    std::fs::rename(
+        site.spool.join("web.raw.partial"),
+        site.spool.join("web.raw"),
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            site.done().join("web.qcow2").exists() && site.done().join("web.raw").exists()
+        }),
+        "both shipped: {:?}",
+        list(&site.done())
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains("\"web.raw\" ships as web.qcow2, like another image in flight"),
+        "{log}"
+    );
+    let store = s3.store(&s3.buckets[0]);
+    let fetched = w.join("fetched.qcow2");
+    std::fs::write(
+        &fetched,
+        s3_get(&store, &format!("{prefix}/web.qcow2")).unwrap(),
+    )
+    .unwrap();
+    let (code, said) = compare("raw", &w.join("web.raw"), "qcow2", &fetched);
+    assert_eq!(code, 0, "the object is web.raw's conversion: {said}");
+    let m: serde_json::Value = serde_json::from_slice(
+        &s3_get(&store, &format!("{prefix}/web.qcow2.manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["conversion"]["original_file"], "web.raw");
+    assert_eq!(
+        m["crc32c"].as_str().unwrap(),
+        format!("{:08x}", file_crc(&fetched)),
+        "the manifest is the object's"
+    );
+    drop(d);
+}

@@ -124,16 +124,23 @@ pub(super) async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
         Err(NotPrepared::Retry(why)) => return JobEnd::Retry(claimed, why),
     };
     // Two files may ship under one name (web.raw converted, and web.qcow2;
-    // app.ova and app.vmdk): one at a time, or both would upload to one key.
+    // app.ova and app.vmdk): one at a time, or both would upload to one
+    // key. The second waits, holding its slot, until the first ended (its
+    // imports too: OCI may be reading the object).
     let held = Progress::new(&prepared.name, prepared.plan.file_bytes, &[]);
-    if !ctx.board.insert_new(&prepared.name, held) {
-        return JobEnd::Retry(
-            claimed,
-            format!(
-                "it ships as {}, and another image shipping under that name is in flight; it is tried again once that one ended",
-                prepared.name
-            ),
-        );
+    let mut said = false;
+    while !ctx.board.insert_new(&prepared.name, held.clone()) {
+        if !said {
+            info!(
+                "{:?} ships as {}, like another image in flight: it waits for that one to end",
+                claimed.name, prepared.name
+            );
+            said = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = ctx.cancel.requested() => return JobEnd::Interrupted(claimed),
+        }
     }
     let mut dests = settings.destinations.clone();
     let start = match start(&ctx, &prepared, &mut dests).await {
