@@ -699,3 +699,35 @@ fn two_files_shipping_under_one_name_upload_one_after_the_other() {
     );
     drop(d);
 }
+
+/// A file whose relative name reads as one of qemu's protocols (`nbd:`)
+/// is converted as the file it is: qemu-img is given absolute paths, and
+/// reaches nothing the configuration does not name.
+#[test]
+fn a_relative_name_with_a_colon_is_converted_as_a_file() {
+    let dir = tmpdir();
+    let d = dir.path();
+    raw_disk(&d.join("nbd:web.raw"), 8);
+    let config = write(
+        &d.join("ferry.toml"),
+        &format!(
+            "state_dir = \"{r}/state\"\n[destinations.phoenix]\nurl = \"file://{r}/phoenix/\"\n",
+            r = d.display()
+        ),
+    );
+    let out = run(ferry()
+        .current_dir(d)
+        .arg("push")
+        .arg("--convert")
+        .arg("--config")
+        .arg(&config)
+        .arg("nbd:web.raw"));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let (code, said) = compare(
+        "raw",
+        &d.join("nbd:web.raw"),
+        "qcow2",
+        &d.join("phoenix/nbd:web.qcow2"),
+    );
+    assert_eq!(code, 0, "{said}");
+}

@@ -247,7 +247,10 @@ impl Input {
                 .unwrap_or_else(|| "image".into())
         };
         Some(Input {
-            path: path.to_path_buf(),
+            // Absolute: qemu-img takes `nbd:x` or `http:x` in a relative
+            // name for a protocol, and ferry reaches no endpoint its
+            // configuration does not name.
+            path: std::path::absolute(path).ok()?,
             format: report.format.clone(),
             range: report
                 .member
