@@ -27,6 +27,18 @@ fn raw_disk(path: &Path, mib: usize) {
     std::fs::write(path, b).unwrap();
 }
 
+/// A config for `ferry push` in `d`: its state in `d/state`, one
+/// destination, the directory `d/phoenix`.
+fn push_config(d: &Path) -> PathBuf {
+    write(
+        &d.join("ferry.toml"),
+        &format!(
+            "state_dir = \"{r}/state\"\n[destinations.phoenix]\nurl = \"file://{r}/phoenix/\"\n",
+            r = d.display()
+        ),
+    )
+}
+
 /// `qemu-img compare` of `a` (format `fa`) and `b` (format `fb`): its exit
 /// status and what it printed.
 fn compare(fa: &str, a: &Path, fb: &str, b: &Path) -> (i32, String) {
@@ -94,12 +106,7 @@ fn raw_vhd_vhdx_and_vdi_ship_as_qcow2_identical_to_their_originals() {
     }
     let d = site.daemon();
     for (name, _, _) in &images {
-        std::fs::copy(w.join(name), site.spool.join(format!("{name}.partial"))).unwrap();
-        std::fs::rename(
-            site.spool.join(format!("{name}.partial")),
-            site.spool.join(name),
-        )
-        .unwrap();
+        spool_copy(&w.join(name), &site.spool);
     }
     // While they wait for the one conversion slot and convert, /status says so.
     let mut seen_converting = false;
@@ -183,16 +190,7 @@ fn a_conversion_without_room_is_refused_with_the_figures_and_the_original_kept()
     let work = tmpdir();
     raw_disk(&work.path().join("big.raw"), 48);
     let d = site.daemon();
-    std::fs::copy(
-        work.path().join("big.raw"),
-        site.spool.join("big.raw.partial"),
-    )
-    .unwrap();
-    std::fs::rename(
-        site.spool.join("big.raw.partial"),
-        site.spool.join("big.raw"),
-    )
-    .unwrap();
+    spool_copy(&work.path().join("big.raw"), &site.spool);
     let report = site
         .error_report("big.raw", Duration::from_secs(60))
         .expect("refused with a report");
@@ -314,12 +312,7 @@ fn an_ova_ships_its_disk_byte_for_byte_and_two_disks_are_refused_by_name() {
     );
     let d = site.daemon();
     for name in ["web01.ova", "two.ova"] {
-        std::fs::copy(w.join(name), site.spool.join(format!("{name}.partial"))).unwrap();
-        std::fs::rename(
-            site.spool.join(format!("{name}.partial")),
-            site.spool.join(name),
-        )
-        .unwrap();
+        spool_copy(&w.join(name), &site.spool);
     }
     assert!(site.wait_done("web01.ova", Duration::from_secs(90)));
     let store = s3.store(&s3.buckets[0]);
@@ -366,13 +359,7 @@ fn without_conversion_a_raw_image_is_refused_with_the_command() {
     let dir = tmpdir();
     let d = dir.path();
     raw_disk(&d.join("disk.raw"), 8);
-    let config = write(
-        &d.join("ferry.toml"),
-        &format!(
-            "state_dir = \"{r}/state\"\n[destinations.phoenix]\nurl = \"file://{r}/phoenix/\"\n",
-            r = d.display()
-        ),
-    );
+    let config = push_config(d);
     let out = run(ferry()
         .arg("push")
         .arg("--config")
@@ -448,12 +435,7 @@ fn a_conversion_that_differs_from_its_original_is_never_shipped() {
     let d = Daemon::start_with(&site.config, &site.root.join("daemon.log"), |c| {
         c.env("PATH", &path);
     });
-    std::fs::copy(
-        work.path().join("db.raw"),
-        site.spool.join("db.raw.partial"),
-    )
-    .unwrap();
-    std::fs::rename(site.spool.join("db.raw.partial"), site.spool.join("db.raw")).unwrap();
+    spool_copy(&work.path().join("db.raw"), &site.spool);
     let report = site
         .error_report("db.raw", Duration::from_secs(60))
         .expect("refused with a report");
@@ -495,12 +477,7 @@ fn a_restart_resumes_the_uploads_of_the_same_conversion() {
     let mut d = Daemon::start_with(&site.config, &log, |c| {
         c.env("FERRY_CRASH_AT", "part:3");
     });
-    std::fs::copy(w.join("crm.vdi"), site.spool.join("crm.vdi.partial")).unwrap();
-    std::fs::rename(
-        site.spool.join("crm.vdi.partial"),
-        site.spool.join("crm.vdi"),
-    )
-    .unwrap();
+    spool_copy(&w.join("crm.vdi"), &site.spool);
     let ended = d.wait_exit(Duration::from_secs(60));
     assert!(
         ended.is_some_and(|s| !s.success()),
@@ -557,13 +534,7 @@ fn an_image_with_a_backing_file_is_never_converted() {
         &["create", "-f", "qed", "-b", &base, "-F", "qed", "delta.qed"],
         d,
     );
-    let config = write(
-        &d.join("ferry.toml"),
-        &format!(
-            "state_dir = \"{r}/state\"\n[destinations.phoenix]\nurl = \"file://{r}/phoenix/\"\n",
-            r = d.display()
-        ),
-    );
+    let config = push_config(d);
     let out = run(ferry().arg("inspect").arg("--json").arg(d.join("base.qed")));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["virtual_size"].as_u64(), Some(8 << 20), "{v}");
@@ -650,22 +621,12 @@ fn two_files_shipping_under_one_name_upload_one_after_the_other() {
     boot_qcow2(w, "web.qcow2", 12 << 20);
     raw_disk(&w.join("web.raw"), 8);
     let d = site.daemon();
-    std::fs::copy(w.join("web.qcow2"), site.spool.join("web.qcow2.partial")).unwrap();
-    std::fs::rename(
-        site.spool.join("web.qcow2.partial"),
-        site.spool.join("web.qcow2"),
-    )
-    .unwrap();
+    spool_copy(&w.join("web.qcow2"), &site.spool);
     assert!(
         wait_until(Duration::from_secs(30), || relay.slow_bytes() > 0),
         "web.qcow2 is uploading"
     );
-    std::fs::copy(w.join("web.raw"), site.spool.join("web.raw.partial")).unwrap();
-    std::fs::rename(
-        site.spool.join("web.raw.partial"),
-        site.spool.join("web.raw"),
-    )
-    .unwrap();
+    spool_copy(&w.join("web.raw"), &site.spool);
     assert!(
         wait_until(Duration::from_secs(120), || {
             site.done().join("web.qcow2").exists() && site.done().join("web.raw").exists()
@@ -708,13 +669,7 @@ fn a_relative_name_with_a_colon_is_converted_as_a_file() {
     let dir = tmpdir();
     let d = dir.path();
     raw_disk(&d.join("nbd:web.raw"), 8);
-    let config = write(
-        &d.join("ferry.toml"),
-        &format!(
-            "state_dir = \"{r}/state\"\n[destinations.phoenix]\nurl = \"file://{r}/phoenix/\"\n",
-            r = d.display()
-        ),
-    );
+    let config = push_config(d);
     let out = run(ferry()
         .current_dir(d)
         .arg("push")

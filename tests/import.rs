@@ -49,8 +49,7 @@ fn drop_qcow2(spool: &Path, name: &str, sidecar: Option<&str>) -> u32 {
         write(&spool.join(format!("{name}.meta.json")), s);
     }
     let crc = file_crc(&dir.path().join(name));
-    std::fs::copy(dir.path().join(name), spool.join(format!("{name}.partial"))).unwrap();
-    std::fs::rename(spool.join(format!("{name}.partial")), spool.join(name)).unwrap();
+    spool_copy(&dir.path().join(name), spool);
     crc
 }
 
@@ -419,16 +418,7 @@ fn an_oci_export_imports_native_without_a_source_image_type() {
         .status()
         .unwrap();
     assert!(tar.success());
-    std::fs::copy(
-        dir.path().join("export.oci"),
-        site.spool.join("export.oci.partial"),
-    )
-    .unwrap();
-    std::fs::rename(
-        site.spool.join("export.oci.partial"),
-        site.spool.join("export.oci"),
-    )
-    .unwrap();
+    spool_copy(&dir.path().join("export.oci"), &site.spool);
     assert!(
         site.wait_done("export.oci", Duration::from_secs(60)),
         "{:?}",

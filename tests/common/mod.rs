@@ -466,6 +466,15 @@ pub fn drop_image(spool: &Path, name: &str, size: u64, seed: u64) -> u32 {
     crc
 }
 
+/// Copies `file` into `spool` as a producer should: as `NAME.partial`,
+/// then renamed to its own name.
+pub fn spool_copy(file: &Path, spool: &Path) {
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    let partial = spool.join(format!("{name}.partial"));
+    std::fs::copy(file, &partial).unwrap();
+    std::fs::rename(&partial, spool.join(name)).unwrap();
+}
+
 /// Files in a directory (names), sorted; empty if it does not exist.
 pub fn list(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
