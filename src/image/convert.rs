@@ -286,16 +286,15 @@ impl Input {
 /// its OS and firmware, basis `ovf`) kept for the QCOW2 made from it, in
 /// the same order of trust: a sidecar's word still wins.
 pub fn keep_hints(converted: &mut Report, original: &Report) {
-    if original.firmware_basis == "ovf"
-        && matches!(converted.firmware_basis.as_str(), "none" | "inspected")
-    {
-        converted.firmware = original.firmware.clone();
-        converted.firmware_basis = original.firmware_basis.clone();
+    if original.firmware_basis == "ovf" {
+        converted.offer_firmware(Some(&original.firmware), "ovf");
     }
-    if original.os_basis == "ovf" && converted.os.is_none() {
-        converted.os = original.os.clone();
-        converted.os_version = original.os_version.clone();
-        converted.os_basis = original.os_basis.clone();
+    if original.os_basis == "ovf" {
+        converted.offer_os(
+            original.os.as_deref(),
+            original.os_version.as_deref(),
+            "ovf",
+        );
     }
 }
 

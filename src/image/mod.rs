@@ -193,6 +193,30 @@ impl Report {
         self.details.insert(k.to_string(), v.into());
     }
 
+    /// The firmware `fw` on `basis`, unless one with a stronger basis
+    /// (OCI's metadata, an attestation, an OVF) is set: it wins over
+    /// only none and the boot sector's inference. Callers offer in order
+    /// of trust, strongest first.
+    pub(crate) fn offer_firmware(&mut self, fw: Option<&str>, basis: &str) {
+        if matches!(self.firmware_basis.as_str(), "none" | "inspected")
+            && let Some(fw) = fw
+        {
+            self.firmware = fw.to_string();
+            self.firmware_basis = basis.to_string();
+        }
+    }
+
+    /// The OS `os` (and its version) on `basis`, unless one is set.
+    pub(crate) fn offer_os(&mut self, os: Option<&str>, version: Option<&str>, basis: &str) {
+        if self.os.is_none()
+            && let Some(os) = os
+        {
+            self.os = Some(os.to_string());
+            self.os_version = version.map(str::to_string);
+            self.os_basis = basis.to_string();
+        }
+    }
+
     /// A refusal for a format OCI cannot import, naming it.
     fn cannot_import(&mut self, name: &str, convert_from: &str) {
         let stem = Path::new(&self.file)
@@ -592,32 +616,14 @@ fn decide_launch(report: &mut Report, side: Option<&Sidecar>, hints: &Hints) {
             report.launch_mode = mode.clone();
             report.launch_mode_basis = "attested".into();
         }
-        if report.firmware_basis == "none"
-            && let Some(fw) = &s.firmware
-        {
-            report.firmware = fw.clone();
-            report.firmware_basis = "attested".into();
-        }
-        if report.os.is_none() && s.os.is_some() {
-            report.os = s.os.clone();
-            report.os_version = s.os_version.clone();
-            report.os_basis = "attested".into();
-        }
+        report.offer_firmware(s.firmware.as_deref(), "attested");
+        report.offer_os(s.os.as_deref(), s.os_version.as_deref(), "attested");
         report.license = s.license.clone();
     }
     // An OVA's descriptor: below a person's word, above the boot sector.
     if let Some(o) = &hints.ovf {
-        if report.firmware_basis == "none"
-            && let Some(fw) = &o.firmware
-        {
-            report.firmware = fw.clone();
-            report.firmware_basis = "ovf".into();
-        }
-        if report.os.is_none() && o.os.is_some() {
-            report.os = o.os.clone();
-            report.os_version = o.os_version.clone();
-            report.os_basis = "ovf".into();
-        }
+        report.offer_firmware(o.firmware.as_deref(), "ovf");
+        report.offer_os(o.os.as_deref(), o.os_version.as_deref(), "ovf");
     }
     // The boot sector gives a firmware hint, and checks what was attested.
     if let Some(b) = report.boot.clone() {
