@@ -243,6 +243,13 @@ that says the object was imported already is not imported again without --again.
         #[arg(long, value_name = "SECS", default_value_t = 10)]
         progress_secs: u64,
     },
+    /// Write the man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    Assets {
+        /// Where DIR/man/ferry.1, DIR/man/ferry-SUBCOMMAND.1, DIR/completions/ferry.bash
+        /// and DIR/completions/_ferry (zsh) are written.
+        dir: PathBuf,
+    },
 }
 
 /// A `KEY=VALUE` argument.
@@ -279,6 +286,13 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> u8 {
     match cli.command {
+        Command::Assets { dir } => match assets(&dir) {
+            Ok(()) => EXIT_OK,
+            Err(e) => {
+                eprintln!("ferry: cannot write the assets into {}: {e}", dir.display());
+                EXIT_FAILED
+            }
+        },
         Command::Inspect {
             image,
             json,
@@ -439,6 +453,22 @@ async fn inspect_object(
     ferry::transfer::object_report(&opened.source, side, policy)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// The man pages (clap_mangen: one for ferry, one per subcommand) and the
+/// bash and zsh completions (clap_complete), made from this very CLI so that
+/// they never drift from `--help`.
+fn assets(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    clap_mangen::generate_to(Cli::command(), &man)?;
+    for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "ferry", &completions)?;
+    }
+    Ok(())
 }
 
 /// The config file, or the embedded default; a refusal's exit status.
