@@ -67,7 +67,13 @@ async fn read_all(path: &Path, kind: ReaderKind) -> Duration {
     let src = Source::open(path).unwrap();
     let plan = PartPlan::new(src.size_bytes, 64 << 20, PartLimits::S3).unwrap();
     let budget = Budget::new(512 << 20);
-    let reader = chunk::reader(kind, src, plan, Arc::new(FirstReads::new(plan.count)));
+    let reader = chunk::reader(
+        kind,
+        src,
+        plan,
+        Arc::new(FirstReads::new(plan.count)),
+        chunk::Cache::Keep,
+    );
     let started = Instant::now();
     // Two reads in flight, as the pipeline keeps the disk busy.
     let mut crc = Vec::new();

@@ -6,10 +6,12 @@
 //!
 //! Design choice: the shipped file *is* the embedded default (`include_str!`), so the
 //! documented file and the behaviour without `--config` can never drift apart.
-//! This module imports no other module of ferry: everything reads the
-//! configuration, the configuration reads nothing (destination URLs are
-//! parsed here for that reason).
+//! This module imports no other module of ferry but `bandwidth`, whose
+//! timetables it reads: everything reads the configuration, the
+//! configuration reads nothing else (destination URLs are parsed here for
+//! that reason).
 
+use crate::bandwidth::Schedule;
 use crate::error::Class;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -125,6 +127,7 @@ impl SourceConfig {
             secret_access_key: self.secret_access_key.clone(),
             allow_http: self.allow_http,
             parallel_parts: self.parallel_reads,
+            bandwidth_limit: None,
             namespace: self.namespace.clone(),
             profile: self.profile.clone(),
             config_file: self.config_file.clone(),
@@ -193,6 +196,23 @@ pub struct DaemonConfig {
     pub shutdown_timeout_secs: u64,
     /// Conversions (`policy.convert`) run at once, at most.
     pub max_conversions: usize,
+    /// Keep an image's pages in the page cache after reading them; by
+    /// default each part's pages are released once it is read.
+    pub keep_cache: bool,
+    /// The I/O scheduling class of ferry's reads (and of its qemu-img).
+    pub io_priority: IoPriority,
+}
+
+/// The I/O scheduling class ferry runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IoPriority {
+    /// As the process was started (best effort, or what systemd's
+    /// `IOSchedulingClass=` says).
+    #[default]
+    Normal,
+    /// The idle class: the disk serves ferry only when nothing else asks.
+    Idle,
 }
 
 impl Default for DaemonConfig {
@@ -204,6 +224,8 @@ impl Default for DaemonConfig {
             on_success: OnSuccess::Move,
             shutdown_timeout_secs: 30,
             max_conversions: 1,
+            keep_cache: false,
+            io_priority: IoPriority::Normal,
         }
     }
 }
@@ -324,6 +346,8 @@ pub struct TransferConfig {
     pub min_throughput_kib: u64,
     /// None: SHA-256 at OCI's S3-compatible endpoints, CRC64NVME elsewhere.
     pub payload_checksum: Option<PayloadChecksum>,
+    /// All destinations together: a rate or a timetable (`bandwidth`).
+    pub bandwidth_limit: Option<Schedule>,
 }
 
 impl Default for TransferConfig {
@@ -340,6 +364,7 @@ impl Default for TransferConfig {
             connect_timeout_secs: 10,
             min_throughput_kib: 256,
             payload_checksum: None,
+            bandwidth_limit: None,
         }
     }
 }
@@ -370,6 +395,9 @@ pub struct DestinationConfig {
     pub allow_http: Option<bool>,
     /// Overrides `transfer.parallel_parts` for this destination.
     pub parallel_parts: Option<usize>,
+    /// This destination alone: a rate or a timetable (`bandwidth`), within
+    /// `transfer.bandwidth_limit`.
+    pub bandwidth_limit: Option<Schedule>,
     /// oci://: the tenancy's Object Storage namespace; looked up when absent.
     pub namespace: Option<String>,
     /// oci://: the profile in the OCI CLI's config file (default
@@ -547,6 +575,22 @@ impl ImportConfig {
 }
 
 impl Config {
+    /// The bandwidth limits: all destinations together, and each one's own.
+    pub fn bandwidth(&self) -> crate::bandwidth::Bandwidth {
+        crate::bandwidth::Bandwidth::new(
+            self.transfer.bandwidth_limit.clone(),
+            self.destination_bandwidth(),
+        )
+    }
+
+    /// Each destination's own limit, by name.
+    pub fn destination_bandwidth(&self) -> BTreeMap<String, Option<Schedule>> {
+        self.destinations
+            .iter()
+            .map(|(name, d)| (name.clone(), d.bandwidth_limit.clone()))
+            .collect()
+    }
+
     /// The compiled-in default (the shipped `config/ferry.toml`).
     pub fn embedded() -> Result<Config, ConfigError> {
         Config::parse(EMBEDDED, "(embedded default)")

@@ -5,6 +5,7 @@
 //!
 //! The library holds everything; `main.rs` only parses arguments and calls it.
 
+pub mod bandwidth;
 pub mod chunk;
 pub mod config;
 pub mod daemon;
@@ -20,6 +21,7 @@ pub mod manifest;
 pub mod mapping;
 pub mod metrics;
 pub mod oci;
+pub mod priority;
 pub mod progress;
 pub mod push;
 pub mod shutdown;

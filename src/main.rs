@@ -151,6 +151,12 @@ EXAMPLES:\n  ferry push disk.qcow2\n  ferry push disk.qcow2 --to phoenix --to s3
         /// and removed when the push ends.
         #[arg(long)]
         convert: bool,
+        /// Limit this push to RATE bytes per second, all destinations together, instead
+        /// of transfer.bandwidth_limit: e.g. 20MiB, off, or a timetable in rclone's
+        /// form, "08:00,20MiB 19:00,off" (local time; days too: "Mon-08:00,20MiB").
+        /// Each destination's own bandwidth_limit still applies.
+        #[arg(long, value_name = "RATE|TIMETABLE")]
+        bwlimit: Option<ferry::bandwidth::Schedule>,
     },
     /// Say what an image is and whether OCI can import it, without sending anything.
     #[command(
@@ -369,6 +375,7 @@ async fn run(cli: Cli) -> u8 {
             no_import,
             metrics_addr,
             convert,
+            bwlimit,
         } => {
             let config = match load_config(config.as_deref()) {
                 Ok(c) => c,
@@ -381,6 +388,7 @@ async fn run(cli: Cli) -> u8 {
                 force,
                 no_import,
                 convert,
+                bandwidth_limit: bwlimit,
             };
             let status = match metrics_addr {
                 Some(addr) => match push::serve_status(addr).await {

@@ -42,6 +42,7 @@ pub const IMPORTS: &str = "ferry_imports_total";
 pub const IMPORT_DURATION: &str = "ferry_import_duration_seconds";
 pub const CONVERSIONS: &str = "ferry_conversions_total";
 pub const CONVERSION_DURATION: &str = "ferry_conversion_duration_seconds";
+pub const BANDWIDTH_LIMIT: &str = "ferry_bandwidth_limit_bytes";
 
 /// Every `reason` of [`PART_RETRIES`]: each destination's series exist at 0
 /// from the start, so `increase()` sees the first retry after a restart.
@@ -103,6 +104,7 @@ pub struct Metrics {
     import_duration: HistogramVec,
     conversions: IntCounterVec,
     conversion_duration: Histogram,
+    bandwidth_limit: IntGaugeVec,
     /// Destinations given to [`Metrics::add_destination`].
     known: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
@@ -197,6 +199,14 @@ impl Metrics {
             .buckets(JOB_BUCKETS.to_vec()),
         ));
         must(registry.register(Box::new(conversion_duration.clone())));
+        let bandwidth_limit = must(IntGaugeVec::new(
+            Opts::new(
+                BANDWIDTH_LIMIT,
+                "The bandwidth limit in force, in bytes per second, by destination; destination=\"(all)\": all destinations together; 0: no limit.",
+            ),
+            &["destination"],
+        ));
+        must(registry.register(Box::new(bandwidth_limit.clone())));
         let metrics = Arc::new(Metrics {
             read_bytes: counter(READ_BYTES, "Bytes read from source images."),
             uploaded_bytes: counter_vec(
@@ -260,6 +270,7 @@ impl Metrics {
                 &["outcome"],
             ),
             conversion_duration,
+            bandwidth_limit,
             known: Default::default(),
             registry,
         });
@@ -276,6 +287,14 @@ impl Metrics {
     pub fn conversion_ended(&self, outcome: &str, took: Duration) {
         self.conversions.with_label_values(&[outcome]).inc();
         self.conversion_duration.observe(took.as_secs_f64());
+    }
+
+    /// The bandwidth limit in force for `destination` (or `bandwidth::ALL`);
+    /// `None`, no limit, shows as 0.
+    pub fn set_bandwidth_limit(&self, destination: &str, bytes_per_sec: Option<u64>) {
+        self.bandwidth_limit
+            .with_label_values(&[destination])
+            .set(bytes_per_sec.map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)));
     }
 
     /// Makes every series of `destination` exist, at 0 (or the last success
@@ -378,6 +397,7 @@ mod tests {
         d.checksum_mismatches.inc();
         m.job_ended("done", Duration::from_secs(1));
         m.add_import_destination("ashburn");
+        m.set_bandwidth_limit("(all)", Some(20 << 20));
         let (_, text) = m.encode();
         let text = String::from_utf8(text).unwrap();
         for name in [
@@ -392,6 +412,7 @@ mod tests {
             JOB_DURATION,
             CONVERSIONS,
             CONVERSION_DURATION,
+            BANDWIDTH_LIMIT,
             SPOOL_WAITING_IMAGES,
             SPOOL_WAITING_BYTES,
             JOBS_IN_FLIGHT,

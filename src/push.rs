@@ -42,6 +42,8 @@ pub struct PushOptions {
     /// Convert an image OCI cannot import into QCOW2 first, as
     /// `policy.convert = true` does.
     pub convert: bool,
+    /// All destinations together, instead of `transfer.bandwidth_limit`.
+    pub bandwidth_limit: Option<crate::bandwidth::Schedule>,
 }
 
 /// What a push did: each destination's upload, and the imports that
@@ -57,12 +59,16 @@ pub struct Pushed {
 fn shown(
     st: &Status,
     budget: &Budget,
+    bandwidth: &Arc<crate::bandwidth::Bandwidth>,
     name: &str,
     progress: &Arc<Progress>,
     names: &[&str],
 ) -> Arc<dyn Observer> {
     if let Ok(mut b) = st.budget.lock() {
         *b = Some(budget.clone());
+    }
+    if let Ok(mut b) = st.bandwidth.lock() {
+        *b = Some(bandwidth.clone());
     }
     st.board.insert(name, progress.clone());
     for n in names {
@@ -133,6 +139,7 @@ pub async fn push(
     crate::config::check_part_size(part_size, config.transfer.memory_limit.as_u64())
         .map_err(PrepareError::PartSize)?;
     let budget = Budget::new(config.transfer.memory_limit.as_u64());
+    crate::priority::apply(config.daemon.io_priority);
     let hint = PartPlan::new(source.size_bytes, part_size, chunk::PartLimits::S3)
         .map(|p| p.part_bytes)
         .unwrap_or(part_size);
@@ -169,8 +176,14 @@ pub async fn push(
     let names: Vec<&str> = dests.iter().map(|d| d.name()).collect();
     let progress = Progress::new(&source.name, plan.file_bytes, &names);
     let renderer = crate::progress::Renderer::start(progress.clone(), progress_every);
+    let bandwidth = Arc::new(crate::bandwidth::Bandwidth::new(
+        opts.bandwidth_limit
+            .clone()
+            .or_else(|| config.transfer.bandwidth_limit.clone()),
+        config.destination_bandwidth(),
+    ));
     let observer = match &status {
-        Some(st) => shown(st, &budget, &source.name, &progress, &names),
+        Some(st) => shown(st, &budget, &bandwidth, &source.name, &progress, &names),
         None => Arc::new(NoObserver),
     };
     let job = Arc::new(Job {
@@ -188,6 +201,8 @@ pub async fn push(
         retry: RetryPolicy::from_config(&config.transfer),
         image: Some(report),
         resumable: false,
+        bandwidth,
+        keep_cache: config.daemon.keep_cache,
     });
     let outcomes = transfer::run(
         job,

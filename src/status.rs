@@ -83,6 +83,8 @@ pub struct Status {
     pub board: Arc<Board>,
     pub spool_dir: Option<PathBuf>,
     pub budget: Mutex<Option<Budget>>,
+    /// The bandwidth limits jobs pay into, for the gauges and `/status`.
+    pub bandwidth: Mutex<Option<Arc<crate::bandwidth::Bandwidth>>>,
     pub waiting: Mutex<Vec<Waiting>>,
     pub errors: Mutex<VecDeque<LastError>>,
     pub health: Mutex<BTreeMap<String, DestinationHealth>>,
@@ -104,6 +106,7 @@ impl Status {
             board,
             spool_dir: None,
             budget: Mutex::new(None),
+            bandwidth: Mutex::new(None),
             waiting: Mutex::new(vec![]),
             errors: Mutex::new(VecDeque::new()),
             health: Mutex::new(BTreeMap::new()),
@@ -260,9 +263,23 @@ impl Status {
             self.metrics.buffer_in_use.set(b.in_use_bytes() as i64);
             self.metrics.buffer_limit.set(b.limit_bytes() as i64);
         }
+        for (destination, limit) in self.bandwidth_limits() {
+            self.metrics
+                .set_bandwidth_limit(&destination, limit.bytes_per_sec);
+        }
         self.metrics
             .jobs_in_flight
             .set(self.board.snapshot().len() as i64);
+    }
+
+    /// The bandwidth limits in force now: all destinations together
+    /// (`bandwidth::ALL`) and each configured one.
+    fn bandwidth_limits(&self) -> BTreeMap<String, crate::bandwidth::Limit> {
+        self.bandwidth
+            .lock()
+            .ok()
+            .and_then(|b| b.as_ref().map(|b| b.limits()))
+            .unwrap_or_default()
     }
 
     /// What `/status` answers.
@@ -328,6 +345,7 @@ impl Status {
             "last_errors": self.errors.lock().map(|e| e.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),
             "last_imports": self.imports.lock().map(|i| i.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),
             "destinations": self.health.lock().map(|h| h.clone()).unwrap_or_default(),
+            "bandwidth_limits": self.bandwidth_limits(),
         })
     }
 }

@@ -35,7 +35,7 @@ impl Parts {
         let plan = PartPlan::new(source.size_bytes, 5 * MIB, PartLimits::S3).unwrap();
         let first = Arc::new(FirstReads::new(plan.count));
         Parts {
-            reader: chunk::reader(ReaderKind::Pread, source, plan, first),
+            reader: chunk::reader(ReaderKind::Pread, source, plan, first, chunk::Cache::Keep),
             budget: Budget::new(64 * MIB),
             plan,
         }

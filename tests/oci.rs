@@ -49,6 +49,7 @@ fn replace_part(
         source,
         plan,
         std::sync::Arc::new(FirstReads::new(plan.count)),
+        chunk::Cache::Keep,
     );
     let dest = Destination::new(
         "other",

@@ -25,8 +25,8 @@ pub use budget::Budget;
 pub use part::{FirstReads, Part, ReadError};
 pub use plan::{PartLimits, PartPlan, PlanError, combine};
 pub use read::{
-    Lease, MmapReader, PreadReader, Reader, buffer, lease, read, read_leased, reader, reread,
-    try_lease,
+    Cache, Lease, MmapReader, PreadReader, Reader, buffer, lease, read, read_leased, reader,
+    reread, try_lease,
 };
 
 const MIB: u64 = 1024 * 1024;

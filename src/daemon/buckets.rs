@@ -477,6 +477,8 @@ async fn ship(
         retry: RetryPolicy::from_config(&config.transfer),
         image: Some(image),
         resumable: false,
+        bandwidth: settings.bandwidth.clone(),
+        keep_cache: config.daemon.keep_cache,
     });
     let outcomes = if upload.is_empty() {
         vec![]

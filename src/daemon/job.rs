@@ -241,6 +241,8 @@ pub(super) async fn job(ctx: JobCtx, claimed: Claimed) -> JobEnd {
             retry: RetryPolicy::from_config(&config.transfer),
             image: Some(image),
             resumable: true,
+            bandwidth: settings.bandwidth.clone(),
+            keep_cache: config.daemon.keep_cache,
         });
         let run = transfer::run(
             job,

@@ -118,6 +118,9 @@ struct Settings {
     /// The importer of each destination with an import table, by its name.
     importers: BTreeMap<String, Arc<Importer>>,
     budget: Budget,
+    /// The bandwidth limits every job pays into; one for the daemon's life,
+    /// its limits replaced on SIGHUP.
+    bandwidth: Arc<crate::bandwidth::Bandwidth>,
     /// qemu-img, found at start when `policy.convert` is on.
     converter: Option<crate::image::convert::Converter>,
     /// `daemon.max_conversions` permits, shared by every job.
@@ -143,11 +146,13 @@ impl Settings {
             None
         };
         let conversions = Arc::new(tokio::sync::Semaphore::new(config.daemon.max_conversions));
+        let bandwidth = Arc::new(config.bandwidth());
         Ok(Settings {
             config,
             destinations,
             importers,
             budget,
+            bandwidth,
             converter,
             conversions,
         })
@@ -167,6 +172,9 @@ fn reload(
     let config = Config::load_or_embedded(path).map_err(|e| e.to_string())?;
     let mut s = Settings::new(config).map_err(|e| e.to_string())?;
     let (old, new) = (&current.config, &s.config);
+    if new.daemon.io_priority != old.daemon.io_priority {
+        warn!("daemon.io_priority changed: it takes effect at the next start");
+    }
     if new.state_dir != old.state_dir {
         warn!(
             "state_dir changed to {}: it takes effect at the next start; the journal stays in {} until then",
@@ -187,6 +195,12 @@ fn reload(
         .budget
         .resize(s.config.transfer.memory_limit.as_u64());
     s.budget = current.budget.clone();
+    // Jobs in flight follow the new limits too.
+    current.bandwidth.set(
+        s.config.transfer.bandwidth_limit.clone(),
+        s.config.destination_bandwidth(),
+    );
+    s.bandwidth = current.bandwidth.clone();
     if new.daemon.max_conversions == old.daemon.max_conversions {
         // Conversions under way keep counting against the same limit.
         s.conversions = current.conversions.clone();
@@ -376,6 +390,7 @@ impl Daemon {
     ) -> Result<(Daemon, mpsc::Receiver<Hint>), DaemonError> {
         let config = Config::load_or_embedded(config_path.as_deref())?;
         raise_open_files_limit();
+        crate::priority::apply(config.daemon.io_priority);
         let state_error = |source| DaemonError::State {
             path: config.state_dir.clone(),
             source,
@@ -411,6 +426,7 @@ impl Daemon {
         let status = Arc::new(Status {
             spool_dir: Some(settings.config.spool_dir.clone()),
             budget: std::sync::Mutex::new(Some(settings.budget.clone())),
+            bandwidth: std::sync::Mutex::new(Some(settings.bandwidth.clone())),
             ..Arc::into_inner(Status::new(metrics.clone(), board.clone())).expect("just made")
         });
         let (stop_http, http_stopped) = crate::shutdown::new();
@@ -485,6 +501,15 @@ impl Daemon {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let limits: Vec<String> = s
+            .bandwidth
+            .limits()
+            .into_iter()
+            .filter_map(|(name, l)| Some(format!("{name}: {}", l.schedule?)))
+            .collect();
+        if !limits.is_empty() {
+            info!("bandwidth limits: {}", limits.join("; "));
+        }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     }
 

@@ -133,6 +133,11 @@ pub struct Job {
     /// it. Nothing resumes a `ferry push`: every upload it does not complete is
     /// aborted, including when it is interrupted.
     pub resumable: bool,
+    /// The bandwidth limits every part pays into before it is sent.
+    pub bandwidth: Arc<crate::bandwidth::Bandwidth>,
+    /// Leave the image's pages in the page cache (`daemon.keep_cache`);
+    /// else each part's are released once it is read.
+    pub keep_cache: bool,
 }
 
 /// What to do about an image that changed while ferry had it.
@@ -203,6 +208,11 @@ pub async fn run(
         job.source.clone(),
         job.plan,
         job.first_reads.clone(),
+        if job.keep_cache {
+            chunk::Cache::Keep
+        } else {
+            chunk::Cache::Release
+        },
     );
     let read_error: Arc<Mutex<Option<String>>> = Arc::default();
     // More than a part queued while another destination starves (see detach_laggard).

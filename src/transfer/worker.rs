@@ -16,7 +16,7 @@ use crate::events::Observer;
 use crate::manifest::Manifest;
 use crate::progress::{Phase, Progress};
 use crate::shutdown::Shutdown;
-use crate::store::{Destination, PartReceipt};
+use crate::store::{Destination, PartReceipt, StoreError};
 
 use super::retry::{Halt, retry};
 use super::{Job, Resume, TransferError};
@@ -233,11 +233,22 @@ impl Worker {
             let policy = self.job.retry;
             let observer = self.observer.clone();
             let halt = self.halt();
+            let bandwidth = self.job.bandwidth.clone();
             tasks.spawn(async move {
                 let _slot = slot;
                 let started = std::time::Instant::now();
-                retry(&policy, dest.name(), &*observer, &halt, || {
-                    dest.put_part(&name, &id, &part)
+                // Every attempt is paid for before it goes on the wire.
+                retry(&policy, dest.name(), &*observer, &halt, || async {
+                    tokio::select! {
+                        _ = bandwidth.take(dest.name(), part.len()) => {}
+                        // `retry` sees the stop request and answers Cancelled.
+                        _ = halt.cancel.requested() => return Err(StoreError::Io {
+                            op: "wait for bandwidth to send",
+                            key: name.clone(),
+                            source: std::io::ErrorKind::Interrupted.into(),
+                        }),
+                    }
+                    dest.put_part(&name, &id, &part).await
                 })
                 .await
                 .map(|r| (r, started.elapsed()))

@@ -20,6 +20,8 @@ the real server cannot be made to produce on demand:
       "flipget <request line>". A chunked response is never flipped (nor counted towards N)
   {"flip_min_bytes": M}        with flip_bit_in_gets: only bodies of at least M bytes
       (a part, not an inspection's small read) are flipped
+  {"log_parts": true}          log every part body taken from ferry as "part <unix time> <bytes>",
+      when its last byte arrived, so a test can measure the rate on the wire
   {"count_gets": true}         log every GET response with status 200 or 206 as
       "get <status> <body bytes> <request line>", so a test can add up what the server
       served; a chunked body counts its raw bytes, chunk framing included
@@ -140,6 +142,8 @@ def serve(client):
             body, buf = read_body(client, rest, n, rate)
             if body is None:
                 return
+            if is_part and c.get("log_parts"):
+                note(f"part {time.time():.3f} {n}")
             if is_part and every("part_error_every"):
                 status = int(c.get("error_status", 503))
                 reason, code = {503: ("Slow Down", "SlowDown"), 500: ("Internal Server Error", "InternalError")}.get(status, ("Error", "InternalError"))
