@@ -30,6 +30,7 @@ pub mod spool;
 pub mod status;
 pub mod store;
 pub mod transfer;
+pub mod view;
 
 /// ferry's version, as written into manifests and metrics.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -249,6 +249,32 @@ that says the object was imported already is not imported again without --again.
         #[arg(long, value_name = "SECS", default_value_t = 10)]
         progress_secs: u64,
     },
+    /// Show what a running daemon is doing: jobs, queue, errors, destinations.
+    #[command(
+        long_about = "Read /status from the daemon that serves the config's metrics_addr (127.0.0.1:9465 \
+by default) and draw it: each job with a bar, bytes, rate and ETA per destination (and the import's \
+state where there is one), the queue and why each file waits, jobs waiting to retry, the last errors, \
+each destination's health, and the bandwidth limits in force. When nothing answers, one line says so.",
+        after_help = "EXIT STATUS:\n  0  the daemon answered\n  1  nothing answered, or not ferry\n  2  bad arguments or config\n\n\
+EXAMPLES:\n  ferry status                             # the embedded default's 127.0.0.1:9465\n  ferry status --config /etc/ferry/ferry.toml --watch\n  ferry status --json | jq '.jobs[].destinations[] | {name, eta_secs}'"
+    )]
+    Status {
+        /// Config file whose metrics_addr the daemon serves. Default: the embedded config.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Ask this address instead of the config's metrics_addr, e.g. 127.0.0.1:9465.
+        #[arg(long, value_name = "ADDR")]
+        addr: Option<std::net::SocketAddr>,
+        /// Redraw in place every --interval seconds until interrupted (Ctrl-C).
+        #[arg(long, short = 'w')]
+        watch: bool,
+        /// Seconds between redraws with --watch.
+        #[arg(long, value_name = "SECS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        interval: u64,
+        /// Print /status's JSON as the daemon answered it.
+        #[arg(long, conflicts_with = "watch")]
+        json: bool,
+    },
     /// Write the man pages and shell completions into DIR (for packaging).
     #[command(hide = true)]
     Assets {
@@ -292,6 +318,22 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> u8 {
     match cli.command {
+        Command::Status {
+            config,
+            addr,
+            watch,
+            interval,
+            json,
+        } => {
+            let addr = match addr {
+                Some(a) => a,
+                None => match load_config(config.as_deref()) {
+                    Ok(c) => c.metrics_addr,
+                    Err(code) => return code,
+                },
+            };
+            status(addr, watch, Duration::from_secs(interval), json).await
+        }
         Command::Assets { dir } => match assets(&dir) {
             Ok(()) => EXIT_OK,
             Err(e) => {
@@ -461,6 +503,38 @@ async fn inspect_object(
     ferry::transfer::object_report(&opened.source, side, policy)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// `ferry status`: one screen, the JSON, or a screen redrawn until Ctrl-C.
+async fn status(addr: std::net::SocketAddr, watch: bool, every: Duration, json: bool) -> u8 {
+    use ferry::view;
+    loop {
+        let answer = view::fetch(addr).await;
+        let frame = match (&answer, json) {
+            (Ok(body), true) => body.clone(),
+            (Ok(body), false) => match serde_json::from_str(body) {
+                Ok(v) => view::render(&addr.to_string(), &v),
+                Err(e) => format!("ferry: {addr}/status: {e}\n"),
+            },
+            (Err(e), _) => format!("ferry: {e}\n"),
+        };
+        if !watch {
+            return match answer {
+                Ok(_) => {
+                    print!("{frame}");
+                    EXIT_OK
+                }
+                Err(_) => {
+                    eprint!("{frame}");
+                    EXIT_FAILED
+                }
+            };
+        }
+        // Home, clear, then the frame: redrawn in place.
+        print!("\x1b[H\x1b[2J{frame}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// The man pages (clap_mangen: one for ferry, one per subcommand) and the

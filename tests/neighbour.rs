@@ -236,8 +236,8 @@ fn a_timetable_switches_the_rate_while_a_push_runs() {
     while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
         samples.push((
             unix_now(),
-            written(&[a.clone()]) as f64,
-            written(&[b.clone()]) as f64,
+            written(std::slice::from_ref(&a)) as f64,
+            written(std::slice::from_ref(&b)) as f64,
         ));
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -358,4 +358,60 @@ fn io_priority_idle_puts_every_thread_of_the_daemon_in_the_idle_class() {
         assert_eq!(class, "idle", "thread {tid}: {class}");
     }
     assert!(d.log_text().contains("idle I/O class"), "{}", d.log_text());
+}
+
+/// SIGHUP changes the limits at once: the gauges and `/status` show the new
+/// ones, and a job in flight, held to 1 MiB/s, finishes soon after its
+/// limit is lifted.
+#[test]
+fn sighup_changes_the_limits_of_a_running_daemon() {
+    let tables = |all: &str, a: &str| {
+        format!(
+            "[transfer]\npart_size = \"5MiB\"\nbandwidth_limit = \"{all}\"\n[destinations.a]\nurl = \"file://ROOT/a/\"\nbandwidth_limit = \"{a}\"\n[destinations.b]\nurl = \"file://ROOT/b/\"\n"
+        )
+    };
+    let site = Site::new(&tables("1MiB", "512KiB"));
+    let d = site.daemon();
+    let gauge = |dest: &str| {
+        site.metric(&format!(
+            "ferry_bandwidth_limit_bytes{{destination=\"{dest}\"}}"
+        ))
+    };
+    assert!(wait_until(Duration::from_secs(20), || gauge("(all)") == 1 << 20));
+    assert_eq!(gauge("a"), 512 << 10);
+    assert_eq!(gauge("b"), 0, "no limit of its own shows as 0");
+    drop_image(&site.spool, "vm.raw", 40 << 20, 3);
+    assert!(wait_until(Duration::from_secs(20), || site
+        .metric("ferry_uploaded_bytes_total{destination=\"b\"}")
+        > 0));
+    std::thread::sleep(Duration::from_secs(2));
+    // 40 MiB to two destinations at 1 MiB/s would take 80 s.
+    assert!(!site.done().join("vm.raw").exists());
+    let text = std::fs::read_to_string(&site.config)
+        .unwrap()
+        .replace("bandwidth_limit = \"1MiB\"", "bandwidth_limit = \"off\"")
+        .replace("bandwidth_limit = \"512KiB\"", "bandwidth_limit = \"8MiB\"");
+    std::fs::write(&site.config, text).unwrap();
+    let lifted = Instant::now();
+    d.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(10), || gauge("a") == 8 << 20));
+    assert_eq!(gauge("(all)"), 0);
+    let (_, status) = http_get(site.metrics_port, "/status").unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(
+        status["bandwidth_limits"]["a"]["schedule"], "8MiB",
+        "{status}"
+    );
+    assert_eq!(
+        status["bandwidth_limits"]["(all)"]["bytes_per_sec"],
+        serde_json::Value::Null
+    );
+    assert!(
+        site.wait_done("vm.raw", Duration::from_secs(20)),
+        "the job in flight kept the old limit"
+    );
+    eprintln!(
+        "done {:.1} s after the limit was lifted",
+        lifted.elapsed().as_secs_f64()
+    );
 }
