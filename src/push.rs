@@ -93,6 +93,8 @@ pub async fn push(
     cancel: Shutdown,
 ) -> Result<Pushed, PrepareError> {
     let started = std::time::Instant::now();
+    // Before anything is read, and before qemu-img starts (it inherits it).
+    crate::priority::apply(config.daemon.io_priority);
     let mut cleanup = RemoveOnDrop(None);
     let (source, report) = match object_url(path) {
         Some(url) => {
@@ -139,7 +141,6 @@ pub async fn push(
     crate::config::check_part_size(part_size, config.transfer.memory_limit.as_u64())
         .map_err(PrepareError::PartSize)?;
     let budget = Budget::new(config.transfer.memory_limit.as_u64());
-    crate::priority::apply(config.daemon.io_priority);
     let hint = PartPlan::new(source.size_bytes, part_size, chunk::PartLimits::S3)
         .map(|p| p.part_bytes)
         .unwrap_or(part_size);

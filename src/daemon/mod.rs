@@ -506,6 +506,7 @@ impl Daemon {
             .limits()
             .into_iter()
             .filter_map(|(name, l)| Some(format!("{name}: {}", l.schedule?)))
+            .filter(|line| !line.ends_with(": off"))
             .collect();
         if !limits.is_empty() {
             info!("bandwidth limits: {}", limits.join("; "));
