@@ -332,7 +332,13 @@ async fn run(cli: Cli) -> u8 {
                     Err(code) => return code,
                 },
             };
-            status(addr, watch, Duration::from_secs(interval), json).await
+            match ferry::view::show(addr, watch, Duration::from_secs(interval), json).await {
+                Ok(()) => EXIT_OK,
+                Err(e) => {
+                    eprintln!("ferry: {e}");
+                    EXIT_FAILED
+                }
+            }
         }
         Command::Assets { dir } => match assets(&dir) {
             Ok(()) => EXIT_OK,
@@ -503,38 +509,6 @@ async fn inspect_object(
     ferry::transfer::object_report(&opened.source, side, policy)
         .await
         .map_err(|e| e.to_string())
-}
-
-/// `ferry status`: one screen, the JSON, or a screen redrawn until Ctrl-C.
-async fn status(addr: std::net::SocketAddr, watch: bool, every: Duration, json: bool) -> u8 {
-    use ferry::view;
-    loop {
-        let answer = view::fetch(addr).await;
-        let frame = match (&answer, json) {
-            (Ok(body), true) => body.clone(),
-            (Ok(body), false) => match serde_json::from_str(body) {
-                Ok(v) => view::render(&addr.to_string(), &v),
-                Err(e) => format!("ferry: {addr}/status: {e}\n"),
-            },
-            (Err(e), _) => format!("ferry: {e}\n"),
-        };
-        if !watch {
-            return match answer {
-                Ok(_) => {
-                    print!("{frame}");
-                    EXIT_OK
-                }
-                Err(_) => {
-                    eprint!("{frame}");
-                    EXIT_FAILED
-                }
-            };
-        }
-        // Home, clear, then the frame: redrawn in place.
-        print!("\x1b[H\x1b[2J{frame}");
-        let _ = std::io::Write::flush(&mut std::io::stdout());
-        tokio::time::sleep(every).await;
-    }
 }
 
 /// The man pages (clap_mangen: one for ferry, one per subcommand) and the

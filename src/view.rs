@@ -66,6 +66,36 @@ pub async fn fetch(addr: std::net::SocketAddr) -> Result<String, ViewError> {
     Ok(body)
 }
 
+/// `ferry status`: one screen (or the JSON) on stdout; with `watch`, the
+/// screen redrawn in place every `every` until the process is interrupted,
+/// a daemon that stops answering said so in place of the screen.
+pub async fn show(
+    addr: std::net::SocketAddr,
+    watch: bool,
+    every: Duration,
+    json: bool,
+) -> Result<(), ViewError> {
+    loop {
+        let answer = fetch(addr).await;
+        let frame = match &answer {
+            Ok(body) if json => body.clone(),
+            Ok(body) => match serde_json::from_str(body) {
+                Ok(v) => render(&addr.to_string(), &v),
+                Err(e) => format!("ferry: {addr}/status: {e}\n"),
+            },
+            Err(e) => format!("ferry: {e}\n"),
+        };
+        if !watch {
+            print!("{}", answer.map(|_| frame)?);
+            return Ok(());
+        }
+        // Home, clear, then the frame: redrawn in place.
+        print!("\x1b[H\x1b[2J{frame}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// The innermost cause of an error: the system's words ("Connection
 /// refused"), where reqwest's own are "error sending request".
 fn deepest(e: &(dyn std::error::Error + 'static)) -> String {
@@ -98,16 +128,16 @@ pub fn render(addr: &str, status: &Value) -> String {
     let jobs = list(&status["jobs"]);
     let _ = writeln!(out, "\nJOBS ({})", jobs.len());
     for job in jobs {
-        let phase = match job["conversion"].as_object() {
-            Some(c) => format!(
+        // Indexing a Value (never a Map) answers Null for a missing key.
+        let c = &job["conversion"];
+        let phase = if c.is_object() {
+            format!(
                 "converting ({}, {}%)",
                 text(&c["step"]),
-                c.get("percent")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(0.0)
-                    .round()
-            ),
-            None => text(&job["phase"]),
+                c["percent"].as_f64().unwrap_or(0.0).round()
+            )
+        } else {
+            text(&job["phase"])
         };
         let _ = writeln!(
             out,
@@ -184,7 +214,8 @@ pub fn render(addr: &str, status: &Value) -> String {
         };
         let _ = writeln!(
             out,
-            "  {name}  {}  {state}  (probed {})",
+            "  {}  {}  {state}  (probed {})",
+            text(&Value::String(name.clone())),
             text(&h["url"]),
             text(&h["last_probe"])
         );
@@ -207,19 +238,19 @@ fn destination_line(d: &Value) -> String {
         Some(s) => format!("  ETA {}", duration(s)),
         None => "  ETA ?".into(),
     };
-    let import = d["import"]
-        .as_object()
-        .map(|i| {
-            format!(
-                " ({}{})",
-                text(&i["state"]),
-                i.get("percent")
-                    .and_then(Value::as_f64)
-                    .map(|p| format!(", {p:.0}%"))
-                    .unwrap_or_default()
-            )
-        })
-        .unwrap_or_default();
+    let i = &d["import"];
+    let import = if i.is_object() {
+        format!(
+            " ({}{})",
+            text(&i["state"]),
+            i["percent"]
+                .as_f64()
+                .map(|p| format!(", {p:.0}%"))
+                .unwrap_or_default()
+        )
+    } else {
+        String::new()
+    };
     format!(
         "{:<12} [{}{}] {:>3.0}%  {} of {}  {}/s{eta}  {}{import}",
         text(&d["name"]),
@@ -246,7 +277,11 @@ fn limits(out: &mut String, limits: &Value) {
                 Some(_) => format!("{}/s", bytes(&l["bytes_per_sec"])),
                 None => "off".into(),
             };
-            format!("{name} {now} ({})", text(&l["schedule"]))
+            format!(
+                "{} {now} ({})",
+                text(&Value::String(name.clone())),
+                text(&l["schedule"])
+            )
         })
         .collect();
     if !set.is_empty() {
@@ -258,13 +293,18 @@ fn list(v: &Value) -> Vec<&Value> {
     v.as_array().map(|a| a.iter().collect()).unwrap_or_default()
 }
 
-/// A JSON value as text: strings without quotes, "?" for nothing.
+/// A JSON value as text: strings without quotes, "?" for nothing, and no
+/// control characters (a file name may hold an escape sequence, and the
+/// terminal must not obey it).
 fn text(v: &Value) -> String {
-    match v {
+    let s = match v {
         Value::String(s) => s.clone(),
         Value::Null => "?".into(),
         other => other.to_string(),
-    }
+    };
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 fn bytes(v: &Value) -> String {
@@ -347,5 +387,32 @@ mod tests {
         let screen = render("a", &serde_json::json!({"jobs": [{"destinations": [{}]}]}));
         assert!(screen.contains("ferry ? at a: ?"), "{screen}");
         assert!(screen.contains("[------------------------]"), "{screen}");
+        // Objects without the keys this version knows (seen: a panic when a
+        // Map was indexed).
+        let screen = render(
+            "a",
+            &serde_json::json!({"jobs": [{"conversion": {}, "destinations": [{"import": {}}]}],
+                                "destinations": {"x": {}}, "bandwidth_limits": {"y": {"schedule": "1MiB"}},
+                                "waiting": [{}], "retrying": [{}], "last_errors": [{}]}),
+        );
+        assert!(screen.contains("converting (?, 0%)"), "{screen}");
+        assert!(screen.contains("(?)"), "{screen}");
+        for odd in [
+            serde_json::json!(null),
+            serde_json::json!([1, 2]),
+            serde_json::json!({"jobs": "x", "destinations": [1], "waiting": {"a": 1}}),
+        ] {
+            render("a", &odd);
+        }
+    }
+
+    #[test]
+    fn control_characters_in_names_are_not_sent_to_the_terminal() {
+        let screen = render(
+            "a",
+            &serde_json::json!({"waiting": [{"file": "evil\u{1b}[2J.qcow2", "bytes": 1, "why": "x"}]}),
+        );
+        assert!(screen.contains("evil?[2J.qcow2"), "{screen}");
+        assert!(!screen.contains('\u{1b}'), "{screen}");
     }
 }
