@@ -73,6 +73,12 @@ impl std::str::FromStr for Schedule {
                     points: vec![(0, rate(one)?)],
                 });
             }
+            many if many.iter().all(|w| !w.contains(',')) && rate(&many.concat()).is_ok() => {
+                return Err(format!(
+                    "has spaces inside a rate: write it as one word, e.g. \"{}\"",
+                    many.concat()
+                ));
+            }
             _ => {}
         }
         let mut points = Vec::new();
@@ -127,6 +133,15 @@ fn rate(s: &str) -> Result<Option<u64>, String> {
     if size.chars().all(|c| c.is_ascii_digit() || c == '.') {
         return Err(format!(
             "has the rate {s:?} without a unit: write e.g. \"20MiB\" (bytes per second) or \"off\""
+        ));
+    }
+    // rclone reads 10M as 10 MiB, bytesize as 10 MB: say which.
+    let unit = size.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.');
+    if unit.len() == 1 {
+        return Err(format!(
+            "has the rate {s:?}: write the unit whole, \"{n}{u}iB\" (binary, as rclone reads {u}) or \"{n}{u}B\"",
+            n = &size[..size.len() - 1],
+            u = unit.to_ascii_uppercase()
         ));
     }
     let bytes = size
@@ -426,6 +441,9 @@ mod tests {
             ("Mo-08:00,1MiB", "has the day \"Mo\""),
             ("08:00,fast", "has the rate \"fast\""),
             ("08:00,1MiB Tue-08:00,off", "two entries for Tue 08:00:00"),
+            ("20 MiB", "write it as one word, e.g. \"20MiB\""),
+            ("10M", "\"10MiB\" (binary, as rclone reads M) or \"10MB\""),
+            ("08:00,512k", "\"512KiB\""),
         ] {
             let e = text.parse::<Schedule>().unwrap_err();
             assert!(e.contains(words), "{text:?}: {e}");

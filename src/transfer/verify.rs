@@ -231,7 +231,6 @@ impl Worker {
         receipts: &mut [PartReceipt],
         mut each: impl FnMut(&chunk::Part),
     ) -> Result<(), TransferError> {
-        let name = &self.job.name;
         let dn = self.dest.name();
         let halt = self.halt();
         for r in receipts.iter_mut() {
@@ -252,10 +251,16 @@ impl Worker {
                 continue;
             }
             self.observer.retried(dn, "checksum");
-            *r = retry(&self.job.retry, dn, &*self.observer, &halt, || {
-                self.dest.put_part(name, upload_id, &part)
-            })
-            .await?;
+            *r = super::worker::send_paid(
+                &self.job,
+                &self.dest,
+                upload_id,
+                &part,
+                &*self.observer,
+                &halt,
+            )
+            .await?
+            .0;
         }
         Ok(())
     }

@@ -227,31 +227,14 @@ impl Worker {
                     part.index()
                 )));
             }
+            let job = self.job.clone();
             let dest = self.dest.clone();
-            let name = self.job.name.clone();
             let id = upload_id.to_string();
-            let policy = self.job.retry;
             let observer = self.observer.clone();
             let halt = self.halt();
-            let bandwidth = self.job.bandwidth.clone();
             tasks.spawn(async move {
                 let _slot = slot;
-                let started = std::time::Instant::now();
-                // Every attempt is paid for before it goes on the wire.
-                retry(&policy, dest.name(), &*observer, &halt, || async {
-                    tokio::select! {
-                        _ = bandwidth.take(dest.name(), part.len()) => {}
-                        // `retry` sees the stop request and answers Cancelled.
-                        _ = halt.cancel.requested() => return Err(StoreError::Io {
-                            op: "wait for bandwidth to send",
-                            key: name.clone(),
-                            source: std::io::ErrorKind::Interrupted.into(),
-                        }),
-                    }
-                    dest.put_part(&name, &id, &part).await
-                })
-                .await
-                .map(|r| (r, started.elapsed()))
+                send_paid(&job, &dest, &id, &part, &*observer, &halt).await
             });
         }
         if self.cancel.is_requested() && !self.job.resumable {
@@ -358,6 +341,41 @@ impl Worker {
         self.observer.read_bytes(part.len());
         Ok(part)
     }
+}
+
+/// Sends `part` of the upload `upload_id`, retried as the job says, every
+/// attempt paid for in the bandwidth buckets just before it goes on the
+/// wire; a stop request ends a wait for bandwidth. Answers the receipt and
+/// how long the sending took, waits for bandwidth left out (the part-time
+/// histogram is the store's time, not the limit's).
+pub(super) async fn send_paid(
+    job: &Job,
+    dest: &Destination,
+    upload_id: &str,
+    part: &Part,
+    observer: &dyn Observer,
+    halt: &Halt,
+) -> Result<(PartReceipt, Duration), TransferError> {
+    let started = std::time::Instant::now();
+    // Nanoseconds spent waiting for bandwidth, over every attempt.
+    let waited = AtomicU64::new(0);
+    let receipt = retry(&job.retry, dest.name(), observer, halt, || async {
+        let wait = std::time::Instant::now();
+        tokio::select! {
+            _ = job.bandwidth.take(dest.name(), part.len()) => {}
+            // `retry` sees the stop request and answers Cancelled.
+            _ = halt.cancel.requested() => return Err(StoreError::Io {
+                op: "wait for bandwidth to send",
+                key: job.name.clone(),
+                source: std::io::ErrorKind::Interrupted.into(),
+            }),
+        }
+        waited.fetch_add(wait.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        dest.put_part(&job.name, upload_id, part).await
+    })
+    .await?;
+    let waited = Duration::from_nanos(waited.load(Ordering::Relaxed));
+    Ok((receipt, started.elapsed().saturating_sub(waited)))
 }
 
 /// A journaled upload as the store holds it: where the store lists an
