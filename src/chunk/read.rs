@@ -8,8 +8,9 @@
 //! unmapped), unless told to keep them ([`Cache::Keep`],
 //! `daemon.keep_cache`): an image of hundreds of GiB read once would
 //! otherwise push the host's working set, its VMs' pages, out of memory.
-//! The price: a destination that falls behind and reads its own parts
-//! (`transfer`) reads them from the disk, not from the cache.
+//! Once a destination falls behind and is to read its own parts
+//! (`transfer`), the pages are kept for it ([`Reader::keep_pages`]), and the
+//! whole image is released when the job ends ([`Reader::release_all`]).
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -67,6 +68,13 @@ pub trait Reader: Send + Sync {
     /// Part `index` as the fan-out hands it on, in order (an object source
     /// whose store's checksum is an MD5 hashes it).
     fn delivered(&self, _part: &Part) {}
+    /// From now on, leave the pages of the parts read in the page cache: a
+    /// destination that fell behind will read them itself.
+    fn keep_pages(&self) {}
+    /// The job is over: write back and drop every page of the source, those
+    /// kept for a destination that fell behind included (unless the reader
+    /// was built to keep them). Blocks: call it from a blocking thread.
+    fn release_all(&self) {}
 }
 
 /// Waits for the memory of part `index`: an idle pooled buffer, or new budget.
@@ -158,34 +166,79 @@ pub enum Cache {
     Release,
 }
 
-impl Cache {
-    /// Advises the kernel to drop the cached pages of `len` bytes of `file`
-    /// at `offset`. Advice only: a failure changes nothing ferry relies on.
-    fn done_with(self, file: &std::fs::File, offset: u64, len: u64) {
-        if self == Cache::Keep {
-            return;
-        }
-        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return;
-        };
-        // Dirty pages cannot be dropped: an image renamed into the spool a
-        // moment ago is still being written back (seen: a fresh qemu-img
-        // output stayed 98% cached after its push). Write the range back
-        // first; the kernel would do so within seconds anyway, and on a file
-        // already on disk this finds nothing to do.
-        let fd = file.as_raw_fd();
-        // SAFETY: plain system calls on a descriptor this process holds open.
-        unsafe {
-            libc::sync_file_range(
-                fd,
-                offset,
-                len,
-                libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                    | libc::SYNC_FILE_RANGE_WRITE
-                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-            );
-            libc::posix_fadvise(fd, offset, len, libc::POSIX_FADV_DONTNEED);
-        }
+/// What a reader does with a file's pages: shared by the reader and the
+/// parts it mapped.
+#[derive(Debug)]
+struct Pages {
+    cache: Cache,
+    /// A destination reads its own parts later: leave the pages for it.
+    kept: std::sync::atomic::AtomicBool,
+}
+
+impl Pages {
+    fn new(cache: Cache) -> Arc<Pages> {
+        Arc::new(Pages {
+            cache,
+            kept: false.into(),
+        })
+    }
+
+    /// Whether a part's pages go once it is read.
+    fn releasing(&self) -> bool {
+        self.cache == Cache::Release && !self.kept.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// Writes back the dirty pages of `len` bytes of `file` at `offset`, and
+/// waits: dirty pages cannot be dropped, and an image renamed into the spool
+/// a moment ago is still being written back (seen: a fresh qemu-img output
+/// stayed 98% cached after its push). The kernel would write them within
+/// seconds anyway; on a file already on disk this finds nothing to do.
+/// Blocks: call it from a blocking thread.
+fn write_back(file: &std::fs::File, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    if len == 0 {
+        return; // 0 would mean "to the end of the file".
+    }
+    // SAFETY: a plain system call on a descriptor this process holds open.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset,
+            len,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        );
+    }
+}
+
+/// Drops the clean, unmapped pages of `len` bytes of `file` at `offset` from
+/// the page cache (`posix_fadvise(DONTNEED)`). Advice only: a failure
+/// changes nothing ferry relies on.
+fn forget(file: &std::fs::File, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    if len == 0 {
+        return;
+    }
+    // SAFETY: a plain system call on a descriptor this process holds open.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+/// Writes back and drops the pages of a whole source: at a job's end.
+fn release_source(source: &Source, pages: &Pages) {
+    if pages.cache == Cache::Keep {
+        return;
+    }
+    if let Some(file) = source.file() {
+        write_back(file, source.start_bytes, source.size_bytes);
+        forget(file, source.start_bytes, source.size_bytes);
     }
 }
 
@@ -218,14 +271,14 @@ pub fn reader(
             file,
             plan,
             first,
-            cache,
+            pages: Pages::new(cache),
         }),
         _ => Arc::new(PreadReader {
             source,
             plan,
             first,
             pool: Arc::default(),
-            cache,
+            pages: Pages::new(cache),
         }),
     }
 }
@@ -255,7 +308,7 @@ pub struct PreadReader {
     plan: PartPlan,
     first: Arc<FirstReads>,
     pool: Pool,
-    cache: Cache,
+    pages: Arc<Pages>,
 }
 
 /// Idle buffers kept for reuse, each still holding its share of the budget (so
@@ -310,9 +363,19 @@ impl Reader for PreadReader {
             &self.pool,
             index,
             lease,
-            self.cache,
+            &self.pages,
         );
         checked(&self.source, &self.first, read, index, offset)
+    }
+
+    fn keep_pages(&self) {
+        self.pages
+            .kept
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn release_all(&self) {
+        release_source(&self.source, &self.pages);
     }
 }
 
@@ -323,7 +386,7 @@ fn pread_part(
     pool: &Pool,
     index: u32,
     lease: Lease,
-    cache: Cache,
+    pages: &Pages,
 ) -> std::io::Result<Part> {
     let file = source
         .file()
@@ -331,7 +394,10 @@ fn pread_part(
     let start = source.start_bytes;
     fill_part(plan, pool, index, lease, |buf, offset| {
         file.read_exact_at(buf, start + offset)?;
-        cache.done_with(file, start + offset, buf.len() as u64);
+        if pages.releasing() {
+            write_back(file, start + offset, buf.len() as u64);
+            forget(file, start + offset, buf.len() as u64);
+        }
         Ok(crc32c::crc32c(buf))
     })
 }
@@ -375,7 +441,7 @@ pub struct MmapReader {
     file: Arc<std::fs::File>,
     plan: PartPlan,
     first: Arc<FirstReads>,
-    cache: Cache,
+    pages: Arc<Pages>,
 }
 
 /// A part's mapping that, once unmapped, releases its pages from the page
@@ -389,7 +455,7 @@ struct MappedPart {
     map: Option<crate::mapping::Mapped>,
     file: Arc<std::fs::File>,
     offset: u64,
-    cache: Cache,
+    pages: Arc<Pages>,
 }
 
 impl AsRef<[u8]> for MappedPart {
@@ -402,9 +468,12 @@ impl Drop for MappedPart {
     fn drop(&mut self) {
         let len = self.as_ref().len() as u64;
         drop(self.map.take());
-        let from = self.offset.saturating_sub(len);
-        self.cache
-            .done_with(&self.file, from, self.offset + len - from);
+        // Advice only, never a write: this may run on any thread (the pages
+        // were written back when the part was read).
+        if self.pages.releasing() {
+            let from = self.offset.saturating_sub(len);
+            forget(&self.file, from, self.offset + len - from);
+        }
     }
 }
 
@@ -418,6 +487,10 @@ impl Reader for MmapReader {
         let len = self.plan.len(index) as usize;
         // Never map past the end of a file that was cut before this read.
         self.source.check()?;
+        if self.pages.releasing() {
+            // Here, on a blocking thread; the part's drop only drops pages.
+            write_back(&self.file, offset, len as u64);
+        }
         let read = match crate::mapping::Mapped::new(&self.file, offset, len) {
             Ok(Some(map)) => {
                 let faults = crate::mapping::zeroed_faults();
@@ -442,7 +515,7 @@ impl Reader for MmapReader {
                         map: Some(map),
                         file: self.file.clone(),
                         offset,
-                        cache: self.cache,
+                        pages: self.pages.clone(),
                     }),
                     crc32c,
                     budget: Some(Arc::new(lease.permit)),
@@ -454,11 +527,21 @@ impl Reader for MmapReader {
                 &Pool::default(),
                 index,
                 lease,
-                self.cache,
+                &self.pages,
             ),
             Err(e) => Err(e),
         };
         checked(&self.source, &self.first, read, index, offset)
+    }
+
+    fn keep_pages(&self) {
+        self.pages
+            .kept
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn release_all(&self) {
+        release_source(&self.source, &self.pages);
     }
 }
 

@@ -78,7 +78,10 @@ pub(super) async fn fan_out(
             }
             observer.memory_wait(true);
             let lease = loop {
-                detach_laggard(&mut feeds, lag_limit);
+                if detach_laggard(&mut feeds, lag_limit) {
+                    // It will read its own parts: from the page cache, not the disk.
+                    reader.keep_pages();
+                }
                 if let Ok(l) =
                     tokio::time::timeout(LAG_CHECK, chunk::lease(&*reader, &budget, next)).await
                 {
@@ -164,8 +167,8 @@ const LAG_CHECK: Duration = Duration::from_millis(100);
 /// `lag_limit` while another destination has nothing left to send: then it is
 /// holding the others back. When every destination still has parts queued, a
 /// full budget is plain back-pressure (the store is the bottleneck), and the
-/// parts keep being read once.
-fn detach_laggard(feeds: &mut [Feed], lag_limit: u64) {
+/// parts keep being read once. Answers whether it detached one.
+fn detach_laggard(feeds: &mut [Feed], lag_limit: u64) -> bool {
     let queued = |f: &Feed| f.queued_bytes.load(Ordering::Relaxed);
     let starving = feeds.iter().filter(|f| f.live() && queued(f) == 0).count();
     let worst = feeds
@@ -180,7 +183,9 @@ fn detach_laggard(feeds: &mut [Feed], lag_limit: u64) {
         // Dropping the sender wakes a worker waiting in recv; the worker drops
         // the parts still queued, which returns their memory.
         f.tx = None;
+        return true;
     }
+    false
 }
 
 #[cfg(test)]

@@ -14,9 +14,11 @@
 //! When the budget is full and one destination holds more than its share of it in
 //! unsent parts, that destination is *detached*: its queued parts are dropped, the
 //! reader stops feeding it, and it reads the rest of its parts itself (from the
-//! page cache, usually). The others keep the single read; the laggard costs a
-//! second read instead of costing everyone time. Destinations that merely differ
-//! a little in speed are never detached, because the budget absorbs the difference.
+//! page cache, usually: from then on the reader leaves the pages there, and the
+//! job's end releases them). The others keep the single read; the laggard costs
+//! a second read instead of costing everyone time. Destinations that merely
+//! differ a little in speed are never detached, because the budget absorbs the
+//! difference.
 //!
 //! Rooms: `prepare.rs` (what a job needs before a byte is sent), `fan_out.rs`
 //! (the single read, handed to every destination), `worker.rs` (one
@@ -267,6 +269,7 @@ pub async fn run(
         });
     }
 
+    let reader_end = reader.clone();
     let fan_out = tokio::spawn(fan_out(
         reader, budget, feeds, lag_limit, read_error, observer, cancel,
     ));
@@ -280,6 +283,9 @@ pub async fn run(
         }
     }
     let _ = fan_out.await;
+    // The pages kept for a destination that fell behind, and any the kernel
+    // held on to, leave the page cache now.
+    let _ = tokio::task::spawn_blocking(move || reader_end.release_all()).await;
     let zeroed = crate::mapping::zeroed_faults().saturating_sub(zeroed_before);
     if zeroed > 0 {
         warn!(
