@@ -191,7 +191,11 @@ fn a_flipped_bit_in_a_part_is_refused_and_sent_again() {
 fn kill_9_mid_upload_to_oci_sends_only_unjournaled_parts_again() {
     let double = OciDouble::start();
     let relay = Relay::to(double.port);
-    relay.set(r#"{"log_requests": true}"#);
+    // 64 MiB/s a connection: the 20 parts before the kill take over a
+    // second, longer than the journal's 500 ms between writes (seen: with
+    // nothing slowing them, all 20 went within 500 ms of the upload's first
+    // record, and none was journaled).
+    relay.set(r#"{"log_requests": true, "part_bytes_per_sec": 67108864}"#);
     let site = Site::new(&format!(
         "[transfer]\npart_size = \"8MiB\"\n[destinations.ashburn]\nurl = \"oci://images/kill9/\"\nparallel_parts = 2\n{}",
         double.table_keys(&relay.endpoint())
