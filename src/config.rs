@@ -73,6 +73,8 @@ pub struct SourceConfig {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub allow_http: Option<bool>,
+    /// As a destination's `ca_file`.
+    pub ca_file: Option<PathBuf>,
     /// Ranges read at once (default `transfer.parallel_parts`).
     pub parallel_reads: Option<usize>,
     pub namespace: Option<String>,
@@ -126,6 +128,7 @@ impl SourceConfig {
             access_key_id: self.access_key_id.clone(),
             secret_access_key: self.secret_access_key.clone(),
             allow_http: self.allow_http,
+            ca_file: self.ca_file.clone(),
             parallel_parts: self.parallel_reads,
             bandwidth_limit: None,
             namespace: self.namespace.clone(),
@@ -393,6 +396,9 @@ pub struct DestinationConfig {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub allow_http: Option<bool>,
+    /// s3://: a PEM file of CA certificates to trust besides the system's
+    /// (an endpoint whose certificate a private CA signed).
+    pub ca_file: Option<PathBuf>,
     /// Overrides `transfer.parallel_parts` for this destination.
     pub parallel_parts: Option<usize>,
     /// This destination alone: a rate or a timetable (`bandwidth`), within
@@ -837,6 +843,7 @@ impl DestinationConfig {
             ("credentials", self.credentials.is_some()),
             ("access_key_id", self.access_key_id.is_some()),
             ("secret_access_key", self.secret_access_key.is_some()),
+            ("ca_file", self.ca_file.is_some()),
         ];
         let oci = [
             ("namespace", self.namespace.is_some()),

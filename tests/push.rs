@@ -422,3 +422,124 @@ fn three_s3_regions_at_once() {
         assert_eq!(s3_part_count(&store, &key), Some(5), "{b}");
     }
 }
+
+/// Runs openssl in `dir`; panics with its words if it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs (tests/run.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An S3 endpoint behind HTTPS whose certificate a private CA signed (the
+/// relay, in front of SeaweedFS): refused without `ca_file`, with words that
+/// say the certificate was the reason; shipped and verified with it.
+#[test]
+fn an_https_endpoint_signed_by_a_private_ca_needs_ca_file() {
+    let Some(s3) = s3() else { return };
+    let dir = tmpdir();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=ferry test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.csr",
+        ],
+    );
+    write(
+        &d.join("leaf.ext"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    );
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            "leaf.pem",
+        ],
+    );
+    let port: u16 = s3.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    let relay = Relay::tls_to(port, &d.join("leaf.pem"), &d.join("leaf.key"));
+    let endpoint = format!("https://127.0.0.1:{}", relay.port);
+    let img = d.join("tls.qcow2");
+    random_file(&img, 12 << 20, 8);
+    let prefix = unique_prefix("tls");
+    let table = |extra: &str| {
+        config(
+            d,
+            &format!(
+                "state_dir = \"{}/state\"\n[transfer]\npart_size = \"5MiB\"\nmax_retries = 1\n[destinations.private]\nurl = \"s3://{}/{prefix}/\"\nendpoint = \"{endpoint}\"\n{extra}",
+                d.display(),
+                s3.buckets[0]
+            ),
+        )
+    };
+    let push = |cfg: &Path| {
+        run(s3.env(
+            ferry()
+                .args(["push", "--force"])
+                .arg(&img)
+                .arg("--config")
+                .arg(cfg),
+        ))
+    };
+    let without = push(&table(""));
+    assert_eq!(without.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&without.stderr).to_lowercase();
+    assert!(
+        err.contains("certificate") && err.contains("ca_file"),
+        "{err}"
+    );
+    let with = push(&table(&format!("ca_file = \"{}/ca.pem\"\n", d.display())));
+    assert!(with.status.success());
+    let store = s3.store(&s3.buckets[0]);
+    assert!(s3_object_equals(
+        &store,
+        &format!("{prefix}/tls.qcow2"),
+        &img
+    ));
+}

@@ -61,7 +61,7 @@ impl Unreachable {
             Unreachable::NoSuchHost => "no such host: the endpoint's name does not resolve",
             Unreachable::Refused => "connection refused: nothing listens at the endpoint",
             Unreachable::Tls => {
-                "TLS failed: the endpoint's certificate or protocol was not accepted"
+                "TLS failed: the endpoint's certificate or protocol was not accepted (a certificate signed by a private CA needs that CA in the table's ca_file)"
             }
             Unreachable::Timeout => "no answer: the connection timed out",
         }

@@ -23,6 +23,8 @@ pub(super) struct S3Backend {
     s3: Arc<AmazonS3>,
     /// Connect timeout, for those requests.
     connect_timeout: Duration,
+    /// CA certificates trusted besides the system's (`ca_file`), for those requests.
+    roots: Vec<reqwest::Certificate>,
     /// The region, which signs them, and the bucket they name.
     region: String,
     bucket: String,
@@ -49,11 +51,19 @@ impl S3Backend {
     ) -> Result<(S3Backend, Address), StoreError> {
         let target = S3Target::resolve(name, bucket, cfg)?;
         let checksum = target.payload_checksum(name, transfer);
+        let roots = match &cfg.ca_file {
+            Some(path) => ca_pem(path).and_then(|pem| {
+                reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| ca_error(path, &e.to_string()))
+            })?,
+            None => Vec::new(),
+        };
         let s3 = build_s3(&target, checksum, cfg, transfer, part_bytes_hint)?;
         Ok((
             S3Backend {
                 s3: s3.clone(),
                 connect_timeout: Duration::from_secs(transfer.connect_timeout_secs),
+                roots,
                 region: target.region.clone(),
                 bucket: target.bucket.clone(),
                 store: s3.clone(),
@@ -141,6 +151,7 @@ impl S3Backend {
             .map_err(|e| setup(e.to_string()))?;
         let client = reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)
+            .tls_certs_merge(self.roots.iter().cloned())
             .timeout(Duration::from_secs(60))
             .build()
             .map_err(http)?;
@@ -739,6 +750,18 @@ fn is_oci_realm_domain(domain: &str) -> bool {
         )
 }
 
+/// The bytes of a `ca_file`.
+fn ca_pem(path: &std::path::Path) -> Result<Vec<u8>, StoreError> {
+    std::fs::read(path).map_err(|e| ca_error(path, &e.to_string()))
+}
+
+fn ca_error(path: &std::path::Path, why: &str) -> StoreError {
+    StoreError::Setup(format!(
+        "ca_file {}: {why}; give a PEM file of the CA certificates that signed the endpoint's",
+        path.display()
+    ))
+}
+
 fn build_s3(
     target: &S3Target,
     checksum: PayloadChecksum,
@@ -749,10 +772,17 @@ fn build_s3(
     // object_store's whole-request timeout defaults to 30 s, which a large part on a
     // slow link exceeds: allow part_size at min_throughput, and never under 60 s.
     let secs = (part_bytes_hint / (transfer.min_throughput_kib * 1024)).max(60);
-    let options = ClientOptions::new()
+    let mut options = ClientOptions::new()
         .with_timeout(Duration::from_secs(secs))
         .with_connect_timeout(Duration::from_secs(transfer.connect_timeout_secs))
         .with_pool_idle_timeout(Duration::from_secs(30));
+    if let Some(path) = &cfg.ca_file {
+        let roots = object_store::Certificate::from_pem_bundle(&ca_pem(path)?)
+            .map_err(|e| ca_error(path, &e.to_string()))?;
+        for root in roots {
+            options = options.with_root_certificate(root);
+        }
+    }
     let allow_http = cfg
         .allow_http
         .unwrap_or_else(|| crate::config::is_loopback_http(&target.endpoint));

@@ -24,17 +24,29 @@ impl Relay {
 
     /// A relay to the server on 127.0.0.1:`target`.
     pub fn to(target: u16) -> Relay {
+        Relay::serving(target, None)
+    }
+
+    /// A relay that serves HTTPS with `cert` and `key` (PEM files) to the
+    /// plain-HTTP server on 127.0.0.1:`target`.
+    pub fn tls_to(target: u16, cert: &Path, key: &Path) -> Relay {
+        Relay::serving(target, Some((cert, key)))
+    }
+
+    fn serving(target: u16, tls: Option<(&Path, &Path)>) -> Relay {
         let port = free_port();
         let dir = tmpdir();
         let control = dir.path().join("relay.json");
         std::fs::write(&control, "{}").unwrap();
-        let child = Command::new("python3")
-            .arg(RELAY)
+        let mut cmd = Command::new("python3");
+        cmd.arg(RELAY)
             .arg(port.to_string())
             .arg(target.to_string())
-            .arg(&control)
-            .spawn()
-            .unwrap();
+            .arg(&control);
+        if let Some((cert, key)) = tls {
+            cmd.arg(cert).arg(key);
+        }
+        let child = cmd.spawn().unwrap();
         assert!(wait_until(Duration::from_secs(10), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         }));

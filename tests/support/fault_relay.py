@@ -1,7 +1,10 @@
 """A fault-injecting HTTP relay between ferry and a real S3 server, or the OCI
 Object Storage double (loopback only).
 
-    python3 fault_relay.py LISTEN_PORT TARGET_PORT CONTROL_JSON
+    python3 fault_relay.py LISTEN_PORT TARGET_PORT CONTROL_JSON [CERT_PEM KEY_PEM]
+
+With CERT_PEM and KEY_PEM it serves HTTPS with that certificate (the target
+stays plain HTTP): an endpoint whose certificate a private CA signed.
 
 It forwards HTTP/1.1 requests one by one and, as CONTROL_JSON says (re-read on
 every request, so a test can change it while ferry runs), injects faults that
@@ -38,6 +41,11 @@ import threading
 import time
 
 LISTEN, TARGET, CONTROL = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+TLS = None
+if len(sys.argv) == 6:
+    import ssl
+    TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    TLS.load_cert_chain(sys.argv[4], sys.argv[5])
 lock = threading.Lock()
 flips_done = 0
 get_flips_done = 0
@@ -110,6 +118,11 @@ def serve(client):
     upstream = None
     buf = b""
     try:
+        if TLS is not None:
+            # A client that refuses the certificate ends the handshake here.
+            client.settimeout(10)
+            client = TLS.wrap_socket(client, server_side=True)
+            client.settimeout(None)
         while True:
             head, rest = read_head(client, buf)
             if head is None:
