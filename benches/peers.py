@@ -39,6 +39,12 @@ PART_MIB = 64
 CONC = 8
 MEMORY_LIMIT_MIB = 512
 TOOLS = ["ferry", "s5cmd", "rclone", "aws", "crt"]
+# The sink (benches/sink): one over plain HTTP, three over HTTPS (one per
+# region), their pids, and the bundle of the CAs that signed their certificates.
+SINK_HTTP = os.environ.get("SINK_HTTP", "")
+SINK_HTTPS = [e for e in os.environ.get("SINK_HTTPS", "").split(",") if e]
+SINK_CA = os.environ.get("SINK_CA", "")
+SINK_PIDS = [int(p) for p in os.environ.get("SINK_PIDS", "").split(",") if p]
 
 ENV = dict(os.environ)
 for k in ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
@@ -66,25 +72,32 @@ def ferry_config(name, endpoints):
                 f'memory_limit = "{MEMORY_LIMIT_MIB}MiB"\nreader = "mmap"\n')
         for i, (bucket, endpoint) in enumerate(endpoints):
             f.write(f'[destinations.r{i}]\nurl = "s3://{bucket}/ferry/"\nendpoint = "{endpoint}"\n')
+            if endpoint.startswith("https:"):
+                f.write(f'ca_file = "{SINK_CA}"\n')
     return path
 
 
 def peer_cmd(tool, image, bucket, endpoint):
     key = f"{tool}/{os.path.basename(image)}"
     hostport = endpoint.split("//", 1)[1]
+    # HTTPS: each tool told to trust the sink's CAs its own way (s5cmd has
+    # no flag for a CA file: it skips verification).
+    tls = endpoint.startswith("https:")
     if tool == "s5cmd":
-        return [f"{BENCH_BIN}/s5cmd", "--endpoint-url", endpoint, "cp", "-c", str(CONC),
+        return [f"{BENCH_BIN}/s5cmd", *(["--no-verify-ssl"] if tls else []),
+                "--endpoint-url", endpoint, "cp", "-c", str(CONC),
                 "-p", str(PART_MIB), image, f"s3://{bucket}/{key}"]
     if tool == "rclone":
         return [f"{BENCH_BIN}/rclone", "copyto", image, f"bench:{bucket}/{key}",
                 "--s3-endpoint", endpoint, "--s3-upload-concurrency", str(CONC),
-                "--s3-chunk-size", f"{PART_MIB}M", "--s3-disable-checksum"]
+                "--s3-chunk-size", f"{PART_MIB}M", "--s3-disable-checksum",
+                *(["--ca-cert", SINK_CA] if tls else [])]
     if tool == "aws":
         return ["aws", "s3", "cp", image, f"s3://{bucket}/{key}", "--endpoint-url", endpoint,
-                "--only-show-errors"]
+                "--only-show-errors", *(["--ca-bundle", SINK_CA] if tls else [])]
     if tool == "crt":
         return [PY, os.path.join(ROOT, "benches/crt_put.py"), image, bucket, key, hostport,
-                str(PART_MIB)]
+                str(PART_MIB), *([SINK_CA] if tls else [])]
     raise ValueError(tool)
 
 
@@ -110,11 +123,21 @@ def drop_buckets(names):
                         f"{ENDPOINT}/{b}"], env=ENV, timeout=120)
 
 
-def server_cpu():
-    """CPU seconds the SeaweedFS process has used so far (user + system)."""
-    with open(f"/proc/{WEED_PID}/stat") as f:
+def pid_cpu(pid):
+    """CPU seconds process `pid` has used so far (user + system)."""
+    with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu():
+    """CPU seconds the SeaweedFS process has used so far."""
+    return pid_cpu(WEED_PID)
+
+
+def sink_cpu():
+    """CPU seconds the sinks have used so far, all of them."""
+    return sum(pid_cpu(p) for p in SINK_PIDS)
 
 
 def measure(make):
@@ -127,7 +150,7 @@ def measure(make):
         drop_buckets(buckets)
 
 
-def _measure(cmds):
+def _measure(cmds, server_cpu=server_cpu):
     s0 = server_cpu()
     start = time.monotonic()
     procs = [subprocess.Popen(c, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -222,6 +245,54 @@ def three_regions(single):
                  "its one-region median). MB/s and CPU/GiB count the bytes delivered to all three.")
 
 
+def sink_one(endpoint, title):
+    """One region, to a sink: the client's own ceiling, the server costing
+    next to nothing. No fresh buckets: the sink keeps no data."""
+    gib = os.path.getsize(IMAGE) / 2**30
+    res = {t: [] for t in TOOLS}
+    for run in range(RUNS):
+        order = TOOLS[run % len(TOOLS):] + TOOLS[:run % len(TOOLS)]
+        for t in order:
+            if t == "ferry":
+                cmds = [ferry_cmd("sink-one", [(BUCKETS[0], endpoint)], IMAGE)]
+            else:
+                cmds = [peer_cmd(t, IMAGE, BUCKETS[0], endpoint)]
+            res[t].append(_measure(cmds, sink_cpu))
+    rows = {t: (*med(r), "") for t, r in res.items()}
+    return table(f"{title}: {gib:.0f} GiB image to one bucket", rows, gib,
+                 f"Median of {RUNS} runs, tools alternating; the sink (benches/sink) counts "
+                 f"and discards the bytes. Part size {PART_MIB} MiB, {CONC} parts in flight.")
+
+
+def sink_three(single):
+    """Three regions over HTTPS, a sink each; each peer its faster way."""
+    gib = os.path.getsize(IMAGE) / 2**30
+    targets = list(zip(BUCKETS, SINK_HTTPS))
+    res = {}
+    for run in range(RUNS_MULTI):
+        order = TOOLS[run % len(TOOLS):] + TOOLS[:run % len(TOOLS)]
+        for t in order:
+            if t == "ferry":
+                cmds = [ferry_cmd("sink-three", targets, IMAGE)]
+            else:
+                cmds = [peer_cmd(t, IMAGE, b, e) for b, e in targets]
+            res.setdefault(t, []).append(_measure(cmds, sink_cpu))
+    rows = {}
+    for t, r in res.items():
+        par = med(r)
+        if t == "ferry":
+            rows[t] = (*par, "")
+            continue
+        s = single.get(t)
+        seq = (3 * s[0], 3 * s[1], s[2], s[3], 3 * s[4]) if s else None
+        rows[t] = (*seq, "in sequence") if seq and seq[0] < par[0] else (*par, "3 at once")
+    return table(f"Sink over HTTPS, three regions: {gib:.0f} GiB image to three sinks "
+                 f"({RUNS_MULTI} run(s))", rows, gib * 3,
+                 "A sink per region, each with its own certificate. Each peer does the three "
+                 "uploads its faster way: three processes at once (measured), or one after "
+                 "another (three times its one-region HTTPS median).")
+
+
 def manifest_finished(bucket, image):
     """When ferry's manifest says the object in `bucket` was verified (epoch s)."""
     out = subprocess.run([f"{BENCH_BIN}/s5cmd", "--endpoint-url", ENDPOINT, "cat",
@@ -296,7 +367,7 @@ def wan():
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["one", "three", "wan"]
+    which = sys.argv[1:] or ["one", "three", "wan", "sink", "sink3"]
     open(os.path.join(OUT, "peers.md"), "w").close()
     single = {}
     if "one" in which or "three" in which:
@@ -305,3 +376,9 @@ if __name__ == "__main__":
         three_regions(single)
     if "wan" in which:
         wan()
+    if "sink" in which:
+        sink_one(SINK_HTTP, "Sink over HTTP, one region")
+    if "sink" in which or "sink3" in which:
+        single_tls = sink_one(SINK_HTTPS[0], "Sink over HTTPS, one region")
+    if "sink3" in which:
+        sink_three(single_tls)

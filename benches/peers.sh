@@ -5,8 +5,8 @@
 # `aws` is on PATH) and prints the tables that README.md's Performance section
 # quotes. Results also go to bench-out/peers.md.
 #
-#   bash benches/peers.sh              # one region, three regions, WAN
-#   bash benches/peers.sh one          # only some cases: one three wan
+#   bash benches/peers.sh              # one region, three regions, WAN, the sink's cases
+#   bash benches/peers.sh one          # only some cases: one three wan sink sink3
 #   SIZE_GIB=4 WAN_GIB=1 RUNS=3 RUNS_MULTI=3 bash benches/peers.sh
 #
 # The server keeps its data under bench-out/weed on the disk (every measurement
@@ -27,6 +27,8 @@ fi
 command -v aws >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq awscli; }
 [ -x /usr/bin/time ] || { apt-get update -qq && apt-get install -y -qq time; }
 cargo build --release --quiet
+# The sink (benches/sink): its own crate, built here only.
+cargo build --release --quiet --manifest-path benches/sink/Cargo.toml
 
 export AWS_ACCESS_KEY_ID=ferrybench AWS_SECRET_ACCESS_KEY=ferrybenchsecret
 export IMAGE="$OUT/image-${SIZE_GIB}g.img" WAN_IMAGE="$OUT/image-${WAN_GIB}g-wan.img"
@@ -38,9 +40,9 @@ for pair in "$IMAGE:$SIZE_GIB" "$WAN_IMAGE:$WAN_GIB"; do
   fi
 done
 
-weed_dir="$OUT/weed"; relay_pids=()
+weed_dir="$OUT/weed"; relay_pids=(); sink_pids=()
 cleanup() {
-  for p in "${relay_pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${relay_pids[@]}" "${sink_pids[@]}"; do kill "$p" 2>/dev/null || true; done
   tests/support/seaweedfs.sh stop "$weed_dir"
 }
 trap cleanup EXIT
@@ -63,6 +65,28 @@ for l in "${links[@]}"; do
   .venv-bench/bin/python benches/relay.py "$port" "$S3_PORT" "$rtt" "$mbit" &
   relay_pids+=($!)
 done
+
+# Sinks: one over HTTP, three over HTTPS (a region each), each HTTPS one with a
+# CA of its own; clients trust the bundle of the three.
+SINK_PORT="${SINK_PORT:-18910}"
+export SINK_HTTP="http://127.0.0.1:$SINK_PORT" SINK_HTTPS="" SINK_CA="$OUT/sink-ca.pem"
+: > "$SINK_CA"
+for i in 0 1 2 3; do
+  port=$((SINK_PORT + i)); args=(--listen "127.0.0.1:$port")
+  [ "$i" = 0 ] || args+=(--tls-ca-out "$OUT/sink-ca-$i.pem")
+  benches/sink/target/release/ferry-sink "${args[@]}" > "$OUT/sink-$i.log" 2>&1 &
+  sink_pids+=($!)
+done
+for i in 0 1 2 3; do
+  port=$((SINK_PORT + i))
+  for _ in $(seq 100); do grep -q listening "$OUT/sink-$i.log" 2>/dev/null && break; sleep 0.1; done
+  grep -q listening "$OUT/sink-$i.log" || { cat "$OUT/sink-$i.log"; echo "the sink on $port did not start" >&2; exit 1; }
+  if [ "$i" != 0 ]; then
+    cat "$OUT/sink-ca-$i.pem" >> "$SINK_CA"
+    SINK_HTTPS="${SINK_HTTPS:+$SINK_HTTPS,}https://127.0.0.1:$port"
+  fi
+done
+export SINK_PIDS="$(IFS=,; echo "${sink_pids[*]}")"
 
 # Warm-up: the first upload after a fresh server start is slower for every tool.
 head -c $((256 << 20)) /dev/urandom > "$OUT/warmup.img"
