@@ -150,8 +150,14 @@ def measure(make):
         drop_buckets(buckets)
 
 
+# Blocks the clients of the last measurement read from the disk (their
+# process trees: wait4's rusage counts the children they waited for), in bytes.
+_last_read = [0]
+
+
 def _measure(cmds, server_cpu=server_cpu):
     s0 = server_cpu()
+    _last_read[0] = 0
     start = time.monotonic()
     procs = [subprocess.Popen(c, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for c in cmds]
@@ -162,6 +168,7 @@ def _measure(cmds, server_cpu=server_cpu):
         p.stderr.close()
         cpu += ru.ru_utime + ru.ru_stime
         rss += ru.ru_maxrss / 1024.0
+        _last_read[0] += ru.ru_inblock * 512
         if os.waitstatus_to_exitcode(status) != 0:
             ok = False
             sys.stderr.write(f"FAILED: {' '.join(cmds[0][:3])}...: {err.strip()[-400:]}\n")
@@ -293,6 +300,78 @@ def sink_three(single):
                  "another (three times its one-region HTTPS median).")
 
 
+BUSY_CGROUP = "/sys/fs/cgroup/cpu/ferry-bench-busy"
+
+
+def busy_host(share_pct=25):
+    """Three regions over HTTPS with every client held to `share_pct`% of one
+    core (a cgroup v1 CPU quota; its children inherit it), as on a host
+    whose cores belong to its VMs. Each client's commands run at once."""
+    gib = os.path.getsize(IMAGE) / 2**30
+    os.makedirs(BUSY_CGROUP, exist_ok=True)
+    with open(f"{BUSY_CGROUP}/cpu.cfs_period_us", "w") as f:
+        f.write("100000")
+    with open(f"{BUSY_CGROUP}/cpu.cfs_quota_us", "w") as f:
+        f.write(str(1000 * share_pct))
+    held = lambda cmd: ["sh", "-c", f'echo $$ > {BUSY_CGROUP}/tasks && exec "$@"', "held", *cmd]
+    targets = list(zip(BUCKETS, SINK_HTTPS))
+    res = {}
+    for run in range(RUNS_MULTI):
+        order = TOOLS[run % len(TOOLS):] + TOOLS[:run % len(TOOLS)]
+        for t in order:
+            if t == "ferry":
+                cmds = [ferry_cmd("busy", targets, IMAGE)]
+            else:
+                cmds = [peer_cmd(t, IMAGE, b, e) for b, e in targets]
+            res.setdefault(t, []).append(_measure([held(c) for c in cmds], sink_cpu))
+    rows = {t: (*med(r), "" if t == "ferry" else "3 at once") for t, r in res.items()}
+    return table(f"Busy host: every client held to {share_pct}% of one core, {gib:.0f} GiB image "
+                 f"to three sinks over HTTPS ({RUNS_MULTI} run(s))", rows, gib * 3,
+                 f"A cgroup v1 quota of {share_pct} ms of CPU per 100 ms holds each client's whole "
+                 "process tree. MB/s is the throughput delivered to the three regions together.")
+
+
+def drop_cache(path):
+    """The file's pages leave the page cache (they are clean: it was written long ago)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cold_cache():
+    """Three regions over HTTPS, the image's pages dropped before every run;
+    beside the usual figures, what each client read from the disk."""
+    gib = os.path.getsize(IMAGE) / 2**30
+    targets = list(zip(BUCKETS, SINK_HTTPS))
+    res, read = {}, {}
+    for run in range(RUNS_MULTI):
+        order = TOOLS[run % len(TOOLS):] + TOOLS[:run % len(TOOLS)]
+        for t in order:
+            if t == "ferry":
+                cmds = [ferry_cmd("cold", targets, IMAGE)]
+            else:
+                cmds = [peer_cmd(t, IMAGE, b, e) for b, e in targets]
+            drop_cache(IMAGE)
+            res.setdefault(t, []).append(_measure(cmds, sink_cpu))
+            read.setdefault(t, []).append(_last_read[0])
+    rows = {t: (*med(r), "" if t == "ferry" else "3 at once") for t, r in res.items()}
+    table(f"Cold cache: {gib:.0f} GiB image to three sinks over HTTPS, its pages dropped "
+          f"before every run ({RUNS_MULTI} run(s))", rows, gib * 3,
+          "Each peer's three uploads at once (they share what one of them reads into the cache).")
+    size = os.path.getsize(IMAGE)
+    lines = ["| tool | read from disk MiB (median) | x the image's size |", "|---|---|---|"]
+    for t, r in read.items():
+        m = statistics.median(r)
+        lines.append(f"| {t} | {m / 2**20:.0f} | {m / size:.2f}x |")
+    text = ("Bytes read from the disk by each client's process tree (`wait4`'s `ru_inblock`), "
+            "median of the runs:\n\n" + "\n".join(lines) + "\n")
+    print(text, flush=True)
+    with open(os.path.join(OUT, "peers.md"), "a") as fh:
+        fh.write(text + "\n")
+
+
 def manifest_finished(bucket, image):
     """When ferry's manifest says the object in `bucket` was verified (epoch s)."""
     out = subprocess.run([f"{BENCH_BIN}/s5cmd", "--endpoint-url", ENDPOINT, "cat",
@@ -367,7 +446,7 @@ def wan():
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["one", "three", "wan", "sink", "sink3"]
+    which = sys.argv[1:] or ["one", "three", "wan", "sink", "sink3", "busy", "cold"]
     open(os.path.join(OUT, "peers.md"), "w").close()
     single = {}
     if "one" in which or "three" in which:
@@ -382,3 +461,7 @@ if __name__ == "__main__":
         single_tls = sink_one(SINK_HTTPS[0], "Sink over HTTPS, one region")
     if "sink3" in which:
         sink_three(single_tls)
+    if "busy" in which:
+        busy_host()
+    if "cold" in which:
+        cold_cache()

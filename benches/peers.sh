@@ -6,7 +6,8 @@
 # quotes. Results also go to bench-out/peers.md.
 #
 #   bash benches/peers.sh              # one region, three regions, WAN, the sink's cases
-#   bash benches/peers.sh one          # only some cases: one three wan sink sink3
+#   bash benches/peers.sh one          # only some cases: one three wan sink sink3 busy cold
+#                                        (busy needs root: a cgroup v1 CPU quota)
 #   SIZE_GIB=4 WAN_GIB=1 RUNS=3 RUNS_MULTI=3 bash benches/peers.sh
 #
 # The server keeps its data under bench-out/weed on the disk (every measurement
