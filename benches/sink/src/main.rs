@@ -117,6 +117,14 @@ impl Sink {
         format!("{:024x}{suffix}", self.next.fetch_add(1, Ordering::Relaxed))
     }
 
+    /// A body's ETag: the client's Content-MD5 as S3 gives it, else a
+    /// unique value (the sink hashes no body).
+    fn etag(&self, content_md5: Option<&str>) -> String {
+        content_md5
+            .and_then(md5_hex)
+            .unwrap_or_else(|| self.unique(""))
+    }
+
     /// Counts the body's bytes; keeps it when it is small.
     async fn drain(&self, body: Option<StreamingBlob>) -> S3Result<(u64, Option<Bytes>)> {
         let Some(mut body) = body else {
@@ -153,10 +161,11 @@ impl Sink {
     }
 }
 
-/// A trailer's value (an aws-chunked body's checksum), once the body is read.
+/// A trailer's value (an aws-chunked body's checksum), once the body is
+/// read. Read in place: `take` would leave nothing for the next name asked.
 fn trailer(t: &Option<s3s::TrailingHeaders>, name: &str) -> Option<String> {
-    let headers = t.as_ref()?.take()?;
-    Some(headers.get(name)?.to_str().ok()?.to_string())
+    t.as_ref()?
+        .read(|headers| Some(headers.get(name)?.to_str().ok()?.to_string()))?
 }
 
 #[async_trait::async_trait]
@@ -193,11 +202,7 @@ impl S3 for Sink {
             ..
         } = req;
         let (size, body) = self.drain(input.body).await?;
-        let etag = input
-            .content_md5
-            .as_deref()
-            .and_then(md5_hex)
-            .unwrap_or_else(|| self.unique(""));
+        let etag = self.etag(input.content_md5.as_deref());
         self.store(input.bucket, input.key, size, etag.clone(), body);
         Ok(S3Response::new(PutObjectOutput {
             e_tag: Some(ETag::Strong(etag)),
@@ -249,11 +254,7 @@ impl S3 for Sink {
             return Err(s3_error!(NoSuchUpload));
         }
         let (size, _) = self.drain(input.body).await?;
-        let etag = input
-            .content_md5
-            .as_deref()
-            .and_then(md5_hex)
-            .unwrap_or_else(|| self.unique(""));
+        let etag = self.etag(input.content_md5.as_deref());
         match lock(&self.uploads).get_mut(&input.upload_id) {
             Some(u) => {
                 u.parts.insert(
