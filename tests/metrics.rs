@@ -115,6 +115,25 @@ impl Prometheus {
     }
 }
 
+/// The daemon of `cfg` (serving on `port`, its log in `root`), and a
+/// Prometheus that has scraped it once: rates have a baseline.
+fn scraped_daemon(root: &Path, cfg: &Path, port: u16) -> (Daemon, Prometheus) {
+    let d = Daemon::start(cfg, &root.join("daemon.log"));
+    assert!(wait_until(Duration::from_secs(20), || http_get(
+        port, "/healthz"
+    )
+    .is_some()));
+    let prom = Prometheus::start(root, port);
+    assert!(
+        wait_until(Duration::from_secs(30), || prom
+            .query("up{job=\"ferry\"}")
+            .iter()
+            .any(|(_, v)| *v == 1.0)),
+        "prometheus never scraped the daemon"
+    );
+    (d, prom)
+}
+
 /// Acceptance 1 and 2: promtool finds no problem in /metrics during an upload, and
 /// a real Prometheus scraping every second sees both destinations' upload rate
 /// above zero during a 2 GiB upload, and final counters equal the bytes uploaded.
@@ -136,20 +155,7 @@ fn prometheus_scrapes_a_daemon_during_a_two_gib_upload() {
             s3.endpoint
         ),
     );
-    let d = Daemon::start(&cfg, &root.join("daemon.log"));
-    assert!(wait_until(Duration::from_secs(20), || http_get(
-        port, "/healthz"
-    )
-    .is_some()));
-    let prom = Prometheus::start(root, port);
-    // Prometheus has scraped the idle daemon, so rates have a baseline.
-    assert!(
-        wait_until(Duration::from_secs(30), || prom
-            .query("up{job=\"ferry\"}")
-            .iter()
-            .any(|(_, v)| *v == 1.0)),
-        "prometheus never scraped the daemon"
-    );
+    let (d, prom) = scraped_daemon(root, &cfg, port);
     let size: u64 = 2 << 30;
     drop_image(&root.join("spool"), "two-gib.qcow2", size, 11);
 
@@ -246,18 +252,7 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
             r = root.display()
         ),
     );
-    let d = Daemon::start(&cfg, &root.join("daemon.log"));
-    assert!(wait_until(Duration::from_secs(20), || http_get(
-        port, "/healthz"
-    )
-    .is_some()));
-    let prom = Prometheus::start(root, port);
-    assert!(
-        wait_until(Duration::from_secs(30), || !prom
-            .query("up{job=\"ferry\"} == 1")
-            .is_empty()),
-        "prometheus never scraped the daemon"
-    );
+    let (d, prom) = scraped_daemon(root, &cfg, port);
     // Two images with what an import needs: a QCOW2, and a raw disk that
     // is converted first.
     let images = tmpdir();

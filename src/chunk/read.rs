@@ -183,6 +183,11 @@ impl Pages {
         })
     }
 
+    /// From now on, leave the pages of the parts read.
+    fn keep(&self) {
+        self.kept.store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// Whether a part's pages go once it is read.
     fn releasing(&self) -> bool {
         self.cache == Cache::Release && !self.kept.load(std::sync::atomic::Ordering::Acquire)
@@ -369,9 +374,7 @@ impl Reader for PreadReader {
     }
 
     fn keep_pages(&self) {
-        self.pages
-            .kept
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.pages.keep();
     }
 
     fn release_all(&self) {
@@ -535,9 +538,7 @@ impl Reader for MmapReader {
     }
 
     fn keep_pages(&self) {
-        self.pages
-            .kept
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.pages.keep();
     }
 
     fn release_all(&self) {
