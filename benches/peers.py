@@ -207,17 +207,42 @@ def ferry_cmd(name, targets, image):
     return [FERRY, "push", "--force", "--config", ferry_config(name, targets), image]
 
 
+def alternating(runs, measure_tool):
+    """Every tool measured `runs` times by `measure_tool(tool)`, the order
+    turning by one tool each run. Returns {tool: [results]}, in TOOLS order."""
+    res = {t: [] for t in TOOLS}
+    for run in range(runs):
+        for t in TOOLS[run % len(TOOLS):] + TOOLS[:run % len(TOOLS)]:
+            res[t].append(measure_tool(t))
+    return res
+
+
+def cmds_to(tool, name, targets):
+    """The commands that send IMAGE to every (bucket, endpoint) of `targets`:
+    ferry's one push, or a peer's process per target, run at once."""
+    if tool == "ferry":
+        return [ferry_cmd(name, targets, IMAGE)]
+    return [peer_cmd(tool, IMAGE, b, e) for b, e in targets]
+
+
+def faster_way(res, single):
+    """Rows of a three-region case: ferry's medians, and each peer's faster
+    way, three at once (measured) or in sequence (three times `single`)."""
+    rows = {}
+    for t, r in res.items():
+        par = med(r)
+        if t == "ferry":
+            rows[t] = (*par, "")
+            continue
+        s = single.get(t)
+        seq = (3 * s[0], 3 * s[1], s[2], s[3], 3 * s[4]) if s else None
+        rows[t] = (*seq, "in sequence") if seq and seq[0] < par[0] else (*par, "3 at once")
+    return rows
+
+
 def one_region():
     gib = os.path.getsize(IMAGE) / 2**30
-    res = {t: [] for t in TOOLS}
-    for run in range(RUNS):
-        order = TOOLS[run % len(TOOLS):] + TOOLS[:run % len(TOOLS)]
-        for t in order:
-            if t == "ferry":
-                make = lambda b: [ferry_cmd("one", [(b[0], ENDPOINT)], IMAGE)]
-            else:
-                make = lambda b, t=t: [peer_cmd(t, IMAGE, b[0], ENDPOINT)]
-            res[t].append(measure(make))
+    res = alternating(RUNS, lambda t: measure(lambda b: cmds_to(t, "one", [(b[0], ENDPOINT)])))
     rows = {t: (*med(r), "") for t, r in res.items()}
     return table(f"One region: {gib:.0f} GiB image to one bucket", rows, gib,
                  f"Median of {RUNS} runs, tools alternating. Part size {PART_MIB} MiB, "
@@ -228,24 +253,9 @@ def three_regions(single):
     """`single`: the one-region medians; three uploads in sequence take three
     times as long and as much CPU, so that way is taken from them, not re-run."""
     gib = os.path.getsize(IMAGE) / 2**30
-    res = {}
-    for run in range(RUNS_MULTI):
-        order = TOOLS[run % len(TOOLS):] + TOOLS[:run % len(TOOLS)]
-        for t in order:
-            if t == "ferry":
-                make = lambda b: [ferry_cmd("three", [(x, ENDPOINT) for x in b], IMAGE)]
-            else:
-                make = lambda b, t=t: [peer_cmd(t, IMAGE, x, ENDPOINT) for x in b]
-            res.setdefault(t, []).append(measure(make))
-    rows = {}
-    for t, r in res.items():
-        par = med(r)
-        if t == "ferry":
-            rows[t] = (*par, "")
-            continue
-        s = single.get(t)
-        seq = (3 * s[0], 3 * s[1], s[2], s[3], 3 * s[4]) if s else None
-        rows[t] = (*seq, "in sequence") if seq and seq[0] < par[0] else (*par, "3 at once")
+    res = alternating(RUNS_MULTI, lambda t: measure(
+        lambda b: cmds_to(t, "three", [(x, ENDPOINT) for x in b])))
+    rows = faster_way(res, single)
     return table(f"Three regions: {gib:.0f} GiB image to three buckets ({RUNS_MULTI} run(s))", rows, gib * 3,
                  "ferry reads once and fans out to three buckets; each peer does the three uploads its "
                  "faster way: three processes at once (measured), or one after another (three times "
@@ -256,15 +266,8 @@ def sink_one(endpoint, title):
     """One region, to a sink: the client's own ceiling, the server costing
     next to nothing. No fresh buckets: the sink keeps no data."""
     gib = os.path.getsize(IMAGE) / 2**30
-    res = {t: [] for t in TOOLS}
-    for run in range(RUNS):
-        order = TOOLS[run % len(TOOLS):] + TOOLS[:run % len(TOOLS)]
-        for t in order:
-            if t == "ferry":
-                cmds = [ferry_cmd("sink-one", [(BUCKETS[0], endpoint)], IMAGE)]
-            else:
-                cmds = [peer_cmd(t, IMAGE, BUCKETS[0], endpoint)]
-            res[t].append(_measure(cmds, sink_cpu))
+    res = alternating(RUNS, lambda t: _measure(
+        cmds_to(t, "sink-one", [(BUCKETS[0], endpoint)]), sink_cpu))
     rows = {t: (*med(r), "") for t, r in res.items()}
     return table(f"{title}: {gib:.0f} GiB image to one bucket", rows, gib,
                  f"Median of {RUNS} runs, tools alternating; the sink (benches/sink) counts "
@@ -275,24 +278,8 @@ def sink_three(single):
     """Three regions over HTTPS, a sink each; each peer its faster way."""
     gib = os.path.getsize(IMAGE) / 2**30
     targets = list(zip(BUCKETS, SINK_HTTPS))
-    res = {}
-    for run in range(RUNS_MULTI):
-        order = TOOLS[run % len(TOOLS):] + TOOLS[:run % len(TOOLS)]
-        for t in order:
-            if t == "ferry":
-                cmds = [ferry_cmd("sink-three", targets, IMAGE)]
-            else:
-                cmds = [peer_cmd(t, IMAGE, b, e) for b, e in targets]
-            res.setdefault(t, []).append(_measure(cmds, sink_cpu))
-    rows = {}
-    for t, r in res.items():
-        par = med(r)
-        if t == "ferry":
-            rows[t] = (*par, "")
-            continue
-        s = single.get(t)
-        seq = (3 * s[0], 3 * s[1], s[2], s[3], 3 * s[4]) if s else None
-        rows[t] = (*seq, "in sequence") if seq and seq[0] < par[0] else (*par, "3 at once")
+    res = alternating(RUNS_MULTI, lambda t: _measure(cmds_to(t, "sink-three", targets), sink_cpu))
+    rows = faster_way(res, single)
     return table(f"Sink over HTTPS, three regions: {gib:.0f} GiB image to three sinks "
                  f"({RUNS_MULTI} run(s))", rows, gib * 3,
                  "A sink per region, each with its own certificate. Each peer does the three "
@@ -315,15 +302,8 @@ def busy_host(share_pct=25):
         f.write(str(1000 * share_pct))
     held = lambda cmd: ["sh", "-c", f'echo $$ > {BUSY_CGROUP}/tasks && exec "$@"', "held", *cmd]
     targets = list(zip(BUCKETS, SINK_HTTPS))
-    res = {}
-    for run in range(RUNS_MULTI):
-        order = TOOLS[run % len(TOOLS):] + TOOLS[:run % len(TOOLS)]
-        for t in order:
-            if t == "ferry":
-                cmds = [ferry_cmd("busy", targets, IMAGE)]
-            else:
-                cmds = [peer_cmd(t, IMAGE, b, e) for b, e in targets]
-            res.setdefault(t, []).append(_measure([held(c) for c in cmds], sink_cpu))
+    res = alternating(RUNS_MULTI, lambda t: _measure(
+        [held(c) for c in cmds_to(t, "busy", targets)], sink_cpu))
     rows = {t: (*med(r), "" if t == "ferry" else "3 at once") for t, r in res.items()}
     return table(f"Busy host: every client held to {share_pct}% of one core, {gib:.0f} GiB image "
                  f"to three sinks over HTTPS ({RUNS_MULTI} run(s))", rows, gib * 3,
@@ -345,17 +325,15 @@ def cold_cache():
     beside the usual figures, what each client read from the disk."""
     gib = os.path.getsize(IMAGE) / 2**30
     targets = list(zip(BUCKETS, SINK_HTTPS))
-    res, read = {}, {}
-    for run in range(RUNS_MULTI):
-        order = TOOLS[run % len(TOOLS):] + TOOLS[:run % len(TOOLS)]
-        for t in order:
-            if t == "ferry":
-                cmds = [ferry_cmd("cold", targets, IMAGE)]
-            else:
-                cmds = [peer_cmd(t, IMAGE, b, e) for b, e in targets]
-            drop_cache(IMAGE)
-            res.setdefault(t, []).append(_measure(cmds, sink_cpu))
-            read.setdefault(t, []).append(_last_read[0])
+    read = {t: [] for t in TOOLS}
+
+    def cold_run(t):
+        drop_cache(IMAGE)
+        r = _measure(cmds_to(t, "cold", targets), sink_cpu)
+        read[t].append(_last_read[0])
+        return r
+
+    res = alternating(RUNS_MULTI, cold_run)
     rows = {t: (*med(r), "" if t == "ferry" else "3 at once") for t, r in res.items()}
     table(f"Cold cache: {gib:.0f} GiB image to three sinks over HTTPS, its pages dropped "
           f"before every run ({RUNS_MULTI} run(s))", rows, gib * 3,
