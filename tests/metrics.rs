@@ -273,8 +273,14 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
         d.log_text()
     );
     assert_eq!(ash.images_created(), 2);
-    // Prometheus scrapes every second: let it see the end.
-    std::thread::sleep(Duration::from_secs(3));
+    // Prometheus has scraped the end (the jobs end after their imports).
+    assert!(
+        wait_until(Duration::from_secs(30), || prom
+            .query("sum(ferry_jobs_total{outcome=\"done\"})")
+            .iter()
+            .any(|(_, v)| *v == 2.0)),
+        "prometheus never saw both jobs done"
+    );
 
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(

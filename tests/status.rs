@@ -74,7 +74,11 @@ fn status_draws_a_running_daemon_in_a_terminal() {
     {
         drop_image(&site.spool, name, 20 << 20, i as u64);
         // In this order: the first two take the job slots.
-        std::thread::sleep(Duration::from_millis(300));
+        if i < 2 {
+            assert!(wait_until(Duration::from_secs(20), || site
+                .metric("ferry_jobs_in_flight")
+                == i as u64 + 1));
+        }
     }
     assert!(wait_until(Duration::from_secs(20), || site
         .metric("ferry_jobs_in_flight")
