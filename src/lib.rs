@@ -8,6 +8,7 @@
 pub mod bandwidth;
 pub mod chunk;
 pub mod config;
+pub mod crc;
 pub mod daemon;
 pub mod error;
 pub mod events;

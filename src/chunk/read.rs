@@ -401,7 +401,7 @@ fn pread_part(
             write_back(file, start + offset, buf.len() as u64);
             forget(file, start + offset, buf.len() as u64);
         }
-        Ok(crc32c::crc32c(buf))
+        Ok(crate::crc::crc32c(buf))
     })
 }
 
@@ -497,7 +497,7 @@ impl Reader for MmapReader {
         let read = match crate::mapping::Mapped::new(&self.file, offset, len) {
             Ok(Some(map)) => {
                 let faults = crate::mapping::zeroed_faults();
-                let crc32c = crc32c::crc32c(map.as_ref());
+                let crc32c = crate::crc::crc32c(map.as_ref());
                 if crate::mapping::zeroed_faults() != faults {
                     // A page read as zeros: the CRC is not the file's. A file
                     // cut short says so at the check below; anything else

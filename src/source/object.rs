@@ -213,7 +213,7 @@ impl Object {
                 )));
             }
             buf[at..end].copy_from_slice(&chunk);
-            crc = crc32c::crc32c_append(crc, &chunk);
+            crc = crate::crc::crc32c_append(crc, &chunk);
             at = end;
         }
         if at != want {

@@ -169,7 +169,7 @@ impl Backend for FileBackend {
                 if n == 0 {
                     return Ok((size, crc));
                 }
-                crc = crc32c::crc32c_append(crc, &buf[..n]);
+                crc = crate::crc::crc32c_append(crc, &buf[..n]);
                 size += n as u64;
             }
         })

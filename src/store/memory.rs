@@ -160,7 +160,7 @@ impl Backend for MemoryBackend {
     async fn readback(&self, name: &str) -> Result<(u64, u32), StoreError> {
         let parts = self.store.object("read back", &self.key(name))?;
         Ok(parts.iter().fold((0u64, 0u32), |(size, crc), b| {
-            (size + b.len() as u64, crc32c::crc32c_append(crc, b))
+            (size + b.len() as u64, crate::crc::crc32c_append(crc, b))
         }))
     }
 

@@ -444,7 +444,7 @@ impl OciBucket {
         let path = b.path("o", &key).await?;
         let mut extra = vec![(
             "opc-content-crc32c",
-            crate::manifest::crc_base64(crc32c::crc32c(&body)),
+            crate::manifest::crc_base64(crate::crc::crc32c(&body)),
         )];
         extra.extend(condition);
         let r = b
@@ -823,7 +823,7 @@ impl Backend for OciBackend {
             }
             let got = self
                 .read_to_end("read back", &key, r, |c| {
-                    crc = crc32c::crc32c_append(crc, c)
+                    crc = crate::crc::crc32c_append(crc, c)
                 })
                 .await?;
             if got != end - at {
@@ -842,7 +842,7 @@ impl Backend for OciBackend {
         let key = self.key_of(name);
         self.key_ok(&key)?;
         let path = self.path("o", &key).await?;
-        let crc = crate::manifest::crc_base64(crc32c::crc32c(&body));
+        let crc = crate::manifest::crc_base64(crate::crc::crc32c(&body));
         self.send(
             "write",
             &key,

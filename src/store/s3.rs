@@ -532,7 +532,7 @@ impl Backend for S3Backend {
         let (mut crc, mut size) = (0u32, 0u64);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(&remote)?;
-            crc = crc32c::crc32c_append(crc, &chunk);
+            crc = crate::crc::crc32c_append(crc, &chunk);
             size += chunk.len() as u64;
         }
         Ok((size, crc))
