@@ -319,9 +319,10 @@ pub enum PayloadChecksum {
 #[serde(rename_all = "lowercase")]
 pub enum ReaderKind {
     /// `pread` into pooled buffers.
-    #[default]
     Pread,
-    /// One read-only mapping per part.
+    /// One read-only mapping per part, guarded against a truncation
+    /// (`mapping`): no copy out of the page cache, so the default.
+    #[default]
     Mmap,
 }
 
@@ -360,7 +361,7 @@ impl Default for TransferConfig {
             memory_limit: ByteSize::mib(512),
             parallel_parts: 8,
             verify: VerifyMode::Head,
-            reader: ReaderKind::Pread,
+            reader: ReaderKind::Mmap,
             max_retries: 10,
             retry_base_ms: 200,
             retry_max_ms: 30_000,
