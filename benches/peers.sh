@@ -6,8 +6,9 @@
 # quotes. Results also go to bench-out/peers.md.
 #
 #   bash benches/peers.sh              # one region, three regions, WAN, the sink's cases
-#   bash benches/peers.sh one          # only some cases: one three wan sink sink3 busy cold
-#                                        (busy needs root: a cgroup v1 CPU quota)
+#   bash benches/peers.sh one          # only some cases: one three wan sink sink3 busy cold oci
+#                                        (busy needs root: a cgroup v1 CPU quota; oci runs
+#                                        benches/oci_cpu.sh, ferry's oci:// path alone)
 #   SIZE_GIB=4 WAN_GIB=1 RUNS=3 RUNS_MULTI=3 bash benches/peers.sh
 #
 # The server keeps its data under bench-out/weed on the disk (every measurement
@@ -96,4 +97,17 @@ AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" FERRY_LOG=error \
 .venv-bench/bin/s5cmd --endpoint-url "http://127.0.0.1:$S3_PORT" cp "$OUT/warmup.img" s3://bench-fra/warmup/ >/dev/null
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r); SeaweedFS $(.venv-test/bin/weed version 2>/dev/null | head -1)"
-.venv-bench/bin/python benches/peers.py "$@"
+# The oci:// case (ferry alone: no peer speaks OCI's own API) is
+# benches/oci_cpu.sh, at the same size and runs; its table joins the others.
+cases=(); oci=0
+for c in "$@"; do [ "$c" = oci ] && oci=1 || cases+=("$c"); done
+[ $# = 0 ] && oci=1
+if [ $# = 0 ] || [ ${#cases[@]} -gt 0 ]; then
+  .venv-bench/bin/python benches/peers.py "${cases[@]}"
+else
+  : > "$OUT/peers.md"
+fi
+if [ "$oci" = 1 ]; then
+  SIZE_GIB="$SIZE_GIB" RUNS="$RUNS" bash benches/oci_cpu.sh
+  { echo "### oci:// to the OCI double over HTTP (ferry alone)"; cat "$OUT/oci/cpu.md"; } >> "$OUT/peers.md"
+fi
