@@ -1,7 +1,8 @@
 //! The readers: part indexes in, [`Part`]s out, each within the memory budget.
-//! `pread` into pooled buffers (the default), or one guarded read-only mapping
-//! per part (`reader = "mmap"`, see `mapping`); an object source by ranged
-//! GETs into the same pooled buffers, several at once.
+//! One guarded read-only mapping per part (`reader = "mmap"`, the default, see
+//! `mapping`; a part the file system will not map is read with pread), or
+//! `pread` into pooled buffers; an object source by ranged GETs into the same
+//! pooled buffers, several at once.
 //!
 //! A file's pages leave the page cache once their part is read (pread: the
 //! bytes are in ferry's buffer; mmap: once the part is dropped and
@@ -532,7 +533,19 @@ impl Reader for MmapReader {
                 lease,
                 &self.pages,
             ),
-            Err(e) => Err(e),
+            // A file system that cannot map (FUSE with direct_io, say), or
+            // no address space left: the same bytes by pread.
+            Err(e) => {
+                tracing::debug!(index, error = %e, "mmap refused; this part is read with pread");
+                pread_part(
+                    &self.source,
+                    &self.plan,
+                    &Pool::default(),
+                    index,
+                    lease,
+                    &self.pages,
+                )
+            }
         };
         checked(&self.source, &self.first, read, index, offset)
     }
