@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::chunk::{self, Budget, Part};
 use crate::events::Observer;
@@ -21,8 +21,38 @@ use crate::shutdown::Shutdown;
 pub(super) struct Feed {
     pub(super) tx: Option<mpsc::UnboundedSender<Part>>,
     pub(super) queued_bytes: Arc<AtomicU64>,
-    pub(super) detached: Arc<AtomicBool>,
+    pub(super) detached: Arc<Detach>,
     pub(super) skip: Arc<HashSet<u32>>,
+}
+
+/// A destination's detaching: set by the fan-out, and its worker woken at
+/// once to drop the parts still queued for it, whose memory the others wait
+/// for. Without the wake-up, a worker whose every slot is on a slow link
+/// noticed only when one of its parts was sent (seconds later), and the
+/// fan-out, still short of memory, detached a second destination meanwhile.
+#[derive(Default)]
+pub(super) struct Detach {
+    flag: AtomicBool,
+    wake: Notify,
+}
+
+impl Detach {
+    fn set(&self) {
+        self.flag.store(true, Ordering::Release);
+        // A permit is kept when the worker is not waiting yet.
+        self.wake.notify_one();
+    }
+
+    pub(super) fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// Returns once the destination is detached.
+    pub(super) async fn wait(&self) {
+        while !self.is_set() {
+            self.wake.notified().await;
+        }
+    }
 }
 
 impl Feed {
@@ -179,7 +209,7 @@ fn detach_laggard(feeds: &mut [Feed], lag_limit: u64) -> bool {
         && starving > 0
         && queued(f) > lag_limit
     {
-        f.detached.store(true, Ordering::Release);
+        f.detached.set();
         // Dropping the sender wakes a worker waiting in recv; the worker drops
         // the parts still queued, which returns their memory.
         f.tx = None;

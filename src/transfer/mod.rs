@@ -40,7 +40,7 @@ pub use prepare::{
 pub use retry::{Halt, RetryPolicy, retry};
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
@@ -235,7 +235,7 @@ pub async fn run(
     for (slot, dest) in destinations.iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicU64::new(0));
-        let detached = Arc::new(AtomicBool::new(false));
+        let detached = Arc::new(fan_out::Detach::default());
         let resumed =
             worker::as_held(dest, &job, &*observer, &cancel, resume.remove(dest.name())).await;
         let skip: HashSet<u32> = resumed

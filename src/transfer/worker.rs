@@ -2,7 +2,7 @@
 //! concurrency and retries, then finish (`verify`).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -40,7 +40,7 @@ pub(super) struct Worker {
     pub(super) observer: Arc<dyn Observer>,
     pub(super) read_error: Arc<Mutex<Option<String>>>,
     pub(super) queued: Arc<AtomicU64>,
-    pub(super) detached: Arc<AtomicBool>,
+    pub(super) detached: Arc<super::fan_out::Detach>,
     /// This destination's share of parts in flight (see [`in_flight_share`]).
     pub(super) max_in_flight: usize,
     pub(super) cancel: Shutdown,
@@ -208,10 +208,18 @@ impl Worker {
             if receipts.contains_key(&index) {
                 continue;
             }
-            let slot = tokio::select! {
-                s = slots.clone().acquire_owned() => s.expect("never closed"),
-                _ = cancel.requested() => break,
+            // Waiting for a slot, all of them perhaps on a slow link: a
+            // detaching drops the queued parts now, not when a slot frees.
+            let slot = loop {
+                tokio::select! {
+                    s = slots.clone().acquire_owned() => break Some(s.expect("never closed")),
+                    _ = cancel.requested() => break None,
+                    _ = self.detached.wait(), if !inbox.self_read => {
+                        self.drop_queue(&mut inbox, index);
+                    }
+                }
             };
+            let Some(slot) = slot else { break };
             while let Some(r) = tasks.try_join_next() {
                 self.reap(r, receipts, dp)?;
             }
@@ -284,14 +292,8 @@ impl Worker {
         index: u32,
         inbox: &mut Inbox,
     ) -> Result<Option<Part>, TransferError> {
-        if !inbox.self_read && self.detached.load(Ordering::Acquire) {
-            inbox.self_read = true;
-            self.note_detached(index);
-            // Drop what is still queued: that returns its memory to the budget.
-            inbox.rx.close();
-            while let Ok(p) = inbox.rx.try_recv() {
-                self.queued.fetch_sub(p.len(), Ordering::Relaxed);
-            }
+        if !inbox.self_read && self.detached.is_set() {
+            self.drop_queue(inbox, index);
         }
         if inbox.self_read {
             return self.read_self(index).await.map(Some);
@@ -301,9 +303,8 @@ impl Worker {
                 self.queued.fetch_sub(p.len(), Ordering::Relaxed);
                 Ok(Some(p))
             }
-            None if self.detached.load(Ordering::Acquire) => {
-                inbox.self_read = true;
-                self.note_detached(index);
+            None if self.detached.is_set() => {
+                self.drop_queue(inbox, index);
                 self.read_self(index).await.map(Some)
             }
             None => {
@@ -320,6 +321,17 @@ impl Worker {
                     .unwrap_or_else(|| "the reader stopped".into());
                 Err(TransferError::Read(why))
             }
+        }
+    }
+
+    /// Detached: parts from `index` on are this worker's own reads, and
+    /// what is still queued is dropped, which returns its memory to the budget.
+    fn drop_queue(&self, inbox: &mut Inbox, index: u32) {
+        inbox.self_read = true;
+        self.note_detached(index);
+        inbox.rx.close();
+        while let Ok(p) = inbox.rx.try_recv() {
+            self.queued.fetch_sub(p.len(), Ordering::Relaxed);
         }
     }
 
