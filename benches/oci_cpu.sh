@@ -34,6 +34,7 @@ if [ "$(stat -c %s "$image" 2>/dev/null || echo 0)" != "$((size_gib << 30))" ]; 
   echo "making $image ($size_gib GiB of random bytes)"
   head -c "$((size_gib << 30))" /dev/urandom > "$image"
 fi
+sync "$image"   # its pages written back before the first run (ferry writes back before it releases)
 
 export AWS_ACCESS_KEY_ID=ferrybench AWS_SECRET_ACCESS_KEY=ferrybenchsecret AWS_REGION=us-east-1
 weed_dir="$out/weed"

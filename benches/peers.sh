@@ -5,7 +5,8 @@
 # `aws` is on PATH) and prints the tables that README.md's Performance section
 # quotes. Results also go to bench-out/peers.md.
 #
-#   bash benches/peers.sh              # one region, three regions, WAN, the sink's cases
+#   bash benches/peers.sh              # every case: SeaweedFS one and three regions, WAN,
+#                                        the sink's (sink sink3 busy cold), and oci
 #   bash benches/peers.sh one          # only some cases: one three wan sink sink3 busy cold oci
 #                                        (busy needs root: a cgroup v1 CPU quota; oci runs
 #                                        benches/oci_cpu.sh, ferry's oci:// path alone)
@@ -41,6 +42,10 @@ for pair in "$IMAGE:$SIZE_GIB" "$WAN_IMAGE:$WAN_GIB"; do
     head -c "$((g << 30))" /dev/urandom > "$f"
   fi
 done
+# On the disk before any run: ferry writes an image's dirty pages back before
+# it releases them (daemon.keep_cache), which would count the making of the
+# image in ferry's first run.
+sync "$IMAGE" "$WAN_IMAGE"
 
 weed_dir="$OUT/weed"; relay_pids=(); sink_pids=()
 cleanup() {
@@ -108,6 +113,7 @@ else
   : > "$OUT/peers.md"
 fi
 if [ "$oci" = 1 ]; then
-  SIZE_GIB="$SIZE_GIB" RUNS="$RUNS" bash benches/oci_cpu.sh
+  # Its own SeaweedFS, on its own port (S3_PORT is this one's).
+  env -u S3_PORT SIZE_GIB="$SIZE_GIB" RUNS="$RUNS" bash benches/oci_cpu.sh
   { echo "### oci:// to the OCI double over HTTP (ferry alone)"; cat "$OUT/oci/cpu.md"; } >> "$OUT/peers.md"
 fi
