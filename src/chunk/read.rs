@@ -525,18 +525,12 @@ impl Reader for MmapReader {
                     budget: Some(Arc::new(lease.permit)),
                 })
             }
-            Ok(None) => pread_part(
-                &self.source,
-                &self.plan,
-                &Pool::default(),
-                index,
-                lease,
-                &self.pages,
-            ),
-            // A file system that cannot map (FUSE with direct_io, say), or
-            // no address space left: the same bytes by pread.
-            Err(e) => {
-                tracing::debug!(index, error = %e, "mmap refused; this part is read with pread");
+            // No guard to be had, a file system that cannot map (FUSE with
+            // direct_io, say), or no address space left: the same bytes by pread.
+            refused => {
+                if let Err(e) = refused {
+                    tracing::debug!(index, error = %e, "mmap refused; this part is read with pread");
+                }
                 pread_part(
                     &self.source,
                     &self.plan,
