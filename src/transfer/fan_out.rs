@@ -28,8 +28,8 @@ pub(super) struct Feed {
 /// A destination's detaching: set by the fan-out, and its worker woken at
 /// once to drop the parts still queued for it, whose memory the others wait
 /// for. Without the wake-up, a worker whose every slot is on a slow link
-/// noticed only when one of its parts was sent (seconds later), and the
-/// fan-out, still short of memory, detached a second destination meanwhile.
+/// noticed only when one of its parts was sent (up to 13 s later on the WAN
+/// bench's slowest link), and the faster destinations starved meanwhile.
 #[derive(Default)]
 pub(super) struct Detach {
     flag: AtomicBool,
@@ -210,8 +210,9 @@ fn detach_laggard(feeds: &mut [Feed], lag_limit: u64) -> bool {
         && queued(f) > lag_limit
     {
         f.detached.set();
-        // Dropping the sender wakes a worker waiting in recv; the worker drops
-        // the parts still queued, which returns their memory.
+        // The worker, woken whether it waits in recv (the sender dropped) or
+        // for a slot (`Detach::set`), drops the parts still queued, which
+        // returns their memory.
         f.tx = None;
         return true;
     }
