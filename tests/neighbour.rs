@@ -473,3 +473,55 @@ fn a_destination_that_falls_behind_reads_from_the_cache_not_the_disk() {
     );
     assert!(same_bytes(&b.join("lag.raw"), &image));
 }
+
+/// A destination detached while every one of its slots waits (here, for its
+/// own bandwidth) drops its queued parts at once, so the others stop waiting
+/// for that memory. b, held to 256 KiB/s, sends its first part at once and
+/// its second only 20 s later; a must have its whole copy before then. Seen
+/// failing before the fix: b's worker took in its detaching only when a slot
+/// freed, and a finished only after b had written its second part.
+#[test]
+fn a_detached_destination_frees_its_queue_while_its_parts_wait() {
+    let dir = tmpdir();
+    let root = dir.path();
+    let image = root.join("held.raw");
+    random_file(&image, 48 << 20, 11);
+    let (a, b) = (root.join("a"), root.join("b"));
+    let cfg = push_config(
+        root,
+        &format!(
+            "memory_limit = \"20MiB\"\n[destinations.a]\nurl = \"file://{}/\"\n[destinations.b]\nurl = \"file://{}/\"\nbandwidth_limit = \"256KiB\"\n",
+            a.display(),
+            b.display()
+        ),
+        "",
+    );
+    let log = root.join("push.log");
+    let mut push = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("push")
+        .arg(&image)
+        .arg("--config")
+        .arg(&cfg)
+        .env("FERRY_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let manifest = a.join("held.raw.manifest.json");
+    let done = wait_until(Duration::from_secs(60), || manifest.exists());
+    let b_written = written(std::slice::from_ref(&b));
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(push.id() as i32, libc::SIGINT) };
+    push.wait().unwrap();
+    let err = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(done, "a never verified\n{err}");
+    assert!(
+        err.contains("b falls behind the others"),
+        "b was never detached: the test shows nothing\n{err}"
+    );
+    assert!(same_bytes(&a.join("held.raw"), &image));
+    assert!(
+        b_written < 10 << 20,
+        "b had written {b_written} bytes (its second part) before a was whole: a waited for b's queue\n{err}"
+    );
+}
