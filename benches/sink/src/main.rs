@@ -168,6 +168,19 @@ fn trailer(t: &Option<s3s::TrailingHeaders>, name: &str) -> Option<String> {
         .read(|headers| Some(headers.get(name)?.to_str().ok()?.to_string()))?
 }
 
+/// The CRC32 and CRC32C a client sent for a body, in headers or in trailers:
+/// echoed as the answer's, never verified.
+fn sent_crcs(
+    crc32: Option<String>,
+    crc32c: Option<String>,
+    t: &Option<s3s::TrailingHeaders>,
+) -> (Option<String>, Option<String>) {
+    (
+        crc32.or_else(|| trailer(t, "x-amz-checksum-crc32")),
+        crc32c.or_else(|| trailer(t, "x-amz-checksum-crc32c")),
+    )
+}
+
 #[async_trait::async_trait]
 impl S3 for Sink {
     async fn create_bucket(
@@ -203,15 +216,17 @@ impl S3 for Sink {
         } = req;
         let (size, body) = self.drain(input.body).await?;
         let etag = self.etag(input.content_md5.as_deref());
+        // After the body: its trailers arrive with its end.
+        let (checksum_crc32, checksum_crc32c) = sent_crcs(
+            input.checksum_crc32,
+            input.checksum_crc32c,
+            &trailing_headers,
+        );
         self.store(input.bucket, input.key, size, etag.clone(), body);
         Ok(S3Response::new(PutObjectOutput {
             e_tag: Some(ETag::Strong(etag)),
-            checksum_crc32: input
-                .checksum_crc32
-                .or_else(|| trailer(&trailing_headers, "x-amz-checksum-crc32")),
-            checksum_crc32c: input
-                .checksum_crc32c
-                .or_else(|| trailer(&trailing_headers, "x-amz-checksum-crc32c")),
+            checksum_crc32,
+            checksum_crc32c,
             checksum_crc64nvme: input.checksum_crc64nvme,
             ..Default::default()
         }))
@@ -255,6 +270,12 @@ impl S3 for Sink {
         }
         let (size, _) = self.drain(input.body).await?;
         let etag = self.etag(input.content_md5.as_deref());
+        // After the body: its trailers arrive with its end.
+        let (checksum_crc32, checksum_crc32c) = sent_crcs(
+            input.checksum_crc32,
+            input.checksum_crc32c,
+            &trailing_headers,
+        );
         match lock(&self.uploads).get_mut(&input.upload_id) {
             Some(u) => {
                 u.parts.insert(
@@ -269,12 +290,8 @@ impl S3 for Sink {
         }
         Ok(S3Response::new(UploadPartOutput {
             e_tag: Some(ETag::Strong(etag)),
-            checksum_crc32: input
-                .checksum_crc32
-                .or_else(|| trailer(&trailing_headers, "x-amz-checksum-crc32")),
-            checksum_crc32c: input
-                .checksum_crc32c
-                .or_else(|| trailer(&trailing_headers, "x-amz-checksum-crc32c")),
+            checksum_crc32,
+            checksum_crc32c,
             checksum_crc64nvme: input.checksum_crc64nvme,
             ..Default::default()
         }))
